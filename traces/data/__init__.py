@@ -1,0 +1,1 @@
+"""Routing traces shipped with expertd (see traces/README.md)."""
