@@ -1,0 +1,641 @@
+"""The cache manager: expertd's pure core. Events in, commands out.
+
+No I/O, no threads, no clock of its own: the daemon and the replay simulator both
+drive this class, the daemon with real transfers and `time.monotonic`, the
+simulator with a virtual clock and a bandwidth model, so what replay predicts is
+what the daemon does.
+
+Tiers: ``host`` (RAM) and, optionally, ``device`` (GPU memory); the store below
+them holds every expert. Each tier is a fixed array of slots with one eviction
+policy. Two links move experts: ``load`` (store -> host slot) and ``h2d`` (host
+slot -> device slot), each with a priority queue (demand before hint before
+predicted) and a depth (transfers running at once). A slot is reserved when its
+transfer *starts*, counts against capacity from then on, and stays pinned until
+the transfer ends. A leased slot is pinned until its lease is released; pinned
+slots are never evicted. An acquire is answered once all its experts are ready.
+
+Admission keeps acquires from deadlocking each other: an acquire starts pinning
+slots only when the tier's unpinned slots can hold every expert that admitted
+acquires still wait for; the others wait, in order, without holding anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from expertd.daemon.events import (
+    DEVICE,
+    H2D,
+    HOST,
+    LINK_INTO,
+    LINKS,
+    LOAD,
+    TIER_OF_LINK,
+    TIERS,
+    ClientId,
+    Command,
+    ErrorCode,
+    ErrorReply,
+    Priority,
+    Reply,
+    StartTransfer,
+)
+from expertd.daemon.slots import SlotTable
+from expertd.policies.base import Geometry
+from expertd.policies.registry import make_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagerConfig:
+    """Sizes and policies of the tiers; fixed for the manager's life."""
+
+    geometry: Geometry
+    host_slots: int
+    device_slots: int = 0  # 0: no device tier (clients compute from host slots)
+    host_policy: str = "lru"
+    device_policy: str = "lru"
+    load_depth: int = 4  # store reads in flight at once
+    h2d_depth: int = 1  # host->device copies in flight at once
+    lease_timeout_s: float = 30.0  # a client silent this long loses its leases
+    max_pending_per_client: int = 16  # unanswered acquires a client may have
+    max_queued_prefetches: int = 256  # per link; further prefetches are dropped
+    expert_bytes: int = 0  # for byte counters only
+
+    def __post_init__(self) -> None:
+        if self.host_slots < 1:
+            raise ValueError(f"host tier needs at least 1 slot, got {self.host_slots}")
+        if self.device_slots < 0:
+            raise ValueError(f"device_slots must be >= 0, got {self.device_slots}")
+        for name in ("load_depth", "h2d_depth", "max_pending_per_client"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class _Transfer:
+    transfer_id: int
+    link: str
+    key: int
+    priority: Priority
+    seq: int
+    t: int  # access time the policy sees at insert
+    running: bool = False
+    src_slot: int | None = None
+    dst_slot: int | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    client: ClientId
+    request_id: int
+    tier: str
+    keys: list[int]
+    t0: int  # access time of keys[0]; keys[i] is access t0 + i
+    admitted: bool = False
+    pinned: dict[int, int] = dataclasses.field(default_factory=dict)  # key -> slot it pinned
+    waiting: set[int] = dataclasses.field(default_factory=set)  # keys not ready yet
+    hits: int = 0
+
+
+@dataclasses.dataclass
+class _Lease:
+    client: ClientId
+    tier: str
+    slots: list[int]
+
+
+@dataclasses.dataclass
+class _Client:
+    last_seen: float
+    leases: set[int] = dataclasses.field(default_factory=set)
+    pending: set[int] = dataclasses.field(default_factory=set)  # request ids
+
+
+class CacheManager:
+    """Residency, leases and transfers of every tier; see the module docstring."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self.geometry = geometry = config.geometry
+        self.tiers: dict[str, SlotTable] = {
+            HOST: SlotTable(
+                HOST,
+                config.host_slots,
+                make_policy(config.host_policy, config.host_slots, geometry),
+            )
+        }
+        if config.device_slots:
+            policy = make_policy(config.device_policy, config.device_slots, geometry)
+            self.tiers[DEVICE] = SlotTable(DEVICE, config.device_slots, policy)
+        self._depth = {LOAD: config.load_depth, H2D: config.h2d_depth}
+        self._queues: dict[str, list[tuple[int, int, int]]] = {LOAD: [], H2D: []}
+        self._queued_prefetches = {LOAD: 0, H2D: 0}
+        self._running = {LOAD: 0, H2D: 0}
+        self._transfers: dict[int, _Transfer] = {}
+        self._inflight: dict[tuple[str, int], int] = {}  # (tier, key) -> transfer id
+        self._wants_device: dict[int, tuple[Priority, int]] = {}  # key -> (priority, t) after load
+        self._waiters: dict[tuple[str, int], list[_Pending]] = {}
+        self._admission: dict[str, deque[_Pending]] = {name: deque() for name in self.tiers}
+        self._admitted: dict[str, list[_Pending]] = {name: [] for name in self.tiers}
+        self._pending: dict[tuple[ClientId, int], _Pending] = {}
+        self._leases: dict[int, _Lease] = {}
+        self._clients: dict[ClientId, _Client] = {}
+        self._ids = itertools.count(1)
+        self._seq = itertools.count()
+        self.t = 0  # accesses so far: the policies' virtual clock
+        layers = geometry.num_layers
+        self.layer_accesses = {name: [0] * layers for name in self.tiers}
+        self.layer_hits = {name: [0] * layers for name in self.tiers}
+        self.link_started = {LOAD: 0, H2D: 0}
+        self.link_failed = {LOAD: 0, H2D: 0}
+
+    # --- events ---------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        client: ClientId,
+        request_id: int,
+        layer: int,
+        experts: Sequence[int],
+        tier: str,
+        now: float,
+        release: Iterable[int] = (),
+    ) -> list[Command]:
+        """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready."""
+        state = self._touch(client, now)
+        release = list(release)
+        error = self._check_acquire(client, request_id, layer, experts, tier, release)
+        if error:
+            return [ErrorReply(client, request_id, *error)]
+        for lease_id in release:
+            self._release(lease_id)
+        keys = [layer * self.geometry.num_experts + expert for expert in experts]
+        pending = _Pending(client, request_id, tier, keys, self.t)
+        self.t += len(keys)
+        self._pending[(client, request_id)] = pending
+        state.pending.add(request_id)
+        self._admission[tier].append(pending)
+        out = self._admit_all()
+        out.extend(self._dispatch())
+        return out
+
+    def release(
+        self, client: ClientId, request_id: int, lease_id: int, now: float
+    ) -> list[Command]:
+        """Unpin a lease's slots. Errors only for a lease this client does not hold."""
+        self._touch(client, now)
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.client != client:
+            return [ErrorReply(client, request_id, ErrorCode.UNKNOWN_LEASE, f"no lease {lease_id}")]
+        self._release(lease_id)
+        return self._settle()
+
+    def hint(
+        self,
+        client: ClientId,
+        layer: int,
+        experts: Sequence[int],
+        now: float,
+        priority: Priority = Priority.HINT,
+    ) -> list[Command]:
+        """Prefetch ``experts`` of ``layer`` into the top tier (out-of-range ids are ignored)."""
+        self._touch(client, now)
+        if not 0 <= layer < self.geometry.num_layers:
+            return []
+        tier = DEVICE if DEVICE in self.tiers else HOST
+        slot_of = self.tiers[tier].slot_of
+        for expert in experts:
+            if 0 <= expert < self.geometry.num_experts:
+                key = layer * self.geometry.num_experts + expert
+                if key not in slot_of:
+                    self._ensure(key, tier, priority, self.t)
+        return self._dispatch()
+
+    def transfer_done(self, transfer_id: int, ok: bool, error: str = "") -> list[Command]:
+        """A transfer the shell started has finished (or failed with ``error``)."""
+        transfer = self._transfers.pop(transfer_id)
+        link, key = transfer.link, transfer.key
+        self._running[link] -= 1
+        tier_name = TIER_OF_LINK[link]
+        tier = self.tiers[tier_name]
+        del self._inflight[(tier_name, key)]
+        assert transfer.dst_slot is not None
+        if transfer.src_slot is not None:
+            self.tiers[HOST].unpin(transfer.src_slot)
+        out: list[Command] = []
+        if ok:
+            slot = transfer.dst_slot
+            for pending in self._waiters.pop((tier_name, key), []):
+                if key not in pending.pinned:
+                    tier.pin(slot)
+                    pending.pinned[key] = slot
+                pending.waiting.discard(key)
+                if not pending.waiting:
+                    out.append(self._grant(pending))
+            tier.fill_done(slot)
+            if link == LOAD and key in self._wants_device:
+                priority, t = self._wants_device.pop(key)
+                self._ensure(key, DEVICE, priority, t)
+        else:
+            self.link_failed[link] += 1
+            layer, expert = divmod(key, self.geometry.num_experts)
+            reason = f"loading layer {layer} expert {expert} failed: {error or 'unknown error'}"
+            failed = [(tier_name, key)]
+            if link == LOAD and key in self._wants_device:
+                del self._wants_device[key]
+                failed.append((DEVICE, key))
+            for waiter_key in failed:
+                for pending in self._waiters.pop(waiter_key, []):
+                    if (pending.client, pending.request_id) in self._pending:
+                        self._abandon(pending)
+                        out.append(
+                            ErrorReply(
+                                pending.client, pending.request_id, ErrorCode.LOAD_FAILED, reason
+                            )
+                        )
+            tier.fill_done(transfer.dst_slot)
+            tier.drop(key)  # after the waiters let go of their pins on the slot
+        out.extend(self._settle())
+        return out
+
+    def client_gone(self, client: ClientId) -> list[Command]:
+        """A client disconnected or timed out: drop its leases and unanswered acquires."""
+        state = self._clients.pop(client, None)
+        if state is None:
+            return []
+        for lease_id in list(state.leases):
+            self._release(lease_id)
+        for request_id in list(state.pending):
+            self._abandon(self._pending[(client, request_id)])
+        return self._settle()
+
+    def tick(self, now: float) -> list[Command]:
+        """Time passes: clients silent longer than the lease timeout are gone."""
+        deadline = now - self.config.lease_timeout_s
+        out: list[Command] = []
+        for client in [c for c, s in self._clients.items() if s.last_seen < deadline]:
+            out.extend(self.client_gone(client))
+        return out
+
+    def preload(self, tier: str, keys: Iterable[int]) -> None:
+        """Mark ``keys`` resident at start (a warm tier), without transfers."""
+        target = self.tiers[tier]
+        for key in keys:
+            if key in target.slot_of:
+                continue
+            slot = target.reserve(key, self.t)
+            if slot is None:
+                raise ValueError(f"{tier}: cannot preload key {key}: every slot is pinned")
+            target.fill_done(slot)
+
+    # --- queries --------------------------------------------------------------------------
+
+    def resident(self, tier: str) -> dict[int, int]:
+        """Ready keys of ``tier`` and their slots."""
+        target = self.tiers[tier]
+        return {k: s for k, s in target.slot_of.items() if s not in target.filling}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and occupancy, msgpack-able."""
+        tiers = {}
+        for name, tier in self.tiers.items():
+            accesses, hits = sum(self.layer_accesses[name]), sum(self.layer_hits[name])
+            tiers[name] = {
+                "slots": tier.num_slots,
+                "used": len(tier.slot_of),
+                "filling": len(tier.filling),
+                "pinned": tier.pinned_slots,
+                "accesses": accesses,
+                "hits": hits,
+                "hit_rate": hits / accesses if accesses else 0.0,
+                "evictions": tier.evictions,
+                "policy": tier.policy.name,
+                "waiting_admission": len(self._admission[name]),
+                "layer_accesses": list(self.layer_accesses[name]),
+                "layer_hits": list(self.layer_hits[name]),
+            }
+        links = {
+            link: {
+                "started": self.link_started[link],
+                "failed": self.link_failed[link],
+                "bytes": self.link_started[link] * self.config.expert_bytes,
+                "running": self._running[link],
+                "queued": sum(
+                    1 for t in self._transfers.values() if t.link == link and not t.running
+                ),
+            }
+            for link in LINKS
+        }
+        return {
+            "tiers": tiers,
+            "links": links,
+            "leases": len(self._leases),
+            "pending": len(self._pending),
+            "clients": len(self._clients),
+        }
+
+    # --- acquires and leases --------------------------------------------------------------
+
+    def _touch(self, client: ClientId, now: float) -> _Client:
+        state = self._clients.get(client)
+        if state is None:
+            state = self._clients[client] = _Client(now)
+        state.last_seen = max(state.last_seen, now)
+        return state
+
+    def _check_acquire(
+        self,
+        client: ClientId,
+        request_id: int,
+        layer: int,
+        experts: Sequence[int],
+        tier: str,
+        release: list[int],
+    ) -> tuple[str, str] | None:
+        if tier not in self.tiers:
+            if tier in TIERS:
+                return ErrorCode.TIER_OFF, f"tier {tier!r} is off in this daemon"
+            return ErrorCode.BAD_REQUEST, f"unknown tier {tier!r} (known: {', '.join(TIERS)})"
+        if not 0 <= layer < self.geometry.num_layers:
+            return (
+                ErrorCode.OUT_OF_RANGE,
+                f"layer {layer} out of range [0, {self.geometry.num_layers})",
+            )
+        if not experts:
+            return ErrorCode.BAD_REQUEST, "acquire needs at least one expert"
+        for expert in experts:
+            if not 0 <= expert < self.geometry.num_experts:
+                return (
+                    ErrorCode.OUT_OF_RANGE,
+                    f"expert {expert} out of range [0, {self.geometry.num_experts})",
+                )
+        if len(set(experts)) != len(experts):
+            return ErrorCode.BAD_REQUEST, f"duplicate experts in {list(experts)}"
+        slots = self.tiers[tier].num_slots
+        if len(experts) > slots:
+            return (
+                ErrorCode.TOO_MANY_EXPERTS,
+                f"{len(experts)} experts do not fit the {tier} tier's {slots} slots",
+            )
+        if (client, request_id) in self._pending:
+            return ErrorCode.BAD_REQUEST, f"request id {request_id} is already pending"
+        if len(self._clients[client].pending) >= self.config.max_pending_per_client:
+            return (
+                ErrorCode.TOO_MANY_PENDING,
+                f"more than {self.config.max_pending_per_client} acquires pending",
+            )
+        for lease_id in release:
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.client != client:
+                return ErrorCode.UNKNOWN_LEASE, f"no lease {lease_id}"
+        return None
+
+    def _committed(self, tier: str) -> set[int]:
+        """Keys that admitted acquires wait for and that hold no slot yet."""
+        slot_of = self.tiers[tier].slot_of
+        return {k for p in self._admitted[tier] for k in p.waiting if k not in slot_of}
+
+    def _fits(self, pending: _Pending) -> bool:
+        """Can ``pending`` be admitted without risking a deadlock with admitted acquires?"""
+        tier = self.tiers[pending.tier]
+        new_pins = sum(
+            1 for k in pending.keys if k in tier.slot_of and not tier.pins[tier.slot_of[k]]
+        )
+        need = self._committed(pending.tier) | {k for k in pending.keys if k not in tier.slot_of}
+        return tier.pinned_slots + new_pins + len(need) <= tier.num_slots
+
+    def _admit_all(self) -> list[Command]:
+        out: list[Command] = []
+        for queue in self._admission.values():
+            while queue and self._fits(queue[0]):
+                out.extend(self._admit(queue.popleft()))
+        return out
+
+    def _admit(self, pending: _Pending) -> list[Command]:
+        """Pin what is resident, ask for the rest; grant at once if everything is ready."""
+        pending.admitted = True
+        name = pending.tier
+        tier = self.tiers[name]
+        accesses, hits = self.layer_accesses[name], self.layer_hits[name]
+        num_experts = self.geometry.num_experts
+        for i, key in enumerate(pending.keys):
+            t = pending.t0 + i
+            layer = key // num_experts
+            accesses[layer] += 1
+            slot = tier.slot_of.get(key)
+            if slot is not None:
+                tier.policy.on_hit(key, t)
+                tier.pin(slot)
+                pending.pinned[key] = slot
+                if slot in tier.filling:
+                    pending.waiting.add(key)
+                else:
+                    pending.hits += 1
+                    hits[layer] += 1
+            else:
+                pending.waiting.add(key)
+                if name == DEVICE:  # a device miss is a host access
+                    self.layer_accesses[HOST][layer] += 1
+                    self.layer_hits[HOST][layer] += self.tiers[HOST].ready(key)
+                self._ensure(key, name, Priority.DEMAND, t)
+            if key in pending.waiting:
+                self._waiters.setdefault((name, key), []).append(pending)
+        if not pending.waiting:
+            return [self._grant(pending)]
+        self._admitted[name].append(pending)
+        return []
+
+    def _grant(self, pending: _Pending) -> Reply:
+        del self._pending[(pending.client, pending.request_id)]
+        if pending in self._admitted[pending.tier]:
+            self._admitted[pending.tier].remove(pending)
+        state = self._clients[pending.client]
+        state.pending.discard(pending.request_id)
+        lease_id = next(self._ids)
+        slots = [pending.pinned[key] for key in pending.keys]
+        self._leases[lease_id] = _Lease(pending.client, pending.tier, slots)
+        state.leases.add(lease_id)
+        return Reply(
+            pending.client, pending.request_id, lease_id, pending.tier, tuple(slots), pending.hits
+        )
+
+    def _release(self, lease_id: int) -> None:
+        lease = self._leases.pop(lease_id)
+        tier = self.tiers[lease.tier]
+        for slot in lease.slots:
+            tier.unpin(slot)
+        state = self._clients.get(lease.client)
+        if state is not None:
+            state.leases.discard(lease_id)
+
+    def _abandon(self, pending: _Pending) -> None:
+        """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""
+        del self._pending[(pending.client, pending.request_id)]
+        state = self._clients.get(pending.client)
+        if state is not None:
+            state.pending.discard(pending.request_id)
+        if not pending.admitted:
+            self._admission[pending.tier].remove(pending)
+            return
+        self._admitted[pending.tier].remove(pending)
+        tier = self.tiers[pending.tier]
+        for slot in pending.pinned.values():
+            tier.unpin(slot)
+        for key in pending.waiting:
+            waiters = self._waiters.get((pending.tier, key), [])
+            if pending in waiters:  # a failed transfer has already let go of its waiters
+                waiters.remove(pending)
+            if not waiters:
+                self._waiters.pop((pending.tier, key), None)
+                self._demote(pending.tier, key)
+
+    def _settle(self) -> list[Command]:
+        """After pins dropped: admit waiting acquires, then start what can start."""
+        out = self._admit_all()
+        out.extend(self._dispatch())
+        return out
+
+    # --- transfers ------------------------------------------------------------------------
+
+    def _ensure(self, key: int, tier: str, priority: Priority, t: int) -> None:
+        """Make sure a transfer will bring ``key`` into ``tier`` at ``priority`` or better."""
+        transfer_id = self._inflight.get((tier, key))
+        if transfer_id is not None:
+            transfer = self._transfers[transfer_id]
+            if priority < transfer.priority:
+                self._reprioritize(transfer, priority)
+            return
+        if tier == HOST or self.tiers[HOST].ready(key):
+            self._enqueue(LINK_INTO[tier], key, priority, t)
+            return
+        # The device wants a key the host does not hold yet: load it, then copy it up.
+        want = self._wants_device.get(key)
+        if want is None or priority < want[0]:
+            self._wants_device[key] = (priority, t if want is None else want[1])
+        self._ensure(key, HOST, priority, t)
+
+    def _enqueue(self, link: str, key: int, priority: Priority, t: int) -> None:
+        if priority != Priority.DEMAND:
+            if self._queued_prefetches[link] >= self.config.max_queued_prefetches:
+                return  # bounded: a prefetch that cannot queue is dropped
+            self._queued_prefetches[link] += 1
+        transfer = _Transfer(next(self._ids), link, key, priority, next(self._seq), t)
+        self._transfers[transfer.transfer_id] = transfer
+        self._inflight[(TIER_OF_LINK[link], key)] = transfer.transfer_id
+        heapq.heappush(self._queues[link], (priority, transfer.seq, transfer.transfer_id))
+
+    def _reprioritize(self, transfer: _Transfer, priority: Priority) -> None:
+        """Move a transfer to ``priority``, up or down (a queued one re-enters its queue)."""
+        if priority == transfer.priority:
+            return
+        if not transfer.running:
+            was_prefetch, is_prefetch = (
+                transfer.priority != Priority.DEMAND,
+                priority != Priority.DEMAND,
+            )
+            if was_prefetch != is_prefetch:
+                self._queued_prefetches[transfer.link] += 1 if is_prefetch else -1
+            transfer.seq = next(self._seq)
+            heapq.heappush(
+                self._queues[transfer.link], (priority, transfer.seq, transfer.transfer_id)
+            )
+        transfer.priority = priority
+
+    def _demote(self, tier: str, key: int) -> None:
+        """No acquire waits for ``key`` any more: its transfers become mere prefetches."""
+        transfer_id = self._inflight.get((tier, key))
+        if transfer_id is not None:
+            self._reprioritize(self._transfers[transfer_id], Priority.PREDICTED)
+        if tier == DEVICE and key in self._wants_device:
+            self._wants_device[key] = (Priority.PREDICTED, self._wants_device[key][1])
+            host_transfer = self._inflight.get((HOST, key))
+            if host_transfer is not None and not self._waiters.get((HOST, key)):
+                self._reprioritize(self._transfers[host_transfer], Priority.PREDICTED)
+
+    def _dispatch(self) -> list[Command]:
+        """Start queued transfers while links have room and slots can be reserved."""
+        out: list[Command] = []
+        for link in LINKS:
+            queue = self._queues[link]
+            while queue and self._running[link] < self._depth[link]:
+                priority, seq, transfer_id = queue[0]
+                transfer = self._transfers.get(transfer_id)
+                if (
+                    transfer is None
+                    or transfer.running
+                    or (priority, seq) != (transfer.priority, transfer.seq)
+                ):
+                    heapq.heappop(queue)  # stale entry: started, moved or gone
+                    continue
+                if link == H2D and not self.tiers[HOST].ready(transfer.key):
+                    heapq.heappop(queue)
+                    self._requeue_behind_load(transfer)
+                    continue
+                command = self._start(transfer)
+                if command is None:
+                    # The head must wait for pins to drop; what admitted acquires wait
+                    # for may still start, wherever it sits in the queue.
+                    out.extend(self._start_committed(link))
+                    break
+                heapq.heappop(queue)
+                out.append(command)
+        return out
+
+    def _start_committed(self, link: str) -> list[Command]:
+        tier = TIER_OF_LINK[link]
+        out: list[Command] = []
+        for key in sorted(self._committed(tier)):
+            if self._running[link] >= self._depth[link]:
+                break
+            transfer_id = self._inflight.get((tier, key))
+            if transfer_id is None:
+                continue  # a device key still loading into the host
+            transfer = self._transfers[transfer_id]
+            if transfer.running or (link == H2D and not self.tiers[HOST].ready(key)):
+                continue
+            command = self._start(transfer)
+            if command is not None:
+                out.append(command)
+        return out
+
+    def _start(self, transfer: _Transfer) -> StartTransfer | None:
+        """Reserve the destination slot and mark ``transfer`` running; None if it must wait."""
+        tier_name = TIER_OF_LINK[transfer.link]
+        tier = self.tiers[tier_name]
+        committed = self._committed(tier_name)
+        if (
+            transfer.key not in committed
+            and tier.pinned_slots + len(committed) + 1 > tier.num_slots
+        ):
+            return None  # the unpinned slots are promised to admitted acquires
+        dst_slot = tier.reserve(transfer.key, transfer.t)
+        if dst_slot is None:
+            return None
+        src_slot = None
+        if transfer.link == H2D:
+            host = self.tiers[HOST]
+            src_slot = host.slot_of[transfer.key]
+            host.pin(src_slot)
+            host.policy.on_hit(transfer.key, transfer.t)
+        if transfer.priority != Priority.DEMAND:
+            self._queued_prefetches[transfer.link] -= 1
+        transfer.running = True
+        transfer.src_slot, transfer.dst_slot = src_slot, dst_slot
+        self._running[transfer.link] += 1
+        self.link_started[transfer.link] += 1
+        return StartTransfer(
+            transfer.transfer_id, transfer.link, transfer.key, src_slot, dst_slot, transfer.priority
+        )
+
+    def _requeue_behind_load(self, transfer: _Transfer) -> None:
+        """The host copy a queued h2d needed was evicted: load it again first."""
+        del self._transfers[transfer.transfer_id]
+        del self._inflight[(DEVICE, transfer.key)]
+        if transfer.priority != Priority.DEMAND:
+            self._queued_prefetches[H2D] -= 1
+        self._ensure(transfer.key, DEVICE, transfer.priority, transfer.t)

@@ -1,0 +1,84 @@
+"""`SlotTable`: the fixed slots of one tier, what each holds, its pins and its policy."""
+
+from __future__ import annotations
+
+from expertd.policies.base import EvictionPolicy, NoVictimError
+
+
+class SlotTable:
+    """Which key each slot holds, which slots are still filling, and pin counts.
+
+    A pinned slot (leased, being filled, or the source of a copy) is never evicted:
+    `reserve` asks the policy for a victim among unpinned keys only.
+    """
+
+    def __init__(self, name: str, num_slots: int, policy: EvictionPolicy) -> None:
+        self.name = name
+        self.num_slots = num_slots
+        self.policy = policy
+        self.key_of: list[int | None] = [None] * num_slots
+        self.slot_of: dict[int, int] = {}
+        self.filling: set[int] = set()  # slots whose transfer has not finished
+        self.pins: list[int] = [0] * num_slots
+        self.pinned_keys: dict[int, int] = {}  # key -> pin count, for policy.victim
+        self.pinned_slots = 0
+        self.free: list[int] = list(range(num_slots - 1, -1, -1))
+        self.evictions = 0
+
+    def ready(self, key: int) -> bool:
+        slot = self.slot_of.get(key)
+        return slot is not None and slot not in self.filling
+
+    def pin(self, slot: int) -> None:
+        key = self.key_of[slot]
+        assert key is not None, f"{self.name}: pin of empty slot {slot}"
+        if not self.pins[slot]:
+            self.pinned_slots += 1
+        self.pins[slot] += 1
+        self.pinned_keys[key] = self.pins[slot]
+
+    def unpin(self, slot: int) -> None:
+        assert self.pins[slot] > 0, f"{self.name}: unpin of unpinned slot {slot}"
+        key = self.key_of[slot]
+        assert key is not None
+        self.pins[slot] -= 1
+        if self.pins[slot]:
+            self.pinned_keys[key] = self.pins[slot]
+        else:
+            del self.pinned_keys[key]
+            self.pinned_slots -= 1
+
+    def reserve(self, key: int, t: int) -> int | None:
+        """A slot for ``key`` (evicting if full), marked filling and pinned; None if all pinned."""
+        if self.free:
+            slot = self.free.pop()
+        else:
+            try:
+                victim = self.policy.victim(t, self.pinned_keys)
+            except NoVictimError:
+                return None
+            slot = self.slot_of[victim]
+            assert not self.pins[slot], f"{self.name}: policy chose pinned key {victim}"
+            self.drop(victim)
+            self.evictions += 1
+            self.free.pop()  # drop() put it on the free list
+        self.key_of[slot] = key
+        self.slot_of[key] = slot
+        self.filling.add(slot)
+        self.pin(slot)
+        self.policy.on_insert(key, t)
+        return slot
+
+    def fill_done(self, slot: int) -> None:
+        """The transfer into ``slot`` finished: it is ready, and no longer pinned by it."""
+        self.filling.discard(slot)
+        self.unpin(slot)
+
+    def drop(self, key: int) -> None:
+        """Forget ``key``: its slot becomes free."""
+        slot = self.slot_of.pop(key)
+        assert not self.pins[slot], f"{self.name}: drop of pinned slot {slot}"
+        self.key_of[slot] = None
+        self.filling.discard(slot)
+        self.free.append(slot)
+        self.policy.on_remove(key)
