@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 # Modules that add subcommands, in the order `expertd --help` lists them.
 COMMAND_MODULES = (
-    "expertd.traces.cli",  # replay, trace convert, trace stats
+    "expertd.traces.replay_cli",  # replay
+    "expertd.traces.cli",  # trace convert, trace stats
     "expertd.daemon.store_cli",  # pack, store info, store verify
 )
 
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"expertd {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `expertd ... | head` closed our stdout: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""The replay simulator: hit-rate mode, timed mode against its bound, and `expertd replay`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from expertd import traces
+from expertd.daemon.cli import main
+from expertd.policies.base import Geometry
+from expertd.policies.registry import available, make_policy
+from expertd.traces.format import read_trace
+from expertd.traces.replay import (
+    ReplayError,
+    parse_capacity,
+    replay_hits,
+    replay_timed,
+    sweep,
+)
+from expertd.traces.timing import TimingModel, build_timing
+from expertd.traces.trace import Trace, TraceMeta
+
+
+def tiny_trace(rows: list[tuple[int, list[int]]], layers: int = 2, experts: int = 4) -> Trace:
+    """One request; a new token starts whenever the layer goes back to 0."""
+    tokens, token = [], -1
+    for layer, _ in rows:
+        token += layer == 0
+        tokens.append(token)
+    k = len(rows[0][1])
+    meta = TraceMeta(model="tiny", num_layers=layers, num_experts=experts, top_k=k, requests=["r"])
+    return Trace(
+        meta=meta,
+        request=np.zeros(len(rows), dtype=np.int32),
+        token=np.array(tokens, dtype=np.int32),
+        layer=np.array([r[0] for r in rows], dtype=np.int16),
+        experts=np.array([r[1] for r in rows], dtype=np.int16),
+    )
+
+
+@pytest.fixture(scope="module")
+def granite() -> Trace:
+    return read_trace(traces.shipped())
+
+
+@pytest.mark.parametrize(
+    ("spec", "slots"),
+    [("0.05", 5), ("0.5", 50), ("1.0", 100), ("7", 7), ("100", 100), (0.25, 25)],
+)
+def test_capacity_is_a_fraction_or_a_slot_count(spec, slots):
+    assert parse_capacity(spec, 100)[0] == slots
+
+
+@pytest.mark.parametrize("spec", ["0", "1.5", "-3", "101", "ten", "2.5e3"])
+def test_bad_capacity_names_the_value(spec):
+    with pytest.raises(ReplayError, match=spec.replace(".", r"\.")):
+        parse_capacity(spec, 100)
+
+
+def test_hit_mode_counts_what_the_policy_counts(granite):
+    geometry = Geometry(granite.meta.num_layers, granite.meta.num_experts)
+    row = replay_hits(granite, "lru", 77)
+    assert row.accesses == len(granite) * granite.meta.top_k
+    assert row.hits == make_policy("lru", 77, geometry).replay(granite.keys())
+
+
+def test_sweep_reports_belady_as_every_rows_bound(granite):
+    rows = sweep(granite, available(), [40, 200])
+    assert {r.policy for r in rows} == set(available())
+    for row in rows:
+        assert row.hit_rate <= row.bound_hit_rate + 1e-12, row
+
+
+def test_timed_mode_hits_match_hit_mode_for_lru(granite):
+    timing = TimingModel(expert_bytes=1_000_000, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=1e-4)
+    timed = replay_timed(granite, "lru", 100, timing)
+    assert timed.hits == replay_hits(granite, "lru", 100).hits
+
+
+def test_stall_is_exactly_the_load_time_of_each_miss():
+    # Two layers, capacity 2, each row one expert: every access misses.
+    trace = tiny_trace([(0, [0]), (1, [1]), (0, [2]), (1, [3])])
+    timing = TimingModel(expert_bytes=10**9, h2d_gbps=1.0, nvme_gbps=1.0, layer_s=0.5)
+    row = replay_timed(trace, "lru", 2, timing)
+    assert row.hits == 0 and row.tokens == 2
+    # Each row: 1 s copy then 0.5 s compute; nothing overlaps without prefetch.
+    assert row.stall_s_per_token == pytest.approx(2.0)
+    assert row.time_s_per_token == pytest.approx(3.0)
+    assert row.bytes_per_link == {"load": 0, "h2d": 4 * 10**9}
+
+
+def test_cold_host_loads_from_the_store_first():
+    trace = tiny_trace([(0, [0]), (1, [1])])
+    timing = TimingModel(expert_bytes=10**9, h2d_gbps=2.0, nvme_gbps=1.0, layer_s=0.0, host_slots=8)
+    row = replay_timed(trace, "lru", 2, timing)
+    # One token, both rows miss twice over: 1 s from NVMe, then 0.5 s over h2d, each.
+    assert row.tokens == 1 and row.time_s_per_token == pytest.approx(3.0)
+    assert row.bytes_per_link == {"load": 2 * 10**9, "h2d": 2 * 10**9}
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lru-per-layer", "belady"])
+@pytest.mark.parametrize("capacity", ["0.05", "0.25"])
+def test_no_timed_row_beats_its_bound(granite, policy, capacity):
+    slots, _ = parse_capacity(capacity, 24 * 32)
+    timing = build_timing(model=granite.meta.model, num_layers=24, profile="pcie4")
+    (row,) = sweep(granite, [policy], [slots], timing=timing)
+    assert row.bound_ratio >= 1.0 - 1e-9, row
+    assert row.time_s_per_token >= row.bound_s_per_token * (1 - 1e-9)
+
+
+def test_timed_mode_without_device_computes_from_host(granite):
+    timing = build_timing(model=granite.meta.model, num_layers=24, profile="cpu-nvme")
+    (row,) = sweep(granite, ["lru"], [100], timing=timing)
+    assert row.bytes_per_link["h2d"] == 0 and row.bytes_per_link["load"] > 0
+    assert math.isfinite(row.tokens_per_s) and row.bound_ratio >= 1.0
+
+
+def test_replay_command_writes_the_json_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = main(["replay", "granite-3.0-1b-a400m", "--policy", "lru,fifo", "--capacity", "0.1,50"])
+    assert code == 0
+    assert "lru" in capsys.readouterr().out
+    code = main(["replay", str(traces.shipped()), "--policy", "lru", "--capacity", "0.1", "--timed",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0
+    (row,) = json.loads(out.read_text())
+    for key in ("policy", "capacity", "accesses", "hits", "hit_rate", "seconds", "stall_s_per_token",
+                "tokens_per_s", "bytes_moved", "bound_s_per_token", "bound_ratio"):  # fmt: skip
+        assert key in row, key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nonexistent.etrace"], "no such file"),
+        (["granite-3.0-1b-a400m", "--policy", "nope"], "unknown policy 'nope'"),
+        (["granite-3.0-1b-a400m", "--capacity", "2.0"], "capacity fraction 2.0"),
+        (
+            ["granite-3.0-1b-a400m", "--timed", "--profile", "pcie4", "--h2d-gbps", "-1"],
+            "h2d bandwidth",
+        ),
+    ],
+)
+def test_replay_errors_are_one_line_and_exit_2(args, message, capsys):
+    assert main(["replay", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_bad_trace_file_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.etrace"
+    bad.write_bytes(b"not a trace at all")
+    assert main(["replay", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.etrace" in err and "\n" not in err

@@ -1,0 +1,211 @@
+"""`expertd replay`: sweep policies x capacities over a trace, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from expertd.daemon.cli import CliError
+from expertd.traces.timing import DEFAULT_PROFILE, MODEL_SIZES, PROFILES
+
+DEFAULT_CAPACITIES = "0.05,0.1,0.25,0.5"
+
+
+def register(subparsers) -> None:
+    profiles = "\n".join(f"  {p.describe()}" for p in PROFILES.values())
+    sizes = "\n".join(
+        f"  {name}: {s.expert_bytes / 1e6:.1f} MB/expert ({s.note})" for name, s in MODEL_SIZES.items()
+    )
+    parser = subparsers.add_parser(
+        "replay",
+        help="replay a routing trace through eviction policies",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Replay TRACE (an .etrace file, or the name of a shipped trace) through each policy\n"
+            "at each capacity and print hit rates beside Belady's MIN, the best any cache can do.\n"
+            "--timed drives the daemon's cache manager with a virtual clock and reports stalls,\n"
+            "time per token and bytes moved, against the bound\n"
+            "max(compute, Belady's loads / link bandwidth).\n\n"
+            f"hardware profiles (--profile):\n{profiles}\n\nknown model sizes:\n{sizes}"
+        ),
+    )
+    parser.add_argument("trace", metavar="TRACE", help="trace file, or a shipped trace's name")
+    parser.add_argument("--policy", default=None, help="comma-separated policies (default: all registered)")
+    parser.add_argument(
+        "--capacity",
+        default=DEFAULT_CAPACITIES,
+        help="comma-separated capacities: fractions of all experts (0.1) or slot counts (300)",
+    )
+    parser.add_argument("--phase", choices=("all", "prefill", "decode"), default="all", help="rows to replay")
+    parser.add_argument("--max-tokens", type=int, default=None, help="replay only the first N tokens")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the rows as JSON")
+    parser.add_argument(
+        "--plot", type=Path, default=None, metavar="OUT.png", help="plot hit rate vs capacity"
+    )
+    timed = parser.add_argument_group("timed mode")
+    timed.add_argument("--timed", action="store_true", help="simulate time: stalls, tokens/s, bytes moved")
+    timed.add_argument(
+        "--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="hardware profile"
+    )
+    timed.add_argument("--expert-mb", type=float, default=None, help="bytes of one expert, in MB")
+    timed.add_argument("--h2d-gbps", type=float, default=None, help="host->device bandwidth, GB/s")
+    timed.add_argument("--nvme-gbps", type=float, default=None, help="store->host bandwidth, GB/s")
+    timed.add_argument("--layer-ms", type=float, default=None, help="compute time of one layer, ms")
+    timed.add_argument(
+        "--host-capacity",
+        default=None,
+        help="host tier size (fraction or slots); default: RAM holds every expert, warm",
+    )
+    parser.set_defaults(func=run)
+
+
+def resolve_trace(name: str) -> Path:
+    """A trace path, or the path of the shipped trace called ``name`` (a unique prefix will do)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    from expertd import traces
+
+    matches = [n for n in traces.list_shipped() if n == name or n.startswith(name)]
+    if len(matches) != 1:
+        shipped = ", ".join(traces.list_shipped()) or "none"
+        raise CliError(f"{name}: no such file, and no shipped trace of that name (shipped: {shipped})")
+    return traces.shipped(matches[0])
+
+
+def load_for_replay(name: str, phase: str = "all", max_tokens: int | None = None):
+    """Read and select the rows to replay; trace errors become one-line CLI errors."""
+    from expertd.traces.format import read_trace
+    from expertd.traces.replay import forward_ids
+    from expertd.traces.trace import PHASE_DECODE, PHASE_PREFILL, TraceFormatError
+
+    try:
+        trace = read_trace(resolve_trace(name))
+    except TraceFormatError as exc:
+        raise CliError(str(exc)) from None
+    if phase != "all":
+        if trace.phase is None:
+            raise CliError(f"{name}: this trace records no phase; use --phase all")
+        trace = trace.select(trace.phase == (PHASE_DECODE if phase == "decode" else PHASE_PREFILL))
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise CliError(f"--max-tokens must be at least 1, got {max_tokens}")
+        trace = trace.select(forward_ids(trace) < max_tokens)
+    if len(trace) == 0:
+        raise CliError(f"{name}: no rows left to replay")
+    return trace
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from expertd.policies.base import PolicyError
+    from expertd.policies.registry import available
+    from expertd.traces.replay import ReplayError, parse_capacity, sweep
+    from expertd.traces.timing import build_timing
+
+    trace = load_for_replay(args.trace, args.phase, args.max_tokens)
+    meta = trace.meta
+    num_keys = meta.num_layers * meta.num_experts
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()] if args.policy else available()
+    try:
+        capacities = [parse_capacity(c, num_keys)[0] for c in args.capacity.split(",") if c.strip()]
+        timing = None
+        if args.timed:
+            host_slots = None
+            if args.host_capacity is not None:
+                host_slots = parse_capacity(args.host_capacity, num_keys)[0]
+            timing = build_timing(
+                model=meta.model,
+                num_layers=meta.num_layers,
+                profile=args.profile,
+                expert_mb=args.expert_mb,
+                h2d_gbps=args.h2d_gbps,
+                nvme_gbps=args.nvme_gbps,
+                layer_ms=args.layer_ms,
+                host_slots=host_slots,
+            )
+        bar = tqdm(
+            total=len(policies) * len(capacities),
+            desc="replay",
+            unit="run",
+            file=sys.stderr,
+            leave=False,
+        )
+        rows = sweep(trace, policies, capacities, timing=timing, progress=lambda _: bar.update())
+        bar.close()
+    except (ReplayError, PolicyError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(describe_trace(trace))
+    print(format_table(rows, timed=timing is not None))
+    if args.json:
+        args.json.write_text(json.dumps([dict(row.as_dict(), trace=meta.model) for row in rows], indent=1))
+    if args.plot:
+        plot_rows(rows, args.plot, title=meta.model, timed=timing is not None)
+    return 0
+
+
+def describe_trace(trace) -> str:
+    meta = trace.meta
+    tokens = trace.num_tokens()
+    return (
+        f"{meta.model}: {len(meta.requests)} requests, {tokens:,} tokens, "
+        f"{meta.num_layers} layers x {meta.num_experts} experts, top-{meta.top_k} "
+        f"({len(trace) * meta.top_k:,} accesses)"
+    )
+
+
+def format_table(rows, *, timed: bool) -> str:
+    header = f"{'capacity':>8} {'slots':>6}  {'policy':<16} {'hit rate':>8} {'Belady':>7} {'gap':>7}"
+    if timed:
+        header += f" {'stall ms/tok':>12} {'ms/tok':>9} {'tok/s':>8} {'GB moved':>9}"
+        header += f" {'bound ms':>9} {'ratio':>6}"
+    header += f" {'seconds':>8}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        line = (
+            f"{row.capacity:>8.1%} {row.slots:>6}  {row.policy:<16} {row.hit_rate:>8.3f} "
+            f"{row.bound_hit_rate:>7.3f} {row.hit_rate - row.bound_hit_rate:>+7.3f}"
+        )
+        if timed:
+            line += (
+                f" {row.stall_s_per_token * 1e3:>12.2f} {row.time_s_per_token * 1e3:>9.2f}"
+                f" {row.tokens_per_s:>8.2f} {row.bytes_moved / 1e9:>9.2f}"
+                f" {row.bound_s_per_token * 1e3:>9.2f} {row.bound_ratio:>6.2f}"
+            )
+        line += f" {row.seconds:>8.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install 'expertd[plot]'") from None
+    panels = 2 if timed else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    by_policy: dict[str, list] = {}
+    for row in rows:
+        by_policy.setdefault(row.policy, []).append(row)
+    for policy, series in sorted(by_policy.items()):
+        xs = [r.capacity for r in series]
+        style = "--" if policy == "belady" else "-"
+        axes[0][0].plot(xs, [r.hit_rate for r in series], style, marker="o", label=policy)
+        if timed:
+            axes[0][1].plot(xs, [r.time_s_per_token * 1e3 for r in series], style, marker="o", label=policy)
+    axes[0][0].set(xlabel="capacity (fraction of experts)", ylabel="hit rate", title=title)
+    if timed:
+        bound = sorted({(r.capacity, r.bound_s_per_token * 1e3) for r in rows})
+        axes[0][1].plot([b[0] for b in bound], [b[1] for b in bound], "k:", label="bound")
+        axes[0][1].set(xlabel="capacity (fraction of experts)", ylabel="ms per token", yscale="log")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
