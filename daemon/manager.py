@@ -96,6 +96,7 @@ class _Pending:
     tier: str
     keys: list[int]
     t0: int  # access time of keys[0]; keys[i] is access t0 + i
+    forward: int  # the client's forward pass this acquire belongs to
     admitted: bool = False
     pinned: dict[int, int] = dataclasses.field(default_factory=dict)  # key -> slot it pinned
     waiting: set[int] = dataclasses.field(default_factory=set)  # keys not ready yet
@@ -112,6 +113,8 @@ class _Lease:
 @dataclasses.dataclass
 class _Client:
     last_seen: float
+    forward: int = -1  # this client's current forward pass (a global id)
+    last_layer: int = 1 << 30
     leases: set[int] = dataclasses.field(default_factory=set)
     pending: set[int] = dataclasses.field(default_factory=set)  # request ids
 
@@ -147,6 +150,7 @@ class CacheManager:
         self._clients: dict[ClientId, _Client] = {}
         self._ids = itertools.count(1)
         self._seq = itertools.count()
+        self._forwards = itertools.count()
         self.t = 0  # accesses so far: the policies' virtual clock
         layers = geometry.num_layers
         self.layer_accesses = {name: [0] * layers for name in self.tiers}
@@ -174,8 +178,11 @@ class CacheManager:
             return [ErrorReply(client, request_id, *error)]
         for lease_id in release:
             self._release(lease_id)
+        if layer <= state.last_layer:  # a new forward pass starts at the first layer again
+            state.forward = next(self._forwards)
+        state.last_layer = layer
         keys = [layer * self.geometry.num_experts + expert for expert in experts]
-        pending = _Pending(client, request_id, tier, keys, self.t)
+        pending = _Pending(client, request_id, tier, keys, self.t, state.forward)
         self.t += len(keys)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
@@ -423,6 +430,7 @@ class CacheManager:
         tier = self.tiers[name]
         accesses, hits = self.layer_accesses[name], self.layer_hits[name]
         num_experts = self.geometry.num_experts
+        tier.policy.on_step(pending.forward, pending.keys[0] // num_experts)
         for i, key in enumerate(pending.keys):
             t = pending.t0 + i
             layer = key // num_experts
