@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "expertd.traces.replay_cli",  # replay
     "expertd.traces.cli",  # trace convert, trace stats
     "expertd.daemon.store_cli",  # pack, store info, store verify
+    "expertd.daemon.serve_cli",  # serve, status, shutdown
 )
 
 EXIT_OK = 0
@@ -61,5 +62,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # run as `python -m expertd.daemon` (see __main__.py) instead
     sys.exit(main())

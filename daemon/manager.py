@@ -191,9 +191,7 @@ class CacheManager:
         out.extend(self._dispatch())
         return out
 
-    def release(
-        self, client: ClientId, request_id: int, lease_id: int, now: float
-    ) -> list[Command]:
+    def release(self, client: ClientId, request_id: int, lease_id: int, now: float) -> list[Command]:
         """Unpin a lease's slots. Errors only for a lease this client does not hold."""
         self._touch(client, now)
         lease = self._leases.get(lease_id)
@@ -261,9 +259,7 @@ class CacheManager:
                     if (pending.client, pending.request_id) in self._pending:
                         self._abandon(pending)
                         out.append(
-                            ErrorReply(
-                                pending.client, pending.request_id, ErrorCode.LOAD_FAILED, reason
-                            )
+                            ErrorReply(pending.client, pending.request_id, ErrorCode.LOAD_FAILED, reason)
                         )
             tier.fill_done(transfer.dst_slot)
             tier.drop(key)  # after the waiters let go of their pins on the slot
@@ -281,11 +277,23 @@ class CacheManager:
             self._abandon(self._pending[(client, request_id)])
         return self._settle()
 
+    def knows(self, client: ClientId) -> bool:
+        """Is ``client`` connected (not gone, not timed out)?"""
+        return client in self._clients
+
+    def heartbeat(self, client: ClientId, now: float) -> None:
+        """The client is alive (any message counts); silence past the lease timeout ends it."""
+        self._touch(client, now)
+
     def tick(self, now: float) -> list[Command]:
-        """Time passes: clients silent longer than the lease timeout are gone."""
+        """Time passes: clients silent longer than the lease timeout are gone.
+
+        A client waiting for an acquire is not silent: it waits for us. (If it died
+        meanwhile, the shell learns so when the reply cannot be delivered.)
+        """
         deadline = now - self.config.lease_timeout_s
         out: list[Command] = []
-        for client in [c for c, s in self._clients.items() if s.last_seen < deadline]:
+        for client in [c for c, s in self._clients.items() if s.last_seen < deadline and not s.pending]:
             out.extend(self.client_gone(client))
         return out
 
@@ -307,6 +315,10 @@ class CacheManager:
         target = self.tiers[tier]
         return {k: s for k, s in target.slot_of.items() if s not in target.filling}
 
+    def client_summary(self) -> dict[ClientId, tuple[int, int]]:
+        """Per client: (leases held, acquires waiting)."""
+        return {c: (len(s.leases), len(s.pending)) for c, s in self._clients.items()}
+
     def stats(self) -> dict[str, Any]:
         """Counters and occupancy, msgpack-able."""
         tiers = {}
@@ -321,6 +333,8 @@ class CacheManager:
                 "hits": hits,
                 "hit_rate": hits / accesses if accesses else 0.0,
                 "evictions": tier.evictions,
+                "prefetch_used": tier.prefetch_used,
+                "prefetch_wasted": tier.prefetch_wasted,
                 "policy": tier.policy.name,
                 "waiting_admission": len(self._admission[name]),
                 "layer_accesses": list(self.layer_accesses[name]),
@@ -332,9 +346,7 @@ class CacheManager:
                 "failed": self.link_failed[link],
                 "bytes": self.link_started[link] * self.config.expert_bytes,
                 "running": self._running[link],
-                "queued": sum(
-                    1 for t in self._transfers.values() if t.link == link and not t.running
-                ),
+                "queued": sum(1 for t in self._transfers.values() if t.link == link and not t.running),
             }
             for link in LINKS
         }
@@ -410,9 +422,7 @@ class CacheManager:
     def _fits(self, pending: _Pending) -> bool:
         """Can ``pending`` be admitted without risking a deadlock with admitted acquires?"""
         tier = self.tiers[pending.tier]
-        new_pins = sum(
-            1 for k in pending.keys if k in tier.slot_of and not tier.pins[tier.slot_of[k]]
-        )
+        new_pins = sum(1 for k in pending.keys if k in tier.slot_of and not tier.pins[tier.slot_of[k]])
         need = self._committed(pending.tier) | {k for k in pending.keys if k not in tier.slot_of}
         return tier.pinned_slots + new_pins + len(need) <= tier.num_slots
 
@@ -438,6 +448,7 @@ class CacheManager:
             slot = tier.slot_of.get(key)
             if slot is not None:
                 tier.policy.on_hit(key, t)
+                tier.used(slot)
                 tier.pin(slot)
                 pending.pinned[key] = slot
                 if slot in tier.filling:
@@ -468,9 +479,7 @@ class CacheManager:
         slots = [pending.pinned[key] for key in pending.keys]
         self._leases[lease_id] = _Lease(pending.client, pending.tier, slots)
         state.leases.add(lease_id)
-        return Reply(
-            pending.client, pending.request_id, lease_id, pending.tier, tuple(slots), pending.hits
-        )
+        return Reply(pending.client, pending.request_id, lease_id, pending.tier, tuple(slots), pending.hits)
 
     def _release(self, lease_id: int) -> None:
         lease = self._leases.pop(lease_id)
@@ -549,9 +558,7 @@ class CacheManager:
             if was_prefetch != is_prefetch:
                 self._queued_prefetches[transfer.link] += 1 if is_prefetch else -1
             transfer.seq = next(self._seq)
-            heapq.heappush(
-                self._queues[transfer.link], (priority, transfer.seq, transfer.transfer_id)
-            )
+            heapq.heappush(self._queues[transfer.link], (priority, transfer.seq, transfer.transfer_id))
         transfer.priority = priority
 
     def _demote(self, tier: str, key: int) -> None:
@@ -616,10 +623,7 @@ class CacheManager:
         tier_name = TIER_OF_LINK[transfer.link]
         tier = self.tiers[tier_name]
         committed = self._committed(tier_name)
-        if (
-            transfer.key not in committed
-            and tier.pinned_slots + len(committed) + 1 > tier.num_slots
-        ):
+        if transfer.key not in committed and tier.pinned_slots + len(committed) + 1 > tier.num_slots:
             return None  # the unpinned slots are promised to admitted acquires
         dst_slot = tier.reserve(transfer.key, transfer.t)
         if dst_slot is None:
@@ -632,6 +636,7 @@ class CacheManager:
             host.policy.on_hit(transfer.key, transfer.t)
         if transfer.priority != Priority.DEMAND:
             self._queued_prefetches[transfer.link] -= 1
+            tier.prefetched.add(dst_slot)
         transfer.running = True
         transfer.src_slot, transfer.dst_slot = src_slot, dst_slot
         self._running[transfer.link] += 1

@@ -24,6 +24,9 @@ class SlotTable:
         self.pinned_slots = 0
         self.free: list[int] = list(range(num_slots - 1, -1, -1))
         self.evictions = 0
+        self.prefetched: set[int] = set()  # slots a prefetch filled that no acquire used yet
+        self.prefetch_used = 0
+        self.prefetch_wasted = 0  # evicted before any acquire used them
 
     def ready(self, key: int) -> bool:
         slot = self.slot_of.get(key)
@@ -69,6 +72,12 @@ class SlotTable:
         self.policy.on_insert(key, t)
         return slot
 
+    def used(self, slot: int) -> None:
+        """An acquire used ``slot``: a prefetch that filled it paid off."""
+        if slot in self.prefetched:
+            self.prefetched.discard(slot)
+            self.prefetch_used += 1
+
     def fill_done(self, slot: int) -> None:
         """The transfer into ``slot`` finished: it is ready, and no longer pinned by it."""
         self.filling.discard(slot)
@@ -80,5 +89,8 @@ class SlotTable:
         assert not self.pins[slot], f"{self.name}: drop of pinned slot {slot}"
         self.key_of[slot] = None
         self.filling.discard(slot)
+        if slot in self.prefetched:
+            self.prefetched.discard(slot)
+            self.prefetch_wasted += 1
         self.free.append(slot)
         self.policy.on_remove(key)

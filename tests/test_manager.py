@@ -108,6 +108,16 @@ def test_demand_for_a_queued_prefetch_upgrades_it():
     assert nxt.key == GEOMETRY.key(0, 2) and nxt.priority == Priority.DEMAND
 
 
+def test_prefetches_are_counted_as_used_or_wasted():
+    mgr = make(host=2)
+    finish_all(mgr, mgr.hint("a", 0, [0, 1], now=0))
+    (reply,) = mgr.acquire("a", 1, 0, [0], HOST, now=0)  # the prefetch of (0, 0) pays off
+    mgr.release("a", 2, reply.lease_id, now=0)
+    finish_all(mgr, mgr.acquire("a", 3, 1, [5], HOST, now=0))  # evicts (0, 1), never used
+    host = mgr.stats()["tiers"][HOST]
+    assert (host["prefetch_used"], host["prefetch_wasted"]) == (1, 1)
+
+
 def test_failed_load_is_an_error_reply_and_frees_the_slot():
     mgr = make(host=2)
     (error,) = finish_all(mgr, mgr.acquire("a", 1, 2, [6], HOST, now=0), ok=False)

@@ -1,0 +1,7 @@
+"""`python -m expertd.daemon` runs the `expertd` command line."""
+
+import sys
+
+from expertd.daemon.cli import main
+
+sys.exit(main())

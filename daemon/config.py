@@ -1,0 +1,241 @@
+"""`expertd serve` configuration: a TOML file, every key documented, unknown keys are errors.
+
+The schema is the `KEYS` table below; `docs/config.md` is generated from it
+(`expertd serve --print-config-doc`), so code and documentation cannot disagree.
+Command-line flags override the file (`ServeConfig.with_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is wrong; the message names the key and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    kind: str  # "str", "int", "float", "size", "path", "choice:a|b", "bool"
+    default: Any
+    doc: str
+
+    @property
+    def attr(self) -> str:
+        return f"{self.section}_{self.name}" if self.section not in ("", "server") else self.name
+
+
+def default_address() -> str:
+    """ipc:// under systemd's RuntimeDirectory, else the user's runtime dir, else /tmp."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime.split(":")[0]) if runtime else Path(f"/tmp/expertd-{os.getuid()}")
+    return f"ipc://{base / 'expertd.sock'}"
+
+
+KEYS: tuple[Key, ...] = (
+    Key("server", "store", "path", None, "Store directory made by `expertd pack` (required)."),
+    Key(
+        "server",
+        "address",
+        "str",
+        None,
+        "ZeroMQ endpoint: ipc://PATH (default under $RUNTIME_DIRECTORY, "
+        "else $XDG_RUNTIME_DIR, else /tmp/expertd-UID) or tcp://HOST:PORT.",
+    ),  # fmt: skip
+    Key(
+        "server", "log_level", "choice:debug|info|warning|error", "info", "Log verbosity (to stderr/journal)."
+    ),
+    Key(
+        "tiers",
+        "host_size",
+        "size",
+        "1GiB",
+        "Host (RAM) tier budget: bytes with a unit (512MiB, 8GiB) "
+        'or a slot count ("120 slots"). Allocated once at start, never exceeded.',
+    ),  # fmt: skip
+    Key(
+        "tiers",
+        "device",
+        "choice:off|cpu|cuda",
+        "off",
+        "Device tier: off (clients compute from host "
+        "slots), cpu (a second shared-memory slab stands in for GPU memory), cuda (GPU memory).",
+    ),  # fmt: skip
+    Key(
+        "tiers",
+        "device_size",
+        "size",
+        "256MiB",
+        "Device tier budget, as host_size. Ignored when device = off.",
+    ),
+    Key("tiers", "cuda_device", "int", 0, "CUDA device index for device = cuda."),
+    Key("policy", "host", "str", "lru", "Eviction policy of the host tier (see `expertd replay --help`)."),
+    Key("policy", "device", "str", "lru", "Eviction policy of the device tier."),
+    Key("transfers", "load_threads", "int", 4, "Store reads in flight at once (reader threads)."),
+    Key("transfers", "h2d_depth", "int", 1, "Host->device copies in flight at once."),
+    Key("transfers", "max_queued_prefetches", "int", 256, "Prefetches queued per link; more are dropped."),
+    Key(
+        "transfers",
+        "direct_io",
+        "choice:auto|on|off",
+        "auto",
+        "O_DIRECT store reads: auto uses them where the filesystem allows.",
+    ),  # fmt: skip
+    Key(
+        "clients",
+        "lease_timeout_s",
+        "float",
+        10.0,
+        "A client silent this long (no message, no heartbeat) loses its leases.",
+    ),  # fmt: skip
+    Key("clients", "heartbeat_s", "float", 1.0, "How often clients are told to send a heartbeat."),
+    Key("clients", "max_clients", "int", 64, "Connected clients at most; more are refused."),
+    Key("clients", "max_pending", "int", 16, "Unanswered acquires per client at most."),
+)
+_KEY_INDEX = {(k.section, k.name): k for k in KEYS}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|slots?)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6}
+_UNITS |= {"gb": 10**9, "tb": 10**12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """A tier budget: bytes, or a number of slots."""
+
+    amount: int
+    unit: str  # "bytes" or "slots"
+
+    def slots(self, slot_bytes: int) -> int:
+        return self.amount if self.unit == "slots" else self.amount // slot_bytes
+
+    def __str__(self) -> str:
+        return f"{self.amount} slots" if self.unit == "slots" else f"{self.amount / 2**20:g}MiB"
+
+
+def parse_size(text: object, where: str) -> Size:
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return Size(text, "bytes")
+    match = _SIZE.match(str(text)) if isinstance(text, str) else None
+    if not match:
+        raise ConfigError(f'{where}: {text!r} is not a size (e.g. 512MiB, 8GiB, "120 slots")')
+    number, unit = float(match[1]), (match[2] or "B").lower()
+    if unit.startswith("slot"):
+        if not number.is_integer() or number < 1:
+            raise ConfigError(f"{where}: {text!r}: slot count must be a positive integer")
+        return Size(int(number), "slots")
+    amount = int(number * _UNITS[unit])
+    if amount < 1:
+        raise ConfigError(f"{where}: {text!r} must be positive")
+    return Size(amount, "bytes")
+
+
+def _convert(key: Key, value: Any) -> Any:
+    where = f"[{key.section}] {key.name}"
+    if key.kind == "size":
+        return parse_size(value, where)
+    if key.kind == "path":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if key.kind.startswith("choice:"):
+        choices = key.kind.split(":", 1)[1].split("|")
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    if key.kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{where}: expected a non-negative integer, got {value!r}")
+        return value
+    if key.kind == "float":
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Validated settings of one daemon; attribute names are ``section_key`` (server keys bare)."""
+
+    values: Mapping[str, Any]
+    source: str = "defaults"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "<config>") -> ServeConfig:
+        values = {k.attr: (_convert(k, k.default) if k.default is not None else None) for k in KEYS}
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: [{section}] must be a table, got {table!r:.40}")
+            for name, value in table.items():
+                key = _KEY_INDEX.get((section, name))
+                if key is None:
+                    known = ", ".join(k.name for k in KEYS if k.section == section)
+                    hint = f" (known in [{section}]: {known})" if known else " (unknown section)"
+                    raise ConfigError(f"{source}: unknown key [{section}] {name}{hint}")
+                values[key.attr] = _convert(key, value)
+        return cls(values, source)
+
+    @classmethod
+    def load(cls, path: Path) -> ServeConfig:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_mapping(data, str(path))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ServeConfig:
+        """Flags win over the file; ``overrides`` maps ``section.key`` to a raw value (None: unset)."""
+        values = dict(self.values)
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = dotted.rpartition(".")
+            key = _KEY_INDEX[(section or "server", name)]
+            values[key.attr] = _convert(key, value)
+        return ServeConfig(values, self.source)
+
+    def checked(self) -> ServeConfig:
+        """Cross-key checks, once everything is merged."""
+        if self.store is None:
+            raise ConfigError(f"{self.source}: [server] store is required (or --store)")
+        if self.address is None:
+            return ServeConfig({**self.values, "address": default_address()}, self.source).checked()
+        if not re.match(r"^(ipc|tcp)://.+", self.address):
+            raise ConfigError(f"[server] address {self.address!r} must start with ipc:// or tcp://")
+        return self
+
+
+def config_doc() -> str:
+    """Markdown reference of every key, generated from `KEYS`."""
+    lines = [
+        "# expertd.toml reference",
+        "",
+        "Generated from `expertd/daemon/config.py`. Unknown keys are errors.",
+        "",
+    ]
+    section = None
+    for key in KEYS:
+        if key.section != section:
+            section = key.section
+            lines += ["", f"## [{section}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        default = "-" if key.default is None else f"`{key.default}`"
+        lines.append(f"| `{key.name}` | {key.kind} | {default} | {key.doc} |")
+    return "\n".join(lines) + "\n"

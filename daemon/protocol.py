@@ -1,0 +1,399 @@
+"""The whole wire protocol between expertd and its clients, in one module.
+
+Transport: a client DEALER socket talks to the daemon's ROUTER socket; each
+message is one frame, a msgpack map (never pickle). Requests carry ``op`` and a
+client-chosen ``id``; replies carry the same ``id`` and either ``ok`` (a map) or
+``error`` (``{code, message}``). Expert weights never travel: replies name slots
+of shared memory the client has mapped.
+
+Every request is untrusted: `decode_request` bounds the frame size, every
+container length and every integer, rejects unknown ops and unknown fields, and
+raises `ProtocolError` naming what is wrong. Error codes map back to a fixed list
+of exception classes (`error_class`), so a client raises the same error the
+daemon meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this
+MAX_EXPERTS_PER_MESSAGE = 1024
+MAX_RELEASES_PER_ACQUIRE = 64
+MAX_NAME_CHARS = 128
+MAX_REQUEST_ID = 2**63 - 1
+MAX_INDEX = 2**31 - 1
+
+
+class Op(StrEnum):
+    HELLO = "hello"
+    ACQUIRE = "acquire"
+    RELEASE = "release"
+    HINT = "hint"
+    STATS = "stats"
+    PING = "ping"
+    BYE = "bye"
+    SHUTDOWN = "shutdown"
+
+
+# --- errors: one code per class, shared by the daemon and the client -------------------------
+
+
+class ExpertdError(Exception):
+    """Base of every error expertd reports to a client."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class DaemonUnavailable(ExpertdError):
+    """The daemon did not answer in time, or is not running at that address."""
+
+    code = "unavailable"
+
+
+class ProtocolError(ExpertdError):
+    """A message broke the protocol (shape, types, bounds, version, unknown op)."""
+
+    code = "bad_request"
+
+
+class SessionError(ExpertdError):
+    """The daemon does not know this client (it restarted): say hello again."""
+
+    code = "no_session"
+
+
+class RangeError(ExpertdError):
+    """A layer or expert id outside the model."""
+
+    code = "out_of_range"
+
+
+class CapacityError(ExpertdError):
+    """The request cannot fit: tier off, too many experts, too many pending acquires."""
+
+    code = "capacity"
+
+
+class LeaseError(ExpertdError):
+    """A lease this client does not hold."""
+
+    code = "unknown_lease"
+
+
+class ExpertLoadError(ExpertdError):
+    """An expert could not be loaded (I/O error, or its checksum did not match)."""
+
+    code = "load_failed"
+
+
+class PermissionDenied(ExpertdError):
+    """This client may not do that (an admin operation)."""
+
+    code = "forbidden"
+
+
+class ShuttingDown(ExpertdError):
+    """The daemon is stopping and takes no new work."""
+
+    code = "shutting_down"
+
+
+_ERROR_CLASSES: dict[str, type[ExpertdError]] = {
+    "bad_request": ProtocolError,
+    "unsupported_version": ProtocolError,
+    "no_session": SessionError,
+    "out_of_range": RangeError,
+    "tier_off": CapacityError,
+    "too_many_experts": CapacityError,
+    "too_many_pending": CapacityError,
+    "too_many_clients": CapacityError,
+    "capacity": CapacityError,
+    "unknown_lease": LeaseError,
+    "load_failed": ExpertLoadError,
+    "forbidden": PermissionDenied,
+    "shutting_down": ShuttingDown,
+    "unavailable": DaemonUnavailable,
+}
+
+
+def error_class(code: str) -> type[ExpertdError]:
+    """The exception class a client raises for an error reply with ``code``."""
+    return _ERROR_CLASSES.get(code, ExpertdError)
+
+
+# --- request shapes --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """First message of a session: who the client is. Answered with `HelloReply` fields."""
+
+    op: ClassVar[Op] = Op.HELLO
+    version: int
+    client: str
+    tenant: str = "default"
+    pid: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquire:
+    """Pin ``experts`` of ``layer`` in ``tier``; ``release`` piggy-backs finished leases."""
+
+    op: ClassVar[Op] = Op.ACQUIRE
+    layer: int
+    experts: list[int]
+    tier: str = "host"
+    release: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    op: ClassVar[Op] = Op.RELEASE
+    lease: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Hint:
+    """The client expects ``experts`` of ``layer`` soon (best first); prefetch them."""
+
+    op: ClassVar[Op] = Op.HINT
+    layer: int
+    experts: list[int]
+    scores: list[float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    op: ClassVar[Op] = Op.STATS
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """Heartbeat: keeps this client's leases alive. No reply unless ``reply`` is set."""
+
+    op: ClassVar[Op] = Op.PING
+    reply: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Bye:
+    """The client is leaving: release its leases now. No reply."""
+
+    op: ClassVar[Op] = Op.BYE
+
+
+@dataclasses.dataclass(frozen=True)
+class Shutdown:
+    op: ClassVar[Op] = Op.SHUTDOWN
+
+
+Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | Shutdown
+REQUEST_TYPES: dict[str, type] = {
+    cls.op.value: cls for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, Shutdown)
+}
+#: Ops the daemon does not answer (fire and forget).
+NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT})
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def encode_request(request_id: int, request: Request) -> bytes:
+    """One request frame."""
+    body = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+    body = {k: v for k, v in body.items() if v is not None}
+    return msgpack.packb({"op": request.op.value, "id": request_id, **body}, use_bin_type=True)
+
+
+def encode_reply(request_id: int, ok: dict[str, Any]) -> bytes:
+    return msgpack.packb({"id": request_id, "ok": ok}, use_bin_type=True)
+
+
+def encode_error(request_id: int, code: str, message: str) -> bytes:
+    return msgpack.packb(
+        {"id": request_id, "error": {"code": code, "message": message}}, use_bin_type=True
+    )
+
+
+def _unpack(frame: bytes, what: str) -> Any:
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            f"{what} of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
+        )
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_str_len=MAX_MESSAGE_BYTES,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_array_len=MAX_EXPERTS_PER_MESSAGE,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types for garbage; all mean the same
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ProtocolError(f"{what} is not valid msgpack ({detail})") from None
+
+
+def request_id_of(frame: bytes) -> int:
+    """Best effort: the ``id`` of a frame that failed to decode (0 if there is none)."""
+    try:
+        message = _unpack(frame, "request")
+    except ProtocolError:
+        return 0
+    if isinstance(message, dict):
+        rid = message.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_REQUEST_ID:
+            return rid
+    return 0
+
+
+def decode_request(frame: bytes) -> tuple[int, Request]:
+    """Validate one request frame: ``(id, request)``, or `ProtocolError` naming the problem."""
+    message = _unpack(frame, "request")
+    if not isinstance(message, dict):
+        raise ProtocolError(f"request must be a map, got {type(message).__name__}")
+    op = message.get("op")
+    if not isinstance(op, str) or op not in REQUEST_TYPES:
+        raise ProtocolError(f"unknown op {op!r:.40} (known: {', '.join(REQUEST_TYPES)})")
+    request_id = message.get("id")
+    if not _is_int(request_id) or not 0 <= request_id <= MAX_REQUEST_ID:
+        raise ProtocolError(f"{op}: id must be a non-negative integer, got {request_id!r:.40}")
+    cls = REQUEST_TYPES[op]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(message) - set(fields) - {"op", "id"})
+    if unknown:
+        raise ProtocolError(f"{op}: unknown field(s) {', '.join(map(str, unknown))[:80]}")
+    values = {
+        name: _CHECKS[(op, name)](op, name, message[name]) for name in fields if name in message
+    }
+    try:
+        return request_id, cls(**values)
+    except TypeError:
+        missing = sorted(n for n, f in fields.items() if n not in values and _required(f))
+        raise ProtocolError(f"{op}: missing field(s) {', '.join(missing)}") from None
+
+
+def decode_reply(frame: bytes) -> tuple[int, dict[str, Any] | ExpertdError]:
+    """A reply frame: ``(id, ok-map)`` or ``(id, the error as an exception)``."""
+    message = _unpack(frame, "reply")
+    if not isinstance(message, dict) or not _is_int(message.get("id")):
+        raise ProtocolError("reply must be a map with an integer id")
+    if "error" in message:
+        error = message["error"]
+        if not isinstance(error, dict):
+            raise ProtocolError("reply error must be a map")
+        code, text = str(error.get("code", "internal")), str(error.get("message", ""))
+        return message["id"], error_class(code)(text, code)
+    ok = message.get("ok")
+    if not isinstance(ok, dict):
+        raise ProtocolError("reply needs an ok map or an error")
+    return message["id"], ok
+
+
+# --- field checks ----------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _index(op: str, name: str, value: object) -> int:
+    if not _is_int(value) or not 0 <= value <= MAX_INDEX:  # type: ignore[operator]
+        raise ProtocolError(
+            f"{op}: {name} must be an integer in [0, {MAX_INDEX}], got {value!r:.40}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _lease(op: str, name: str, value: object) -> int:
+    if not _is_int(value) or not 0 <= value <= MAX_REQUEST_ID:  # type: ignore[operator]
+        raise ProtocolError(f"{op}: {name} must be a lease id, got {value!r:.40}")
+    return value  # type: ignore[return-value]
+
+
+def _index_list(limit: int, element=_index):
+    def check(op: str, name: str, value: object) -> list[int]:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{op}: {name} must be a list, got {type(value).__name__}")
+        if len(value) > limit:
+            raise ProtocolError(f"{op}: {name} has {len(value)} entries; at most {limit}")
+        return [element(op, f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
+def _name(op: str, name: str, value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_NAME_CHARS
+        or not value.isprintable()
+    ):
+        raise ProtocolError(f"{op}: {name} must be 1-{MAX_NAME_CHARS} printable characters")
+    return value
+
+
+def _scores(op: str, name: str, value: object) -> list[float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_EXPERTS_PER_MESSAGE:
+        raise ProtocolError(
+            f"{op}: {name} must be a list of at most {MAX_EXPERTS_PER_MESSAGE} numbers"
+        )
+    out = []
+    for v in value:
+        if (
+            not isinstance(v, int | float)
+            or isinstance(v, bool)
+            or v != v
+            or abs(v) == float("inf")
+        ):
+            raise ProtocolError(f"{op}: {name} must hold finite numbers, got {v!r:.40}")
+        out.append(float(v))
+    return out
+
+
+def _flag(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{op}: {name} must be true or false, got {value!r:.40}")
+    return value
+
+
+_CHECKS = {
+    ("hello", "version"): _index,
+    ("hello", "client"): _name,
+    ("hello", "tenant"): _name,
+    ("hello", "pid"): _index,
+    ("acquire", "layer"): _index,
+    ("acquire", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
+    ("acquire", "tier"): _name,
+    ("acquire", "release"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
+    ("release", "lease"): _lease,
+    ("hint", "layer"): _index,
+    ("hint", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
+    ("hint", "scores"): _scores,
+    ("ping", "reply"): _flag,
+}

@@ -1,0 +1,191 @@
+"""`expertd serve`, `expertd status` and `expertd shutdown`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from expertd.daemon.cli import EXIT_FAILED, CliError
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the expertd daemon in the foreground (systemd: Type=notify). "
+        "Settings come from --config (TOML; see docs/config.md) and flags, which win.",
+    )
+    serve.add_argument("--config", type=Path, help="expertd.toml")
+    serve.add_argument("--store", help="store directory ([server] store)")
+    serve.add_argument("--address", help="ipc://PATH or tcp://HOST:PORT ([server] address)")
+    serve.add_argument("--host-size", help="host tier budget, e.g. 8GiB or '120 slots' ([tiers] host_size)")
+    serve.add_argument("--device", choices=("off", "cpu", "cuda"), help="device tier ([tiers] device)")
+    serve.add_argument("--device-size", help="device tier budget ([tiers] device_size)")
+    serve.add_argument("--host-policy", help="host eviction policy ([policy] host)")
+    serve.add_argument("--device-policy", help="device eviction policy ([policy] device)")
+    serve.add_argument("--load-threads", type=int, help="store reads in flight ([transfers] load_threads)")
+    serve.add_argument("--lease-timeout-s", type=float, help="([clients] lease_timeout_s)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--print-config-doc", action="store_true", help="print the config reference and exit")
+    serve.set_defaults(func=run_serve)
+
+    status = subparsers.add_parser("status", help="show a running daemon's tiers, hit rates and clients")
+    status.add_argument("--address", help="daemon address (default: the default ipc path)")
+    status.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh")
+    status.add_argument("--timeout-s", type=float, default=5.0)
+    status.set_defaults(func=run_status)
+
+    shutdown = subparsers.add_parser("shutdown", help="stop a running daemon")
+    shutdown.add_argument("--address", help="daemon address")
+    shutdown.add_argument("--timeout-s", type=float, default=5.0)
+    shutdown.set_defaults(func=run_shutdown)
+
+
+def load_config(args: argparse.Namespace):
+    from expertd.daemon.config import ConfigError, ServeConfig
+
+    try:
+        config = ServeConfig.load(args.config) if args.config else ServeConfig.from_mapping({}, "flags")
+        overrides = {
+            "store": args.store,
+            "address": args.address,
+            "tiers.host_size": args.host_size,
+            "tiers.device": args.device,
+            "tiers.device_size": args.device_size,
+            "policy.host": args.host_policy,
+            "policy.device": args.device_policy,
+            "transfers.load_threads": args.load_threads,
+            "clients.lease_timeout_s": args.lease_timeout_s,
+            "log_level": args.log_level,
+        }
+        return config.with_overrides(overrides).checked()
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.print_config_doc:
+        from expertd.daemon.config import config_doc
+
+        print(config_doc(), end="")
+        return 0
+    config = load_config(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from expertd.daemon.server import Server, StartupError
+    from expertd.policies.base import PolicyError
+
+    try:
+        server = Server(config)
+        server.start()
+    except (StartupError, PolicyError) as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    try:
+        server.run()
+    finally:
+        server.close()
+    return 0
+
+
+def admin_request(address: str | None, request, timeout_s: float) -> dict[str, Any]:
+    """hello, one request, bye: for the command-line tools."""
+    import zmq
+
+    from expertd.daemon import protocol as proto
+    from expertd.daemon.config import default_address
+
+    address = address or default_address()
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 200)
+    try:
+        sock.connect(address)
+        hello = proto.Hello(version=proto.PROTOCOL_VERSION, client="expertd-cli", pid=os.getpid())
+        for request_id, message in ((1, hello), (2, request)):
+            sock.send(proto.encode_request(request_id, message))
+            if not sock.poll(int(timeout_s * 1000)):
+                raise CliError(f"no expertd answered at {address} within {timeout_s:g} s", EXIT_FAILED)
+            _, reply = proto.decode_reply(sock.recv())
+            if isinstance(reply, proto.ExpertdError):
+                raise CliError(f"{address}: {reply}", EXIT_FAILED)
+        sock.send(proto.encode_request(3, proto.Bye()))
+        return reply
+    finally:
+        sock.close()
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from expertd.daemon import protocol as proto
+
+    while True:
+        stats = admin_request(args.address, proto.Stats(), args.timeout_s)
+        text = json.dumps(stats, indent=1) if args.json else format_status(stats)
+        if args.watch:
+            sys.stdout.write("\x1b[H\x1b[2J")  # home, clear
+        print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def run_shutdown(args: argparse.Namespace) -> int:
+    from expertd.daemon import protocol as proto
+
+    admin_request(args.address, proto.Shutdown(), args.timeout_s)
+    print("expertd is stopping")
+    return 0
+
+
+def format_status(stats: dict[str, Any]) -> str:
+    d = stats["daemon"]
+    lines = [
+        f"expertd {d['version']} pid {d['pid']} at {d['address']}, up {d['uptime_s']:.0f} s",
+        f"model {d['model']}: {d['num_layers']} layers x {d['num_experts']} experts, "
+        f"{d['expert_bytes'] / 2**20:.1f} MiB each; store {d['store']} (O_DIRECT: {d['direct_io']})",
+        "",
+        f"{'tier':<7} {'slots':>11} {'filling':>7} {'pinned':>6} {'hit rate':>8} {'accesses':>9} "
+        f"{'evicted':>8} {'prefetch used/wasted':>21}",
+    ]
+    for name, t in stats["tiers"].items():
+        lines.append(
+            f"{name:<7} {t['used']:>5}/{t['slots']:<5} {t['filling']:>7} {t['pinned']:>6} "
+            f"{t['hit_rate']:>8.1%} {t['accesses']:>9} {t['evictions']:>8} "
+            f"{t['prefetch_used']:>10}/{t['prefetch_wasted']:<10}"
+        )
+    for name, t in stats["tiers"].items():
+        rates = [
+            h / a if a else float("nan") for h, a in zip(t["layer_hits"], t["layer_accesses"], strict=True)
+        ]
+        cells = " ".join("  -" if r != r else f"{round(r * 100):>3}" for r in rates)
+        lines.append(f"{name} hit % by layer: {cells}")
+    lines.append("")
+    for link, info in stats["links"].items():
+        lines.append(
+            f"link {link:<4} {info['bytes'] / 1e9:>9.2f} GB moved in {info['started']} transfers, "
+            f"{info['failed']} failed, {info['running']} running, {info['queued']} queued"
+        )
+    a = stats["acquires"]
+    mean = a["stall_s"] / a["waited"] * 1e3 if a["waited"] else 0.0
+    lines.append(
+        f"acquires {a['count']}: {a['waited']} waited, stall {a['stall_s']:.3f} s in all "
+        f"(mean {mean:.2f} ms, max {a['max_stall_s'] * 1e3:.2f} ms), {a['errors']} errors"
+    )
+    lines.append(f"leases {stats['leases']}, waiting acquires {stats['pending']}")
+    lines.append("")
+    lines.append(f"{'client':<24} {'tenant':<12} {'pid':>7} {'leases':>6} {'waiting':>7} {'requests':>9}")
+    for s in stats["sessions"]:
+        lines.append(
+            f"{s['name'][:24]:<24} {s['tenant'][:12]:<12} {s['pid']:>7} {s['leases']:>6} {s['pending']:>7} "
+            f"{s['requests']:>9}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,503 @@
+"""The daemon: one thread owns all state and drives the cache manager with real I/O.
+
+It polls the ZeroMQ ROUTER socket (clients), the engine's completion socket and a
+wakeup fd for signals; every message is validated by `protocol`, every error is
+a reply. Startup is explicit: slabs are allocated and sockets bound before
+systemd hears ``READY=1``; SIGTERM stops the loop, lets running transfers finish,
+answers waiting acquires with ``shutting_down`` and removes the shared memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from expertd.daemon import protocol as proto
+from expertd.daemon.config import ServeConfig
+from expertd.daemon.engine import TransferEngine, cpu_copier, cuda_copier, decode_completion
+from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
+from expertd.daemon.manager import CacheManager, ManagerConfig
+from expertd.daemon.reader import StoreReader
+from expertd.daemon.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
+from expertd.daemon.systemd import Notifier
+from expertd.policies.base import Geometry
+
+log = logging.getLogger("expertd")
+
+DAEMON_VERSION = "0.1.0"
+TICK_S = 0.1  # lease expiry and watchdog granularity
+STATUS_EVERY_S = 5.0
+MAX_MESSAGES_PER_TURN = 256  # keep completions flowing under a flood of requests
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (bad store, no memory, address in use); nothing was left behind."""
+
+
+@dataclasses.dataclass
+class Session:
+    name: str
+    tenant: str
+    pid: int
+    since: float
+    requests: int = 0
+
+
+class Server:
+    """One expertd instance; `start` allocates and binds, `run` serves until stopped."""
+
+    def __init__(self, config: ServeConfig, *, notifier: Notifier | None = None, clock=time.monotonic):
+        self.config = config.checked()
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.address: str = self.config.address
+        self._stopping = False
+        self._closers: list[Any] = []  # undone in reverse at close()
+        self.sessions: dict[bytes, Session] = {}
+        self._started: dict[tuple[bytes, int], float] = {}  # acquire start times
+        self.acquires = {"count": 0, "waited": 0, "stall_s": 0.0, "max_stall_s": 0.0, "errors": 0}
+        self.messages = {"received": 0, "rejected": 0}
+
+    # --- startup ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store, allocate the slabs, bind the sockets, start the workers."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        self.started_at = self.clock()
+        self.notifier.ready(self._status_line())
+        log.info("serving %s at %s", self.manifest.model, self.address)
+
+    def _start(self) -> None:
+        cfg = self.config
+        removed = clean_stale()
+        if removed:
+            log.warning("removed %d stale shared-memory file(s) of dead daemons", len(removed))
+        direct = {"auto": None, "on": True, "off": False}[cfg.transfers_direct_io]
+        try:
+            self.reader = StoreReader(cfg.store, direct=direct)
+        except Exception as exc:
+            raise StartupError(f"cannot open store {cfg.store}: {exc}") from None
+        self._closers.append(self.reader)
+        manifest = self.manifest = self.reader.manifest
+        num_keys = manifest.num_layers * manifest.num_experts
+        slot_bytes = manifest.slot_bytes
+        host_slots = min(cfg.tiers_host_size.slots(slot_bytes), num_keys)
+        if host_slots < 1:
+            raise StartupError(
+                f"[tiers] host_size {cfg.tiers_host_size} holds no slot of {slot_bytes} bytes (one expert)"
+            )
+        try:
+            self.host = HostSlab("host", host_slots, slot_bytes)
+            self._closers.append(self.host)
+            self.device = None
+            if cfg.tiers_device != "off":
+                device_slots = min(cfg.tiers_device_size.slots(slot_bytes), num_keys)
+                if device_slots < 1:
+                    raise StartupError(
+                        f"[tiers] device_size {cfg.tiers_device_size} holds no slot of {slot_bytes} bytes"
+                    )
+                if cfg.tiers_device == "cpu":
+                    self.device = CpuDeviceSlab("device", device_slots, slot_bytes)
+                else:
+                    self.device = CudaDeviceSlab(device_slots, slot_bytes, cfg.tiers_cuda_device)
+                    self.host.pin_for_cuda()
+                self._closers.append(self.device)
+        except SlabError as exc:
+            raise StartupError(str(exc)) from None
+        self.manager = CacheManager(
+            ManagerConfig(
+                Geometry(manifest.num_layers, manifest.num_experts),
+                host_slots=host_slots,
+                device_slots=self.device.num_slots if self.device else 0,
+                host_policy=cfg.policy_host,
+                device_policy=cfg.policy_device,
+                load_depth=cfg.transfers_load_threads or 1,
+                h2d_depth=cfg.transfers_h2d_depth or 1,
+                lease_timeout_s=cfg.clients_lease_timeout_s,
+                max_pending_per_client=cfg.clients_max_pending or 1,
+                max_queued_prefetches=cfg.transfers_max_queued_prefetches,
+                expert_bytes=manifest.raw_bytes,
+            )
+        )
+        self.context = zmq.Context()
+        self._closers.append(self.context)
+        self._bind()
+        copier = None
+        if isinstance(self.device, CpuDeviceSlab):
+            copier = cpu_copier(self.host.slot, self.device.slot)
+        elif isinstance(self.device, CudaDeviceSlab):
+            copier = cuda_copier(self.host, self.device)
+        self.engine = TransferEngine(
+            self.context,
+            self._completion_address,
+            read_expert=self.reader.read_expert,
+            num_experts=manifest.num_experts,
+            host_slot=self.host.slot,
+            copy_to_device=copier,
+            raw_bytes=manifest.raw_bytes,
+            load_threads=cfg.transfers_load_threads or 1,
+            h2d_depth=cfg.transfers_h2d_depth or 1,
+            prepare_thread=self.reader.prepare_thread,
+        )
+        self.engine.start()
+        self._closers.append(self.engine)
+
+    def _bind(self) -> None:
+        router = self.router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Frames up to 16x the protocol limit get an error reply; larger ones make ZeroMQ
+        # drop the connection before anything is buffered.
+        router.setsockopt(zmq.MAXMSGSIZE, 16 * proto.MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.SNDHWM, 10_000)
+        router.setsockopt(zmq.RCVHWM, 10_000)
+        self._ipc_path = None
+        if self.address.startswith("ipc://"):
+            path = Path(self.address[len("ipc://") :])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                if _answers(self.context, self.address):
+                    raise StartupError(f"another expertd is serving at {self.address}")
+                path.unlink()  # left behind by a daemon that died
+            self._ipc_path = path
+        try:
+            router.bind(self.address)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"cannot bind {self.address}: {exc}") from None
+        self._completion_address = f"inproc://expertd-completions-{id(self)}"
+        self.completions = self.context.socket(zmq.PULL)
+        self.completions.bind(self._completion_address)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or a `shutdown` request."""
+        previous = {}
+        if _in_main_thread():
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.completions, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_tick = last_status = self.clock()
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(int(TICK_S * 1000)))
+                now = self.clock()
+                if self.completions in ready:
+                    self._drain_completions()
+                if self.router in ready:
+                    self._drain_requests(now)
+                if self._wake_r.fileno() in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(64)
+                if now - last_tick >= TICK_S:
+                    self._expire(now)
+                    last_tick = now
+                if now - last_status >= STATUS_EVERY_S:
+                    self.notifier.status(self._status_line())
+                    last_status = now
+                self.notifier.progress()
+        finally:
+            if previous:
+                signal.set_wakeup_fd(old_fd)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only enqueue: the loop notices `_stopping` after its poll returns.
+        self._stopping = True
+
+    def stop(self) -> None:
+        """Ask the loop to stop (thread-safe: the wakeup socket interrupts its poll)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _drain_completions(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frame = self.completions.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            transfer_id, ok, error = decode_completion(frame)
+            if not ok:
+                log.error("transfer %d failed: %s", transfer_id, error)
+            self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
+
+    def _drain_requests(self, now: float) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.messages["received"] += 1
+            if len(frames) != 2:
+                self.messages["rejected"] += 1
+                if frames:
+                    self._send_error(frames[0], 0, "bad_request", f"expected 1 frame, got {len(frames) - 1}")
+                continue
+            self._handle(frames[0], frames[1], now)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _handle(self, identity: bytes, frame: bytes, now: float) -> None:
+        try:
+            request_id, request = proto.decode_request(frame)
+        except proto.ProtocolError as exc:
+            self.messages["rejected"] += 1
+            self._send_error(identity, proto.request_id_of(frame), exc.code, str(exc))
+            return
+        if isinstance(request, proto.Hello):
+            self._hello(identity, request_id, request, now)
+            return
+        if isinstance(request, proto.Ping) and request.reply:
+            self._send_ok(identity, request_id, {"pong": True})  # a liveness probe needs no session
+        session = self.sessions.get(identity)
+        if session is None:
+            if request.op not in proto.NO_REPLY:
+                self._send_error(identity, request_id, "no_session", "say hello first (daemon restarted?)")
+            return
+        session.requests += 1
+        manager = self.manager
+        manager.heartbeat(identity, now)
+        match request:
+            case proto.Acquire():
+                if self._stopping:
+                    self._send_error(identity, request_id, "shutting_down", "the daemon is stopping")
+                    return
+                self.acquires["count"] += 1
+                self._started[(identity, request_id)] = now
+                commands = manager.acquire(
+                    identity, request_id, request.layer, request.experts, request.tier, now, request.release
+                )
+                self._execute(commands, now)
+            case proto.Release():
+                commands = manager.release(identity, request_id, request.lease, now)
+                if not any(isinstance(c, ErrorReply) for c in commands):
+                    self._send_ok(identity, request_id, {})
+                self._execute(commands, now)
+            case proto.Hint():
+                self._execute(manager.hint(identity, request.layer, request.experts, now), now)
+            case proto.Stats():
+                self._send_ok(identity, request_id, self.stats())
+            case proto.Ping():
+                pass  # the heartbeat above is all it does
+            case proto.Bye():
+                self._forget(identity)
+            case proto.Shutdown():
+                log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
+                self._send_ok(identity, request_id, {})
+                self._stopping = True
+
+    def _hello(self, identity: bytes, request_id: int, hello: proto.Hello, now: float) -> None:
+        if hello.version != proto.PROTOCOL_VERSION:
+            self._send_error(
+                identity,
+                request_id,
+                "unsupported_version",
+                f"client speaks protocol {hello.version}, this daemon {proto.PROTOCOL_VERSION}",
+            )
+            return
+        if identity in self.sessions:
+            self._forget(identity)  # a second hello starts over
+        if len(self.sessions) >= self.config.clients_max_clients:
+            self._send_error(
+                identity,
+                request_id,
+                "too_many_clients",
+                f"{self.config.clients_max_clients} clients connected",
+            )
+            return
+        self.sessions[identity] = Session(hello.client, hello.tenant, hello.pid, now)
+        self.manager.heartbeat(identity, now)
+        log.info("client %s (tenant %s, pid %d) connected", hello.client, hello.tenant, hello.pid)
+        self._send_ok(identity, request_id, self.hello_reply())
+
+    def hello_reply(self) -> dict[str, Any]:
+        manifest = self.manifest
+        tiers = {HOST: self.host.handle()}
+        if self.device is not None:
+            tiers[DEVICE] = self.device.handle()
+        return {
+            "protocol": proto.PROTOCOL_VERSION,
+            "daemon": DAEMON_VERSION,
+            "model": manifest.model,
+            "num_layers": manifest.num_layers,
+            "num_experts": manifest.num_experts,
+            "dtype": manifest.dtype,
+            "tensors": [t.to_json() for t in manifest.tensors],
+            "raw_bytes": manifest.raw_bytes,
+            "slot_bytes": manifest.slot_bytes,
+            "tiers": tiers,
+            "default_tier": DEVICE if self.device is not None else HOST,
+            "heartbeat_s": self.config.clients_heartbeat_s,
+            "lease_timeout_s": self.config.clients_lease_timeout_s,
+        }
+
+    def _expire(self, now: float) -> None:
+        """Clients silent past the lease timeout lose their leases and their session."""
+        self._execute(self.manager.tick(now), now)
+        for identity in [i for i in self.sessions if not self.manager.knows(i)]:
+            session = self.sessions.pop(identity)
+            log.warning("client %s (pid %d) fell silent: its leases were released", session.name, session.pid)
+
+    def _forget(self, identity: bytes) -> None:
+        session = self.sessions.pop(identity, None)
+        if session is not None:
+            log.info("client %s (pid %d) left", session.name, session.pid)
+        for key in [k for k in self._started if k[0] == identity]:
+            del self._started[key]
+        self._execute(self.manager.client_gone(identity), self.clock())
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def _execute(self, commands: list, now: float) -> None:
+        for command in commands:
+            if isinstance(command, StartTransfer):
+                self.engine.submit(command)
+            elif isinstance(command, Reply):
+                started = self._started.pop((command.client, command.request_id), now)
+                waited = now - started
+                if command.hits < len(command.slots):
+                    self.acquires["waited"] += 1
+                    self.acquires["stall_s"] += waited
+                    self.acquires["max_stall_s"] = max(self.acquires["max_stall_s"], waited)
+                body = {"lease": command.lease_id, "tier": command.tier, "slots": list(command.slots)}
+                body["hits"] = command.hits
+                self._send_ok(command.client, command.request_id, body)
+            elif isinstance(command, ErrorReply):
+                self._started.pop((command.client, command.request_id), None)
+                self.acquires["errors"] += 1
+                self._send_error(command.client, command.request_id, command.code, command.message)
+
+    def _send(self, identity: Any, payload: bytes) -> None:
+        try:
+            self.router.send_multipart([identity, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # Gone (EHOSTUNREACH) or not reading (EAGAIN at the high-water mark): either
+            # way it cannot hold leases any more.
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN) and identity in self.sessions:
+                log.warning(
+                    "client %s unreachable (%s): releasing its leases", self.sessions[identity].name, exc
+                )
+                self._forget(identity)
+
+    def _send_ok(self, identity: Any, request_id: int, body: dict[str, Any]) -> None:
+        self._send(identity, proto.encode_reply(request_id, body))
+
+    def _send_error(self, identity: Any, request_id: int, code: str, message: str) -> None:
+        self._send(identity, proto.encode_error(request_id, code, message))
+
+    # --- status and shutdown ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.manager.stats()
+        leases = self.manager.client_summary()
+        stats["daemon"] = {
+            "version": DAEMON_VERSION,
+            "pid": os.getpid(),
+            "address": self.address,
+            "uptime_s": self.clock() - self.started_at,
+            "store": str(self.config.store),
+            "model": self.manifest.model,
+            "num_layers": self.manifest.num_layers,
+            "num_experts": self.manifest.num_experts,
+            "expert_bytes": self.manifest.raw_bytes,
+            "direct_io": self.reader.direct,
+            "device": self.config.tiers_device,
+        }
+        stats["acquires"] = dict(self.acquires)
+        stats["messages"] = dict(self.messages)
+        stats["sessions"] = [
+            {
+                "name": s.name,
+                "tenant": s.tenant,
+                "pid": s.pid,
+                "connected_s": self.clock() - s.since,
+                "requests": s.requests,
+                "leases": leases.get(identity, (0, 0))[0],
+                "pending": leases.get(identity, (0, 0))[1],
+            }
+            for identity, s in self.sessions.items()
+        ]
+        return stats
+
+    def _status_line(self) -> str:
+        stats = self.manager.stats()["tiers"]
+        parts = [f"{len(self.sessions)} clients"]
+        for name, tier in stats.items():
+            parts.append(f"{name} {tier['used']}/{tier['slots']} slots, hit {tier['hit_rate']:.1%}")
+        return "serving: " + "; ".join(parts)
+
+    def close(self) -> None:
+        """Answer waiting acquires, stop the workers, free the slabs and the socket file."""
+        self.notifier.stopping()
+        router = getattr(self, "router", None)
+        if router is not None:
+            for client, request_id in list(self._started):
+                self._send_error(client, request_id, "shutting_down", "the daemon is stopping")
+            self._started.clear()
+        for closer in reversed(self._closers):
+            try:
+                if isinstance(closer, zmq.Context):
+                    closer.destroy(linger=0)
+                else:
+                    closer.close()
+            except Exception:  # keep closing the rest
+                log.exception("while closing %s", type(closer).__name__)
+        self._closers.clear()
+        for sock in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
+            if sock is not None:
+                sock.close()
+        ipc_path = getattr(self, "_ipc_path", None)
+        if ipc_path is not None:
+            ipc_path.unlink(missing_ok=True)
+        self.notifier.close()
+
+
+def _answers(context: zmq.Context, address: str, timeout_ms: int = 300) -> bool:
+    """Is a live expertd at ``address``? (a ping with reply)"""
+    probe = context.socket(zmq.DEALER)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.connect(address)
+        probe.send(proto.encode_request(0, proto.Ping(reply=True)))
+        return bool(probe.poll(timeout_ms))
+    finally:
+        probe.close()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def serve(config: ServeConfig) -> None:
+    """Start, serve until stopped, clean up."""
+    server = Server(config)
+    server.start()
+    try:
+        server.run()
+    finally:
+        server.close()
+        log.info("stopped")
