@@ -10,6 +10,17 @@ the index of the current access in the trace's flattened access sequence (a
 virtual clock: policies need no wall clock). ``on_step(forward, layer)`` marks the
 start of a forward step: ``forward`` counts forward passes (tokens) across the
 whole run, ``layer`` is the MoE layer about to be computed.
+
+One demand access, as `access` drives it (the cache manager does the same)::
+
+    hit:  on_hit(key, t)
+    miss: on_miss(key, t); if needs_eviction(key): on_remove(victim(t, pinned, key));
+          on_insert(key, t)
+
+A prefetch is an ``on_insert`` with no ``on_miss`` before it. ``on_miss`` lets a
+policy with ghost entries (S3-FIFO, ARC) learn of the request before it picks a
+victim, as libCacheSim's ``find`` does; ``incoming`` lets a policy with per-layer
+quotas evict from the incoming key's layer.
 """
 
 from __future__ import annotations
@@ -59,6 +70,29 @@ class Geometry:
 
     def expert_of(self, key: Key) -> int:
         return key % self.num_experts
+
+
+def key_index(key: object, num_keys: int) -> int:
+    """``key`` as an int (ints and numpy ints alike), or -1 if it is no key in [0, num_keys)."""
+    index = getattr(key, "__index__", None)
+    if index is None:
+        return -1
+    value = index()
+    return value if 0 <= value < num_keys else -1
+
+
+def in_table(key: object, table: list[bool]) -> bool:
+    """``table[key]`` for a key in range; False for anything else."""
+    index = key_index(key, len(table))
+    return index >= 0 and table[index]
+
+
+def first_unpinned(keys: Iterable[Key], pinned: Container[Key], policy: str, size: int) -> Key:
+    """The first key of ``keys`` not in ``pinned``; NoVictimError if there is none."""
+    for key in keys:
+        if key not in pinned:
+            return key
+    raise NoVictimError(f"{policy}: all {size} resident keys are pinned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +149,13 @@ class EvictionPolicy(ABC):
     def on_step(self, forward: int, layer: int) -> None:  # noqa: B027 - optional hook
         """A forward step begins: pass ``forward`` is about to compute ``layer``."""
 
+    def on_miss(self, key: Key, t: int) -> None:  # noqa: B027 - optional hook
+        """A demand request for a key that is not resident (before any eviction for it)."""
+
+    def needs_eviction(self, incoming: Key) -> bool:
+        """Whether inserting ``incoming`` needs a victim first (the tier, or its share, is full)."""
+        return len(self) >= self.capacity
+
     @abstractmethod
     def __len__(self) -> int: ...
 
@@ -130,8 +171,13 @@ class EvictionPolicy(ABC):
         """A key became resident (after a miss, or by prefetch)."""
 
     @abstractmethod
-    def victim(self, t: int, pinned: Container[Key] = NO_PINS) -> Key:
-        """The resident key to evict next, never one in ``pinned``; does not remove it."""
+    def victim(self, t: int, pinned: Container[Key] = NO_PINS, incoming: Key | None = None) -> Key:
+        """The resident key to evict next, never one in ``pinned``; does not remove it.
+
+        ``incoming`` is the key the slot is for, when known. A policy may reorder its
+        internal queues while looking (SIEVE's hand, S3-FIFO's promotions) but never
+        changes residency; raises NoVictimError when every resident key is pinned.
+        """
 
     @abstractmethod
     def on_remove(self, key: Key) -> None:
@@ -144,8 +190,9 @@ class EvictionPolicy(ABC):
         if key in self:
             self.on_hit(key, t)
             return True
-        if len(self) >= self.capacity:
-            self.on_remove(self.victim(t))
+        self.on_miss(key, t)
+        if self.needs_eviction(key):
+            self.on_remove(self.victim(t, NO_PINS, key))
         self.on_insert(key, t)
         return False
 
@@ -160,7 +207,7 @@ class EvictionPolicy(ABC):
         step_iter = iter(steps)
         next_step = next(step_iter, None)
         access = self.access
-        for t, key in enumerate(keys):
+        for t, key in enumerate(keys.tolist() if hasattr(keys, "tolist") else keys):
             while next_step is not None and next_step[0] <= t:
                 self.on_step(next_step[1], next_step[2])
                 next_step = next(step_iter, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Container, Iterable, Sequence
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError
+from expertd.policies.base import NO_PINS, EvictionPolicy, Key, first_unpinned
 from expertd.policies.registry import register
 
 
@@ -29,11 +29,8 @@ class LRU(EvictionPolicy):
     def on_insert(self, key: Key, t: int) -> None:
         self._order[key] = None
 
-    def victim(self, t: int, pinned: Container[Key] = NO_PINS) -> Key:
-        for key in self._order:
-            if key not in pinned:
-                return key
-        raise NoVictimError(f"lru: all {len(self._order)} resident keys are pinned")
+    def victim(self, t: int, pinned: Container[Key] = NO_PINS, incoming: Key | None = None) -> Key:
+        return first_unpinned(self._order, pinned, self.name, len(self._order))
 
     def on_remove(self, key: Key) -> None:
         del self._order[key]
