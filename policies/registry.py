@@ -11,7 +11,15 @@ from expertd.policies.base import EvictionPolicy, Geometry, PolicyError
 _POLICIES: dict[str, type[EvictionPolicy]] = {}
 
 # Modules whose import registers the built-in policies (one policy per file).
-_BUILTIN_MODULES = ("lru",)
+_BUILTIN_MODULES = (
+    "lru",
+    "fifo",
+    "lfu",
+    "sieve",
+    "s3fifo",
+    "arc",
+    "belady",
+)
 
 
 def register(name: str):
@@ -43,9 +51,7 @@ def policy_class(name: str) -> type[EvictionPolicy]:
     try:
         return _POLICIES[name]
     except KeyError:
-        raise PolicyError(
-            f"unknown policy {name!r} (known: {', '.join(sorted(_POLICIES))})"
-        ) from None
+        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(sorted(_POLICIES))})") from None
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
