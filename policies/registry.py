@@ -19,6 +19,9 @@ _BUILTIN_MODULES = (
     "s3fifo",
     "arc",
     "belady",
+    "lru_per_layer",
+    "least_stale",
+    "layer_distance",
 )
 
 
