@@ -124,7 +124,11 @@ class StoreWriter:
         self.codec = codec
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        self._fd = os.open(self.tmp / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        try:
+            self._fd = os.open(self.tmp / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self._encoder = PlaneEncoder(raw_bytes, level=lz4_level) if codec != CODEC_NONE else None
         self._pad = memoryview(bytes(BLOB_ALIGN_BYTES))
         self._offset = 0

@@ -107,6 +107,7 @@ class StoreReader:
                 self._direct_fd = self._open_direct()
                 if direct and self._direct_fd < 0:
                     raise StoreError(f"{self.data_path}: O_DIRECT reads are not supported here")
+            self._direct = self._direct_fd >= 0
             self._stored_scratch_bytes = round_up(
                 max(
                     (e.stored_bytes for e in self.manifest.experts if e.codec != CODEC_NONE),
@@ -123,8 +124,8 @@ class StoreReader:
 
     @property
     def direct(self) -> bool:
-        """Whether aligned reads bypass the page cache."""
-        return self._direct_fd >= 0
+        """Whether aligned reads bypass the page cache (decided at open)."""
+        return self._direct
 
     def _truncation_message(self) -> str:
         past = [e for e in self.manifest.experts if e.offset + e.stored_bytes > self.file_bytes]

@@ -12,6 +12,8 @@ from typing import Any
 from expertd.daemon.cli import EXIT_FAILED, EXIT_OK, CliError
 
 CODEC_CHOICES = ("none", "lz4-planes")
+# expertd.daemon.pack.SYNTHETIC_PRESETS, named here so that `--help` imports nothing heavy
+PRESET_NAMES = ("mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b", "olmoe-1b-7b")
 
 
 def register(subparsers: Any) -> None:
@@ -23,13 +25,25 @@ def register(subparsers: Any) -> None:
     )
     source = pack.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-safetensors", metavar="DIR", help="a Hugging Face checkpoint directory")
-    source.add_argument("--synthetic", metavar="PRESET", help="a preset with a real model's expert shapes")
+    source.add_argument(
+        "--synthetic",
+        metavar="PRESET",
+        help=f"a preset with a real model's expert shapes: {', '.join(PRESET_NAMES)}",
+    )
     pack.add_argument("out", metavar="OUT", help="the store directory to create")
-    pack.add_argument("--scale", type=float, default=None, help="synthetic: divide hidden and ffn sizes by F")
-    pack.add_argument("--layers", type=int, default=None, help="synthetic: only the first N MoE layers")
-    pack.add_argument("--seed", type=int, default=None, help="synthetic: random seed (default 0)")
+    pack.add_argument(
+        "--scale", type=float, default=None, metavar="F", help="synthetic: divide hidden and ffn sizes by F"
+    )
+    pack.add_argument(
+        "--layers", type=int, default=None, metavar="N", help="synthetic: only the first N MoE layers"
+    )
+    pack.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="synthetic: random seed (default 0)"
+    )
     pack.add_argument("--codec", choices=CODEC_CHOICES, default="none", help="blob codec (default none)")
-    pack.add_argument("--lz4-level", type=int, default=0, help="0: fast lz4 (default); 1-12: lz4-HC")
+    pack.add_argument(
+        "--lz4-level", type=int, default=0, metavar="L", help="0: fast lz4 (default); 1-12: lz4-HC"
+    )
     pack.add_argument("--force", action="store_true", help="replace OUT if it exists")
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
     pack.set_defaults(func=cmd_pack)
@@ -42,7 +56,7 @@ def register(subparsers: Any) -> None:
     info.set_defaults(func=cmd_info)
     verify = store_sub.add_parser("verify", help="check every expert's checksums")
     verify.add_argument("dir", metavar="DIR")
-    verify.add_argument("--threads", type=int, default=2, help="reader threads (default 2)")
+    verify.add_argument("--threads", type=int, default=2, metavar="N", help="reader threads (default 2)")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
     verify.set_defaults(func=cmd_verify)
 

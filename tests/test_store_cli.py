@@ -9,7 +9,9 @@ import pytest
 import store_checkpoints as ckpt
 
 from expertd.daemon.cli import main
+from expertd.daemon.pack import SYNTHETIC_PRESETS
 from expertd.daemon.store import load_manifest
+from expertd.daemon.store_cli import PRESET_NAMES
 
 SMALL = ["--synthetic", "olmoe-1b-7b", "--scale", "32", "--layers", "2", "--quiet"]
 
@@ -30,6 +32,10 @@ def test_pack_info_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "gate_proj" in out and "down_proj" in out
     code, out, _ = run(["store", "verify", "--quiet", store], capsys)
     assert code == 0 and out.startswith("ok: 128 experts verified")
+
+
+def test_help_lists_every_synthetic_preset() -> None:
+    assert set(PRESET_NAMES) == set(SYNTHETIC_PRESETS)
 
 
 def test_pack_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
