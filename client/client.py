@@ -1,0 +1,635 @@
+"""`ExpertClient`: talk to expertd, acquire experts as zero-copy torch views, release them lazily.
+
+One ZeroMQ DEALER socket per client, used under a lock by every thread. A thread that waits
+for a reply holds the socket only for short poll slices and files every reply it receives
+under its request id, so concurrent and pipelined requests each find their own reply (the
+daemon answers in completion order). A background thread pings while the client is idle,
+so the daemon keeps its leases, and sends queued releases that no acquire picked up.
+
+Releasing is lazy: `Lease.release` queues the lease id, the next acquire carries it
+(``release=[...]``), and explicit ``release`` messages go out only when the queue waits
+longer than ``release_linger_s`` or grows past `RELEASE_FLUSH_COUNT`.
+
+When the daemon says it does not know this client (``no_session``: it restarted), the
+client says hello again, remaps the slabs and retries the request once. Leases from before
+the restart are void: using one raises `SessionError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import zmq
+
+from expertd.client.views import SlabViews, TensorLayout, parse_layout
+from expertd.daemon.protocol import (
+    MAX_RELEASES_PER_ACQUIRE,
+    PROTOCOL_VERSION,
+    Acquire,
+    Bye,
+    DaemonUnavailable,
+    ExpertdError,
+    Hello,
+    Hint,
+    LeaseError,
+    Ping,
+    ProtocolError,
+    Release,
+    Request,
+    SessionError,
+    Shutdown,
+    Stats,
+    decode_reply,
+    encode_request,
+)
+from expertd.daemon.slabs import SlabError
+
+log = logging.getLogger("expertd.client")
+
+POLL_SLICE_S = 0.005  # longest a waiting thread holds the socket before letting others use it
+RELEASE_LINGER_S = 0.05  # a released lease waits this long for an acquire to carry it
+RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
+PING_AFTER_IDLE = 0.5  # ping once idle for this share of the daemon's heartbeat_s
+BYE_LINGER_MS = 200  # how long the closed socket keeps trying to deliver bye
+HELLO_KEYS = (
+    "model",
+    "num_layers",
+    "num_experts",
+    "tensors",
+    "slot_bytes",
+    "tiers",
+    "default_tier",
+    "heartbeat_s",
+)
+_MISSING = object()
+
+
+class Lease:
+    """Experts of one layer pinned in one tier until released; gives their tensors as views.
+
+    The views are immutable: host and cpu slabs are mapped read-only (a write faults), and
+    a CUDA slab is shared with every client. A lease is a context manager that releases.
+    """
+
+    def __init__(
+        self,
+        client: ExpertClient,
+        lease_id: int,
+        layer: int,
+        experts: tuple[int, ...],
+        tier: str,
+        slots: tuple[int, ...],
+        hits: int,
+        session: int,
+        slab: SlabViews,
+    ) -> None:
+        self.lease_id = lease_id
+        self.layer = layer
+        self.experts = experts
+        self.tier = tier
+        self.slots = slots
+        self.hits = hits
+        self.session = session
+        self.released = False
+        self._client = client
+        self._slab = slab
+        self._index = {expert: i for i, expert in reversed(list(enumerate(experts)))}
+
+    @property
+    def stale(self) -> bool:
+        """True once the daemon restarted after this lease was taken (it is void)."""
+        return self.session != self._client._session
+
+    def tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """The tensors of the ``i``-th expert of this lease (in acquire order), by name."""
+        if self.released:
+            raise LeaseError(f"lease {self.lease_id} was released")
+        if self.stale:
+            raise SessionError(f"lease {self.lease_id} was taken before the daemon restarted; acquire again")
+        return self._slab.tensors(self.slots[i])
+
+    def __getitem__(self, expert: int) -> dict[str, torch.Tensor]:
+        """The tensors of expert id ``expert``, by name."""
+        i = self._index.get(expert)
+        if i is None:
+            raise KeyError(f"expert {expert} is not in lease {self.lease_id} (experts {list(self.experts)})")
+        return self.tensors(i)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def items(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(expert id, tensors)`` for each expert, in acquire order."""
+        for i, expert in enumerate(self.experts):
+            yield expert, self.tensors(i)
+
+    def release(self) -> None:
+        """Release lazily: the next acquire carries it (idempotent)."""
+        if not self.released:
+            self.released = True
+            self._client._queue_release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = ", released" if self.released else ", stale" if self.stale else ""
+        return f"Lease({self.lease_id}, layer {self.layer}, experts {list(self.experts)}, {self.tier}{state})"
+
+
+class PendingAcquire:
+    """An acquire in flight; `result` waits for its lease."""
+
+    def __init__(self, client: ExpertClient, request: Acquire, request_id: int, session: int) -> None:
+        self._client = client
+        self._request = request
+        self._request_id = request_id
+        self._session = session
+        self._outcome: Lease | BaseException | None = None
+
+    def done(self) -> bool:
+        """True once `result` would not wait."""
+        return self._outcome is not None or self._client._has_reply(self._request_id)
+
+    def result(self, timeout: float | None = None) -> Lease:
+        """The lease; raises the daemon's error, or `DaemonUnavailable` after ``timeout`` s."""
+        if self._outcome is None:
+            try:
+                self._outcome = self._client._finish_acquire(self, timeout)
+            except ExpertdError as exc:
+                self._outcome = exc
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    def __del__(self) -> None:
+        if self._outcome is None and not self._client.closed:  # never collected: release it
+            self._client._abandon(self._request_id)
+
+
+class ExpertClient:
+    """A connection to expertd: acquire experts, release, hint, stats. Thread-safe."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        tenant: str = "default",
+        name: str | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        release_linger_s: float = RELEASE_LINGER_S,
+    ) -> None:
+        if address is None:
+            from expertd.daemon.config import default_address
+
+            address = default_address()
+        self.address = address
+        self.tenant = tenant
+        self.name = name or f"{os.path.basename(sys.argv[0]) or 'python'}-{os.getpid()}"[:128]
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.release_linger_s = release_linger_s
+        self.closed = False
+        self.info: dict[str, Any] = {}
+        self.layout: tuple[TensorLayout, ...] = ()
+        self._slabs: dict[str, SlabViews] = {}
+        self._session = 0  # bumped by every hello: leases of an older session are void
+        self._stale = False  # an unsolicited no_session arrived: say hello before the next call
+        self._ids = itertools.count(1)
+        self._sock_lock = threading.Lock()
+        self._cond = threading.Condition()  # guards everything below
+        self._want = 0  # threads blocked on the socket lock to send: pollers give way
+        self._waiting: set[int] = set()
+        self._replies: dict[int, dict[str, Any] | ExpertdError] = {}
+        self._abandoned: set[int] = set()  # acquires whose lease must be released on arrival
+        self._releases: list[int] = []
+        self._releases_since = 0.0
+        self._hello_lock = threading.Lock()
+        self._last_send = time.monotonic()
+        self._wake = threading.Event()  # wakes the background thread early
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        try:
+            self._hello()
+        except BaseException:
+            self.closed = True
+            self._sock.close(linger=0)
+            raise
+        self._thread = threading.Thread(
+            target=_background, args=(weakref.ref(self), self._wake), name="expertd-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    # --- what the daemon said at hello ------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        return str(self.info["model"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.info["num_layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.info["num_experts"])
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.layout)
+
+    @property
+    def default_tier(self) -> str:
+        return str(self.info["default_tier"])
+
+    @property
+    def heartbeat_s(self) -> float:
+        return float(self.info["heartbeat_s"])
+
+    # --- public operations -----------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: Iterable[int], tier: str | None = None) -> Lease:
+        """Pin ``experts`` of ``layer`` in ``tier`` (default: the daemon's) and wait for them."""
+        return self.acquire_async(layer, experts, tier).result()
+
+    def acquire_async(self, layer: int, experts: Iterable[int], tier: str | None = None) -> PendingAcquire:
+        """Send an acquire now; the returned `PendingAcquire` waits for its lease."""
+        if self._stale:
+            self._rehello(self._session)
+        session = self._session
+        request = Acquire(int(layer), [int(e) for e in experts], tier or self.default_tier)
+        request_id, request = self._send_acquire(request)
+        return PendingAcquire(self, request, request_id, session)
+
+    def release(self, lease: Lease) -> None:
+        """Release ``lease`` now and wait for the daemon to confirm (no-op if already sent)."""
+        with self._cond:
+            queued = lease.lease_id in self._releases
+            if queued:
+                self._releases.remove(lease.lease_id)
+        if (lease.released and not queued) or lease.stale:
+            lease.released = True
+            return  # already sent, or the daemon that held it is gone
+        lease.released = True
+        self._call(Release(lease.lease_id))
+
+    def hint(self, layer: int, experts: Iterable[int], scores: Iterable[float] | None = None) -> None:
+        """Tell the daemon ``experts`` of ``layer`` come soon (best first); no reply."""
+        score_list = None if scores is None else [float(s) for s in scores]
+        self._send(Hint(int(layer), [int(e) for e in experts], score_list), reply=False)
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters (a print-friendly map)."""
+        return self._call(Stats())
+
+    def ping(self) -> float:
+        """Round-trip time to the daemon, in seconds."""
+        start = time.perf_counter()
+        self._call(Ping(reply=True))
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        """Ask the daemon to stop (an admin operation: `PermissionDenied` otherwise)."""
+        self._call(Shutdown())
+
+    def close(self) -> None:
+        """Say bye (the daemon releases this client's leases at once) and close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+        if self._sock_lock.acquire(timeout=1.0):
+            try:
+                self._sock.send(encode_request(next(self._ids), Bye()), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            finally:
+                self._sock.close(linger=BYE_LINGER_MS)
+                self._sock_lock.release()
+
+    def __enter__(self) -> ExpertClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"ExpertClient({self.address!r}, tenant={self.tenant!r}, model={self.info.get('model')!r})"
+
+    # --- session ---------------------------------------------------------------------------
+
+    def _hello(self) -> None:
+        request = Hello(PROTOCOL_VERSION, self.name, self.tenant, os.getpid())
+        ok = self._wait(self._send(request, reply=True), self.connect_timeout_s, "hello")
+        if ok.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"expertd at {self.address} speaks protocol {ok.get('protocol')!r}, "
+                f"this client {PROTOCOL_VERSION}"
+            )
+        missing = [key for key in HELLO_KEYS if key not in ok]
+        if missing:
+            raise ProtocolError(f"hello reply from expertd at {self.address} lacks {', '.join(missing)}")
+        try:
+            layout = parse_layout(ok["tensors"], int(ok["slot_bytes"]))
+            slabs = {str(tier): SlabViews(handle, layout) for tier, handle in ok["tiers"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ProtocolError(f"hello reply is malformed ({type(exc).__name__}: {exc})") from None
+        except SlabError as exc:
+            raise ExpertdError(f"cannot map a slab of expertd at {self.address}: {exc}") from None
+        if self.info and _model_key(self.info) != _model_key(ok):
+            raise SessionError(
+                f"expertd at {self.address} restarted with another model "
+                f"({ok['model']!r}, {ok['num_layers']} layers x {ok['num_experts']} experts); "
+                f"this client was serving {self.info['model']!r}"
+            )
+        with self._cond:
+            self.info, self.layout, self._slabs = ok, layout, slabs
+            self._session += 1
+            self._stale = False
+            self._releases.clear()  # leases of the old session are void
+            self._abandoned.clear()
+
+    def _rehello(self, seen_session: int) -> None:
+        """Say hello again unless another thread already did since ``seen_session``."""
+        with self._hello_lock:
+            if self._session == seen_session:
+                log.info("expertd at %s does not know this client (restarted?): hello again", self.address)
+                self._hello()
+
+    def _call(self, request: Request) -> dict[str, Any]:
+        """Send and wait; after ``no_session``, hello again and retry once."""
+        if self._stale:
+            self._rehello(self._session)
+        session = self._session
+        try:
+            return self._wait(self._send(request, reply=True), self.timeout_s, request.op.value)
+        except SessionError:
+            self._rehello(session)
+            return self._wait(self._send(request, reply=True), self.timeout_s, request.op.value)
+
+    # --- acquire and release ---------------------------------------------------------------
+
+    def _send_acquire(self, request: Acquire) -> tuple[int, Acquire]:
+        """Send ``request`` carrying queued releases; returns its id and what was sent."""
+        with self._cond:
+            carried = self._releases[:MAX_RELEASES_PER_ACQUIRE]
+            del self._releases[: len(carried)]
+        request = Acquire(request.layer, request.experts, request.tier, carried)
+        try:
+            return self._send(request, reply=True), request
+        except DaemonUnavailable:
+            with self._cond:
+                self._releases[:0] = carried
+            raise
+
+    def _finish_acquire(self, pending: PendingAcquire, timeout: float | None) -> Lease:
+        request, request_id, session = pending._request, pending._request_id, pending._session
+        timeout = self.timeout_s if timeout is None else timeout
+        for attempt in (1, 2):
+            try:
+                ok = self._wait(request_id, timeout, "acquire")
+                break
+            except SessionError:
+                if attempt == 2:
+                    raise
+                self._rehello(session)  # the releases it carried are void with the old session
+                session = self._session
+                retry = Acquire(request.layer, request.experts, request.tier)
+                request_id, request = self._send_acquire(retry)
+            except DaemonUnavailable:
+                raise
+            except ExpertdError:
+                self._release_now(request.release)  # the daemon may not have got to them
+                raise
+        return self._lease(ok, request, session)
+
+    def _lease(self, ok: dict[str, Any], request: Acquire, session: int) -> Lease:
+        try:
+            lease_id, tier, slots = int(ok["lease"]), str(ok["tier"]), tuple(int(s) for s in ok["slots"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"acquire reply is malformed ({exc!r}): {ok!r:.200}") from None
+        slab = self._slabs.get(tier)
+        if slab is None or len(slots) != len(request.experts):
+            self._release_now([lease_id])
+            raise ProtocolError(
+                f"acquire reply names tier {tier!r} (mapped: {', '.join(self._slabs)}) and "
+                f"{len(slots)} slots for {len(request.experts)} experts"
+            )
+        hits = int(ok.get("hits", 0))
+        return Lease(self, lease_id, request.layer, tuple(request.experts), tier, slots, hits, session, slab)
+
+    def _queue_release(self, lease: Lease) -> None:
+        with self._cond:
+            if lease.session != self._session:
+                return
+            self._queue_release_id(lease.lease_id)
+            flush = len(self._releases) >= RELEASE_FLUSH_COUNT
+        if flush:
+            self._flush_releases()
+
+    def _queue_release_id(self, lease_id: int) -> None:
+        with self._cond:
+            if not self._releases:
+                self._releases_since = time.monotonic()
+                self._wake.set()
+            self._releases.append(lease_id)
+
+    def _flush_releases(self) -> None:
+        with self._cond:
+            ids, self._releases = self._releases, []
+        self._release_now(ids)
+
+    def _release_now(self, lease_ids: list[int]) -> None:
+        """Explicit release messages; their replies are not awaited (errors are only logged)."""
+        for lease_id in lease_ids:
+            self._send(Release(lease_id), reply=False)
+
+    def _abandon(self, request_id: int) -> None:
+        """Nobody will wait for ``request_id``: drop its reply, releasing any lease it brings.
+
+        Never blocks on the socket (it runs from ``__del__``): a lease goes to the release queue.
+        """
+        with self._cond:
+            reply = self._replies.pop(request_id, _MISSING)
+            if reply is _MISSING and request_id in self._waiting:
+                self._waiting.discard(request_id)
+                self._abandoned.add(request_id)
+            elif isinstance(reply, dict) and "lease" in reply:
+                self._queue_release_id(int(reply["lease"]))
+
+    # --- transport -------------------------------------------------------------------------
+
+    def _send(self, request: Request, *, reply: bool) -> int:
+        """Send one request frame; with ``reply``, register its id for `_wait`."""
+        if self.closed:
+            raise DaemonUnavailable(f"client of expertd at {self.address} is closed")
+        request_id = next(self._ids)
+        frame = encode_request(request_id, request)
+        with self._cond:
+            if reply:
+                self._waiting.add(request_id)
+            self._want += 1
+        got = self._sock_lock.acquire(timeout=self.timeout_s)
+        sent = False
+        try:
+            if got:
+                self._sock.send(frame, zmq.NOBLOCK)
+                self._last_send = time.monotonic()
+                sent = True
+        except zmq.Again:
+            pass
+        finally:
+            if got:
+                self._sock_lock.release()
+            with self._cond:
+                self._want -= 1
+                if not sent:
+                    self._waiting.discard(request_id)
+                self._cond.notify_all()
+        if not sent and reply:
+            why = "is not taking messages" if got else "is unreachable: the client socket stayed busy"
+            raise DaemonUnavailable(f"expertd at {self.address} {why} ({request.op.value} not sent)")
+        if not sent:
+            log.debug("dropped %s to %s: not sent", request.op.value, self.address)
+        return request_id
+
+    def _has_reply(self, request_id: int) -> bool:
+        """Whether the reply to ``request_id`` is here, reading what arrived if the socket is free."""
+        if not self.closed and self._sock_lock.acquire(blocking=False):
+            try:
+                self._pump(0)
+            finally:
+                self._sock_lock.release()
+        with self._cond:
+            return request_id in self._replies
+
+    def _wait(self, request_id: int, timeout: float, op: str) -> dict[str, Any]:
+        """The reply to ``request_id``; raises its error, or `DaemonUnavailable` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                reply = self._replies.pop(request_id, _MISSING)
+                if reply is not _MISSING:
+                    self._waiting.discard(request_id)
+                    break
+                remaining = deadline - time.monotonic()
+                if self.closed:
+                    raise DaemonUnavailable(f"client of expertd at {self.address} is closed")
+                if remaining <= 0:
+                    self._waiting.discard(request_id)
+                    self._abandoned.add(request_id)
+                    raise DaemonUnavailable(
+                        f"expertd at {self.address} did not answer {op} within {timeout:g} s"
+                    )
+                if self._want or not self._sock_lock.acquire(blocking=False):
+                    self._cond.wait(min(remaining, POLL_SLICE_S))
+                    continue
+            try:
+                self._pump(min(remaining, POLL_SLICE_S))
+            finally:
+                self._sock_lock.release()
+                with self._cond:
+                    self._cond.notify_all()
+        if isinstance(reply, ExpertdError):
+            raise reply
+        return reply  # type: ignore[return-value]
+
+    def _pump(self, timeout_s: float) -> None:
+        """With the socket lock held: wait up to ``timeout_s`` for replies and file them all."""
+        if time.monotonic() - self._last_send >= PING_AFTER_IDLE * self.info.get("heartbeat_s", 1e9):
+            self._sock.send(encode_request(next(self._ids), Ping()), zmq.NOBLOCK)
+            self._last_send = time.monotonic()
+        if not self._sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+            return
+        while True:
+            try:
+                frame = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                request_id, reply = decode_reply(frame)
+            except ProtocolError as exc:
+                log.warning("dropped a bad reply from %s: %s", self.address, exc)
+                continue
+            self._dispatch(request_id, reply)
+
+    def _dispatch(self, request_id: int, reply: dict[str, Any] | ExpertdError) -> None:
+        with self._cond:
+            if request_id in self._waiting:
+                self._replies[request_id] = reply
+                return
+            abandoned = request_id in self._abandoned
+            self._abandoned.discard(request_id)
+            if isinstance(reply, SessionError):
+                self._stale = True
+            if abandoned and isinstance(reply, dict) and "lease" in reply:
+                self._queue_release_id(int(reply["lease"]))
+        if isinstance(reply, ExpertdError):
+            log.debug("expertd at %s: unawaited request %d failed: %s", self.address, request_id, reply)
+
+    def _background_step(self) -> float:
+        """Ping if idle, send releases that waited too long, drain replies; seconds to the next step."""
+        now = time.monotonic()
+        with self._cond:
+            flush = bool(self._releases) and now - self._releases_since >= self.release_linger_s
+            next_flush = self._releases_since + self.release_linger_s if self._releases else float("inf")
+        ping_every = PING_AFTER_IDLE * self.heartbeat_s
+        ping = now - self._last_send >= ping_every
+        if (flush or ping) and self._sock_lock.acquire(blocking=False):
+            try:
+                if flush:
+                    with self._cond:
+                        ids, self._releases = self._releases, []
+                    for lease_id in ids:
+                        self._sock.send(encode_request(next(self._ids), Release(lease_id)), zmq.NOBLOCK)
+                    self._last_send = time.monotonic()
+                self._pump(0)  # pings if still due, and files or drops replies nobody waits for
+            except zmq.ZMQError as exc:
+                log.debug("background step on %s: %s", self.address, exc)
+            finally:
+                self._sock_lock.release()
+                with self._cond:
+                    self._cond.notify_all()
+        elif flush or ping:
+            return POLL_SLICE_S  # another thread is using the socket: it pings while it waits
+        return max(0.001, min(next_flush, self._last_send + ping_every) - time.monotonic())
+
+
+def _model_key(info: dict[str, Any]) -> tuple[Any, ...]:
+    return (info["model"], info["num_layers"], info["num_experts"], info["tensors"])
+
+
+def _background(client_ref: weakref.ref[ExpertClient], wake: threading.Event) -> None:
+    """The heartbeat thread: holds the client only weakly, so a dropped client is collected."""
+    while True:
+        client = client_ref()
+        if client is None or client.closed:
+            return
+        try:
+            delay = client._background_step()
+        except Exception:  # never let the heartbeat die silently
+            log.exception("expertd client background step failed")
+            delay = 1.0
+        del client
+        wake.wait(delay)
+        wake.clear()
