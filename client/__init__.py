@@ -1,6 +1,7 @@
-"""expertd's Python binding: acquire experts as zero-copy torch views."""
+"""expertd's Python binding: acquire experts as zero-copy torch views, and an MoE block using it."""
 
 from expertd.client.client import ExpertClient, Lease, PendingAcquire
+from expertd.client.moe import ClientExperts, MemoryExperts, MoEBlock, MoEConfig
 from expertd.daemon.protocol import (
     CapacityError,
     DaemonUnavailable,
@@ -16,12 +17,16 @@ from expertd.daemon.protocol import (
 
 __all__ = [
     "CapacityError",
+    "ClientExperts",
     "DaemonUnavailable",
     "ExpertClient",
     "ExpertLoadError",
     "ExpertdError",
     "Lease",
     "LeaseError",
+    "MemoryExperts",
+    "MoEBlock",
+    "MoEConfig",
     "PendingAcquire",
     "PermissionDenied",
     "ProtocolError",

@@ -1,0 +1,204 @@
+"""A sparse MoE block (Mixtral / Qwen-MoE style) whose expert weights come from expertd.
+
+The router is a Linear gate the block owns; the experts are SwiGLU FFNs
+``down(silu(gate(x)) * up(x))`` whose weights an `ExpertSource` provides: `ClientExperts`
+leases them from the daemon (zero-copy views of its slabs), `MemoryExperts` holds them in
+a dict (the reference). Both paths run the one function `moe_experts`, so their outputs
+are equal bit for bit.
+
+Shape legend: T tokens, D hidden size, F expert FFN size, E routed experts per layer,
+k experts per token, t tokens routed to one expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from expertd.client.client import ExpertClient
+
+if TYPE_CHECKING:
+    from expertd.daemon.reader import StoreReader
+
+ExpertWeights = Mapping[str, Tensor]  # one expert's tensors by checkpoint name
+
+#: (gate, up, down) tensor names of a SwiGLU expert, per checkpoint naming.
+SWIGLU_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The shape and routing of one sparse MoE layer."""
+
+    hidden_size: int  # D
+    num_experts: int  # E
+    top_k: int = 2  # k
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral, Qwen3)
+    hint_top_n: int = 0  # with a next-layer router: hint its n best experts (0: every routed one)
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.top_k <= self.num_experts, (
+            f"top_k must be in [1, {self.num_experts}], got {self.top_k}"
+        )
+
+
+def swiglu_names(tensor_names: Iterable[str]) -> tuple[str, str, str]:
+    """The (gate, up, down) names of an expert layout; `ValueError` unless it is exactly SwiGLU.
+
+    Extra tensors (FP8 scales, biases, fused gate_up) would change the math: refused, not ignored.
+    """
+    present = set(tensor_names)
+    for names in SWIGLU_NAMES:
+        if set(names) == present:
+            return names
+    known = " or ".join("/".join(n) for n in SWIGLU_NAMES)
+    raise ValueError(f"expert layout {sorted(present)} is not a plain SwiGLU expert ({known})")
+
+
+def route(router_logits: Tensor, top_k: int, norm_topk_prob: bool) -> tuple[Tensor, Tensor]:
+    """Softmax over experts (in float32), top-k: (weights [T, k] float32, experts [T, k])."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, k], [T, k]
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # [T, k]
+    return weights, experts
+
+
+def expert_ffn(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; x [t, D], gate/up [F, D], down [D, F] -> [t, D]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # [t, D]
+
+
+def moe_experts(
+    x: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    expert_weights: Callable[[int], ExpertWeights],
+    names: tuple[str, str, str],
+) -> Tensor:
+    """Each routed expert over its tokens, weighted and summed in float32, in expert id order.
+
+    x [T, D]; weights [T, k] float32; experts [T, k]; ``expert_weights(e)`` gives expert e's
+    tensors. Returns [T, D] in x's dtype. This is the one computation both paths share.
+    """
+    gate_name, up_name, down_name = names
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    for expert in torch.unique(experts).tolist():  # sorted: a fixed summation order
+        token, rank = torch.where(experts == expert)  # [t], [t]
+        w = expert_weights(expert)
+        h = expert_ffn(x[token], w[gate_name], w[up_name], w[down_name])  # [t, D]
+        out.index_add_(0, token, h.float() * weights[token, rank, None])  # [T, D]
+    return out.to(x.dtype)
+
+
+class ExpertSource(Protocol):
+    """Where a block gets expert weights: a lease of ``experts`` of ``layer``, and hints."""
+
+    tensor_names: tuple[str, ...]
+
+    def experts(self, layer: int, experts: list[int]) -> contextlib.AbstractContextManager[Any]:
+        """A context giving ``[expert id] -> ExpertWeights`` while the weights are pinned."""
+        ...
+
+    def hint(self, layer: int, experts: list[int], scores: list[float]) -> None: ...
+
+
+class ClientExperts:
+    """Expert weights leased from expertd through an `ExpertClient` (zero-copy views)."""
+
+    def __init__(self, client: ExpertClient, tier: str | None = None) -> None:
+        self.client = client
+        self.tier = tier
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return self.client.tensor_names
+
+    def experts(self, layer: int, experts: list[int]) -> contextlib.AbstractContextManager[Any]:
+        return self.client.acquire(layer, experts, self.tier)
+
+    def hint(self, layer: int, experts: list[int], scores: list[float]) -> None:
+        self.client.hint(layer, experts, scores)
+
+
+class MemoryExperts:
+    """Expert weights held in memory: ``weights[layer][expert][name]`` (the reference)."""
+
+    def __init__(self, weights: Mapping[int, Mapping[int, ExpertWeights]]) -> None:
+        self.weights = weights
+        first_layer = next(iter(weights.values()))
+        self.tensor_names = tuple(next(iter(first_layer.values())))
+        self.hints: list[tuple[int, list[int], list[float]]] = []
+
+    @classmethod
+    def from_store(cls, reader: StoreReader, layers: Iterable[int]) -> MemoryExperts:
+        """Every expert of ``layers``, read and verified through ``reader``."""
+        num_experts = reader.manifest.num_experts
+        return cls(
+            {layer: {e: reader.read_expert_tensors(layer, e) for e in range(num_experts)} for layer in layers}
+        )
+
+    def experts(self, layer: int, experts: list[int]) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(self.weights[layer])
+
+    def hint(self, layer: int, experts: list[int], scores: list[float]) -> None:
+        self.hints.append((layer, experts, scores))
+
+
+class MoEBlock(nn.Module):
+    """One sparse MoE layer: a router the block owns, SwiGLU experts from an `ExpertSource`.
+
+    With ``next_router`` (the next layer's gate), `forward` first hints the experts that gate
+    picks for this layer's input, so the daemon can load them while this layer computes.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        layer: int,
+        source: ExpertSource,
+        *,
+        next_router: nn.Linear | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        assert dtype in COMPUTE_DTYPES, f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}"
+        self.config = config
+        self.layer = layer
+        self.source = source
+        self.names = swiglu_names(source.tensor_names)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
+        self.next_router = next_router
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> [..., D]: route every token to its top-k experts and mix their outputs."""
+        cfg = self.config
+        assert x.shape[-1] == cfg.hidden_size, f"x has hidden size {x.shape[-1]}, expected {cfg.hidden_size}"
+        flat = x.reshape(-1, cfg.hidden_size)  # [T, D]
+        weights, experts = route(self.gate(flat), cfg.top_k, cfg.norm_topk_prob)  # [T, k], [T, k]
+        if self.next_router is not None:
+            self.hint_next_layer(flat)
+        needed = torch.unique(experts).tolist()
+        with self.source.experts(self.layer, needed) as lease:
+            out = moe_experts(flat, weights, experts, lease.__getitem__, self.names)  # [T, D]
+        return out.reshape(x.shape)
+
+    def hint_next_layer(self, x: Tensor) -> None:
+        """Hint layer+1's experts as its router ranks them for ``x`` [T, D] (summed top-k prob)."""
+        assert self.next_router is not None, "hint_next_layer needs next_router"
+        with torch.no_grad():
+            weights, experts = route(self.next_router(x), self.config.top_k, False)  # [T, k], [T, k]
+            score = torch.zeros(self.config.num_experts, dtype=torch.float32)  # [E]
+            score.index_add_(0, experts.flatten().cpu(), weights.flatten().cpu())
+            order = torch.argsort(score, descending=True, stable=True)  # [E]
+            order = order[score[order] > 0]
+            if self.config.hint_top_n:
+                order = order[: self.config.hint_top_n]
+        self.source.hint(self.layer + 1, order.tolist(), score[order].tolist())
