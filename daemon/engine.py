@@ -4,14 +4,16 @@ The cache manager decides what moves, when, and into which slot (its queues
 hold the priorities); the engine only executes `StartTransfer` commands: store
 reads into host slots on ``load_threads`` threads, host->device copies on
 ``h2d_depth`` threads (a dedicated CUDA stream each, or a memcpy for the CPU
-stand-in). Each finished transfer is reported to the event loop as one msgpack
-frame ``[transfer_id, ok, error]`` on an inproc PUSH socket, so the loop's
-thread stays the only owner of state.
+stand-in). Each finished transfer is reported to the event loop as one frame,
+``secret + msgpack([transfer_id, ok, error])``, from a DEALER socket connected
+over inproc to the loop's own ROUTER, so the loop's thread stays the only owner
+of state and blocks on a single socket.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from expertd.daemon.store import StoreError
 log = logging.getLogger("expertd.engine")
 
 _STOP = None
+ENGINE_PREFIX = b"expertd-engine-"
 
 
 class TransferEngine:
@@ -68,6 +71,7 @@ class TransferEngine:
                 for i in range(h2d_depth)
             ]
         self.busy = {LOAD: 0, H2D: 0}  # informational; written by workers without a lock
+        self.secret = os.urandom(16)  # proves a completion frame came from our workers
 
     def start(self) -> None:
         for thread in self._threads:
@@ -89,8 +93,9 @@ class TransferEngine:
         return stopped
 
     def _work(self, link: str) -> None:
-        push = self._context.socket(zmq.PUSH)
+        push = self._context.socket(zmq.DEALER)
         push.setsockopt(zmq.LINGER, 1000)
+        push.setsockopt(zmq.ROUTING_ID, ENGINE_PREFIX + threading.current_thread().name.encode())
         push.connect(self._address)
         if link == LOAD and self._prepare_thread is not None:
             self._prepare_thread()
@@ -108,7 +113,7 @@ class TransferEngine:
                     ok, error = False, f"{type(exc).__name__}: {exc}"
                 finally:
                     self.busy[link] -= 1
-                push.send(msgpack.packb([command.transfer_id, ok, error]))
+                push.send(self.secret + msgpack.packb([command.transfer_id, ok, error]))
         finally:
             push.close()
 

@@ -458,9 +458,13 @@ class CacheManager:
                     hits[layer] += 1
             else:
                 pending.waiting.add(key)
+                tier.policy.on_miss(key, t)
                 if name == DEVICE:  # a device miss is a host access
+                    host = self.tiers[HOST]
                     self.layer_accesses[HOST][layer] += 1
-                    self.layer_hits[HOST][layer] += self.tiers[HOST].ready(key)
+                    self.layer_hits[HOST][layer] += host.ready(key)
+                    if key not in host.slot_of:
+                        host.policy.on_miss(key, t)
                 self._ensure(key, name, Priority.DEMAND, t)
             if key in pending.waiting:
                 self._waiters.setdefault((name, key), []).append(pending)

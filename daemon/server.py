@@ -1,21 +1,19 @@
 """The daemon: one thread owns all state and drives the cache manager with real I/O.
 
-It polls the ZeroMQ ROUTER socket (clients), the engine's completion socket and a
-wakeup fd for signals; every message is validated by `protocol`, every error is
-a reply. Startup is explicit: slabs are allocated and sockets bound before
+It blocks on one ZeroMQ ROUTER socket that carries client requests and, over
+inproc, the engine's completions; every message is validated by `protocol`,
+every error is a reply. Startup is explicit: slabs are allocated and sockets bound before
 systemd hears ``READY=1``; SIGTERM stops the loop, lets running transfers finish,
 answers waiting acquires with ``shutting_down`` and removes the shared memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import zmq
 
 from expertd.daemon import protocol as proto
 from expertd.daemon.config import ServeConfig
-from expertd.daemon.engine import TransferEngine, cpu_copier, cuda_copier, decode_completion
+from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.reader import StoreReader
@@ -37,7 +35,6 @@ log = logging.getLogger("expertd")
 DAEMON_VERSION = "0.1.0"
 TICK_S = 0.1  # lease expiry and watchdog granularity
 STATUS_EVERY_S = 5.0
-MAX_MESSAGES_PER_TURN = 256  # keep completions flowing under a flood of requests
 
 
 class StartupError(RuntimeError):
@@ -118,6 +115,11 @@ class Server:
                 self._closers.append(self.device)
         except SlabError as exc:
             raise StartupError(str(exc)) from None
+        from expertd.policies.registry import parse_spec, policy_class
+
+        for key, spec in (("host", cfg.policy_host), ("device", cfg.policy_device)):
+            if policy_class(parse_spec(spec)[0]).offline:
+                raise StartupError(f"[policy] {key} = {spec!r} needs the future: it is for replay only")
         self.manager = CacheManager(
             ManagerConfig(
                 Geometry(manifest.num_layers, manifest.num_experts),
@@ -178,84 +180,71 @@ class Server:
             router.bind(self.address)
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind {self.address}: {exc}") from None
+        # Engine workers report completions to this same socket over inproc, each frame
+        # prefixed with a secret of this run, so no client can forge one.
         self._completion_address = f"inproc://expertd-completions-{id(self)}"
-        self.completions = self.context.socket(zmq.PULL)
-        self.completions.bind(self._completion_address)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        router.bind(self._completion_address)
+        router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
 
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT or a `shutdown` request."""
+        """Serve until SIGTERM/SIGINT or a `shutdown` request.
+
+        One blocking receive on one socket (clients and completions alike) with a
+        timeout of `TICK_S`: the lowest latency pyzmq offers, and signals, which only
+        set a flag, are noticed within a tick.
+        """
         previous = {}
         if _in_main_thread():
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-            old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.completions, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        router = self.router
+        secret = self.engine.secret
         last_tick = last_status = self.clock()
         try:
             while not self._stopping:
-                ready = dict(poller.poll(int(TICK_S * 1000)))
+                try:
+                    frames = router.recv_multipart()
+                except zmq.Again:
+                    frames = None
                 now = self.clock()
-                if self.completions in ready:
-                    self._drain_completions()
-                if self.router in ready:
-                    self._drain_requests(now)
-                if self._wake_r.fileno() in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        self._wake_r.recv(64)
+                if frames is not None:
+                    if len(frames) == 2 and frames[1][:16] == secret and frames[0].startswith(ENGINE_PREFIX):
+                        self._completion(frames[1][16:])
+                    else:
+                        self._request(frames, now)
                 if now - last_tick >= TICK_S:
                     self._expire(now)
                     last_tick = now
-                if now - last_status >= STATUS_EVERY_S:
-                    self.notifier.status(self._status_line())
-                    last_status = now
-                self.notifier.progress()
+                    self.notifier.progress()
+                    if now - last_status >= STATUS_EVERY_S:
+                        self.notifier.status(self._status_line())
+                        last_status = now
         finally:
-            if previous:
-                signal.set_wakeup_fd(old_fd)
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # Only enqueue: the loop notices `_stopping` after its poll returns.
+        # Only enqueue: the loop sees the flag when its receive returns (within a tick).
         self._stopping = True
 
     def stop(self) -> None:
-        """Ask the loop to stop (thread-safe: the wakeup socket interrupts its poll)."""
+        """Ask the loop to stop; it does within a tick."""
         self._stopping = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
 
-    def _drain_completions(self) -> None:
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frame = self.completions.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            transfer_id, ok, error = decode_completion(frame)
-            if not ok:
-                log.error("transfer %d failed: %s", transfer_id, error)
-            self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
+    def _completion(self, frame: bytes) -> None:
+        transfer_id, ok, error = decode_completion(frame)
+        if not ok:
+            log.error("transfer %d failed: %s", transfer_id, error)
+        self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
 
-    def _drain_requests(self, now: float) -> None:
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
-            self.messages["received"] += 1
-            if len(frames) != 2:
-                self.messages["rejected"] += 1
-                if frames:
-                    self._send_error(frames[0], 0, "bad_request", f"expected 1 frame, got {len(frames) - 1}")
-                continue
-            self._handle(frames[0], frames[1], now)
+    def _request(self, frames: list[bytes], now: float) -> None:
+        self.messages["received"] += 1
+        if len(frames) != 2:
+            self.messages["rejected"] += 1
+            self._send_error(frames[0], 0, "bad_request", f"expected 1 frame, got {len(frames) - 1}")
+            return
+        self._handle(frames[0], frames[1], now)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -465,9 +454,6 @@ class Server:
             except Exception:  # keep closing the rest
                 log.exception("while closing %s", type(closer).__name__)
         self._closers.clear()
-        for sock in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
-            if sock is not None:
-                sock.close()
         ipc_path = getattr(self, "_ipc_path", None)
         if ipc_path is not None:
             ipc_path.unlink(missing_ok=True)

@@ -52,25 +52,46 @@ class SlotTable:
             self.pinned_slots -= 1
 
     def reserve(self, key: int, t: int) -> int | None:
-        """A slot for ``key`` (evicting if full), marked filling and pinned; None if all pinned."""
-        if self.free:
+        """A slot for ``key`` (evicting if the policy says so), filling and pinned; None if none.
+
+        When the policy cannot name a victim (say the incoming key's layer share is all
+        pinned) a free slot is still taken: the tier's capacity is the hard limit, a
+        policy's internal shares are not.
+        """
+        policy = self.policy
+        if self.free and not policy.needs_eviction(key):
             slot = self.free.pop()
         else:
-            try:
-                victim = self.policy.victim(t, self.pinned_keys)
-            except NoVictimError:
-                return None
-            slot = self.slot_of[victim]
-            assert not self.pins[slot], f"{self.name}: policy chose pinned key {victim}"
-            self.drop(victim)
-            self.evictions += 1
-            self.free.pop()  # drop() put it on the free list
+            victim = self._victim(t, key)
+            if victim is None:
+                if not self.free:
+                    return None
+                slot = self.free.pop()
+            else:
+                slot = self.slot_of[victim]
+                assert not self.pins[slot], f"{self.name}: policy chose pinned key {victim}"
+                self.drop(victim)
+                self.evictions += 1
+                self.free.remove(slot)  # drop() put it on the free list
         self.key_of[slot] = key
         self.slot_of[key] = slot
         self.filling.add(slot)
         self.pin(slot)
-        self.policy.on_insert(key, t)
+        policy.on_insert(key, t)
         return slot
+
+    def _victim(self, t: int, incoming: int) -> int | None:
+        """The policy's victim for ``incoming``, else any victim it allows, else None."""
+        try:
+            return self.policy.victim(t, self.pinned_keys, incoming)
+        except NoVictimError:
+            pass
+        if self.free:
+            return None  # the free slot will do
+        try:
+            return self.policy.victim(t, self.pinned_keys, None)
+        except NoVictimError:
+            return None
 
     def used(self, slot: int) -> None:
         """An acquire used ``slot``: a prefetch that filled it paid off."""

@@ -271,6 +271,7 @@ def test_status_of_no_daemon_is_a_one_line_error(short_dir):
         ([], "[tiers]\nhost_sise = '1GiB'\n", "unknown key [tiers] host_sise"),
         ([], "[tiers\n", "not valid TOML"),
         (["--host-policy", "nope"], None, "unknown policy 'nope'"),
+        (["--device", "cpu", "--device-policy", "belady"], None, "needs the future"),
     ],
 )
 def test_bad_configuration_is_a_one_line_error(store, short_dir, args, config, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from expertd.daemon.manager import (
     DEVICE,
@@ -21,9 +21,10 @@ from expertd.daemon.manager import (
     StartTransfer,
 )
 from expertd.policies.base import Geometry
-from expertd.policies.registry import make_policy
+from expertd.policies.registry import available, make_policy, policy_class
 
 GEOMETRY = Geometry(num_layers=4, num_experts=8)
+ONLINE_POLICIES = [name for name in available() if not policy_class(name).offline]
 
 
 def make(host=8, device=0, **kw) -> CacheManager:
@@ -225,11 +226,17 @@ class ManagerModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mgr = make(host=5, device=3, load_depth=2, h2d_depth=2, max_queued_prefetches=4)
         self.running: dict[int, StartTransfer] = {}
         self.leases: dict[int, tuple[str, str, list[int], tuple[int, ...]]] = {}
         self.pending: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.next_request = 0
+
+    @initialize(host_policy=st.sampled_from(ONLINE_POLICIES), device_policy=st.sampled_from(ONLINE_POLICIES))
+    def build(self, host_policy, device_policy):
+        self.mgr = make(
+            host=5, device=4, load_depth=2, h2d_depth=2, max_queued_prefetches=4,
+            host_policy=host_policy, device_policy=device_policy,
+        )  # fmt: skip
 
     def _apply(self, commands) -> None:
         for command in commands:
