@@ -21,7 +21,7 @@ import numpy as np
 
 from expertd.daemon.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
-from expertd.policies.base import Geometry
+from expertd.policies.base import Geometry, PolicyError
 from expertd.policies.registry import make_policy, parse_spec, policy_class
 from expertd.traces.timing import TimingModel
 from expertd.traces.trace import Trace
@@ -54,6 +54,7 @@ class ReplayRow:
     bytes_per_link: dict[str, int] | None = None
     bound_s_per_token: float | None = None
     bound_ratio: float | None = None
+    error: str | None = None  # the policy cannot run at this capacity (the row has no results)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -258,11 +259,15 @@ def sweep(
         for spec in policies:
             if progress:
                 progress(f"{spec} at {slots} slots")
-            if timing is None:
-                row = bound if spec == BOUND_POLICY else replay_hits(trace, spec, slots, keys)
-            else:
-                loads = bound.accesses - bound.hits
-                row = replay_timed(trace, spec, slots, timing, bound_loads=loads)
+            try:
+                if timing is None:
+                    row = bound if spec == BOUND_POLICY else replay_hits(trace, spec, slots, keys)
+                else:
+                    loads = bound.accesses - bound.hits
+                    row = replay_timed(trace, spec, slots, timing, bound_loads=loads)
+            except PolicyError as exc:  # e.g. lru-per-layer with fewer slots than layers
+                fraction = slots / geometry_of(trace).num_keys
+                row = ReplayRow(spec, fraction, slots, len(keys), 0, 0.0, 0.0, error=str(exc))
             row.bound_hit_rate = bound.hit_rate
             rows.append(row)
     return rows

@@ -165,6 +165,9 @@ def format_table(rows, *, timed: bool) -> str:
     header += f" {'seconds':>8}"
     lines = [header, "-" * len(header)]
     for row in rows:
+        if row.error:
+            lines.append(f"{row.capacity:>8.1%} {row.slots:>6}  {row.policy:<16} n/a: {row.error}")
+            continue
         line = (
             f"{row.capacity:>8.1%} {row.slots:>6}  {row.policy:<16} {row.hit_rate:>8.3f} "
             f"{row.bound_hit_rate:>7.3f} {row.hit_rate - row.bound_hit_rate:>+7.3f}"
@@ -192,7 +195,8 @@ def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     by_policy: dict[str, list] = {}
     for row in rows:
-        by_policy.setdefault(row.policy, []).append(row)
+        if not row.error:
+            by_policy.setdefault(row.policy, []).append(row)
     for policy, series in sorted(by_policy.items()):
         xs = [r.capacity for r in series]
         style = "--" if policy == "belady" else "-"
