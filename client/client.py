@@ -58,6 +58,7 @@ log = logging.getLogger("expertd.client")
 POLL_SLICE_S = 0.005  # longest a waiting thread holds the socket before letting others use it
 RELEASE_LINGER_S = 0.05  # a released lease waits this long for an acquire to carry it
 RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
+BUSY_WINDOW_S = 1.0  # after a release, the background thread ticks each linger this long
 PING_AFTER_IDLE = 0.5  # ping once idle for this share of the daemon's heartbeat_s
 BYE_LINGER_MS = 200  # how long the closed socket keeps trying to deliver bye
 HELLO_KEYS = (
@@ -71,6 +72,7 @@ HELLO_KEYS = (
     "heartbeat_s",
 )
 _MISSING = object()
+_POLLIN = int(zmq.POLLIN)
 
 
 class Lease:
@@ -198,7 +200,7 @@ class ExpertClient:
             address = default_address()
         self.address = address
         self.tenant = tenant
-        self.name = name or f"{os.path.basename(sys.argv[0]) or 'python'}-{os.getpid()}"[:128]
+        self.name = name or _default_name()
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.release_linger_s = release_linger_s
@@ -212,6 +214,7 @@ class ExpertClient:
         self._sock_lock = threading.Lock()
         self._cond = threading.Condition()  # guards everything below
         self._want = 0  # threads blocked on the socket lock to send: pollers give way
+        self._sleepers = 0  # threads in self._cond.wait
         self._waiting: set[int] = set()
         self._replies: dict[int, dict[str, Any] | ExpertdError] = {}
         self._abandoned: set[int] = set()  # acquires whose lease must be released on arrival
@@ -220,8 +223,10 @@ class ExpertClient:
         self._hello_lock = threading.Lock()
         self._last_send = time.monotonic()
         self._wake = threading.Event()  # wakes the background thread early
+        self._wake_at = 0.0  # when the background thread wakes on its own
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVTIMEO, round(POLL_SLICE_S * 1000))
         self._sock.connect(address)
         try:
             self._hello()
@@ -271,8 +276,9 @@ class ExpertClient:
         if self._stale:
             self._rehello(self._session)
         session = self._session
-        request = Acquire(int(layer), [int(e) for e in experts], tier or self.default_tier)
-        request_id, request = self._send_acquire(request)
+        request_id, request = self._send_acquire(
+            int(layer), [int(e) for e in experts], tier or self.default_tier
+        )
         return PendingAcquire(self, request, request_id, session)
 
     def release(self, lease: Lease) -> None:
@@ -389,12 +395,16 @@ class ExpertClient:
 
     # --- acquire and release ---------------------------------------------------------------
 
-    def _send_acquire(self, request: Acquire) -> tuple[int, Acquire]:
-        """Send ``request`` carrying queued releases; returns its id and what was sent."""
-        with self._cond:
-            carried = self._releases[:MAX_RELEASES_PER_ACQUIRE]
-            del self._releases[: len(carried)]
-        request = Acquire(request.layer, request.experts, request.tier, carried)
+    def _send_acquire(
+        self, layer: int, experts: list[int], tier: str, *, carry: bool = True
+    ) -> tuple[int, Acquire]:
+        """Send an acquire carrying queued releases; returns its id and what was sent."""
+        carried: list[int] = []
+        if carry:
+            with self._cond:
+                carried = self._releases[:MAX_RELEASES_PER_ACQUIRE]
+                del self._releases[: len(carried)]
+        request = Acquire(layer, experts, tier, carried)
         try:
             return self._send(request, reply=True), request
         except DaemonUnavailable:
@@ -403,24 +413,34 @@ class ExpertClient:
             raise
 
     def _finish_acquire(self, pending: PendingAcquire, timeout: float | None) -> Lease:
+        """Wait for an acquire; retry once after ``no_session``, or after a carried lease was unknown."""
         request, request_id, session = pending._request, pending._request_id, pending._session
         timeout = self.timeout_s if timeout is None else timeout
-        for attempt in (1, 2):
+        retried = False
+        while True:
             try:
                 ok = self._wait(request_id, timeout, "acquire")
                 break
             except SessionError:
-                if attempt == 2:
+                if retried:
                     raise
                 self._rehello(session)  # the releases it carried are void with the old session
                 session = self._session
-                retry = Acquire(request.layer, request.experts, request.tier)
-                request_id, request = self._send_acquire(retry)
+            except LeaseError:
+                # The daemon checks carried releases before anything else: one of them was
+                # unknown (it expired, say), so nothing was done. Release the rest explicitly.
+                if retried or not request.release:
+                    raise
+                self._release_now(request.release)
             except DaemonUnavailable:
                 raise
             except ExpertdError:
-                self._release_now(request.release)  # the daemon may not have got to them
+                self._release_now(request.release)  # refused before the releases were done
                 raise
+            retried = True
+            request_id, request = self._send_acquire(
+                request.layer, request.experts, request.tier, carry=False
+            )
         return self._lease(ok, request, session)
 
     def _lease(self, ok: dict[str, Any], request: Acquire, session: int) -> Lease:
@@ -451,7 +471,8 @@ class ExpertClient:
         with self._cond:
             if not self._releases:
                 self._releases_since = time.monotonic()
-                self._wake.set()
+                if self._releases_since + self.release_linger_s < self._wake_at:
+                    self._wake.set()  # only if it would sleep past the linger: waking costs
             self._releases.append(lease_id)
 
     def _flush_releases(self) -> None:
@@ -485,11 +506,16 @@ class ExpertClient:
             raise DaemonUnavailable(f"client of expertd at {self.address} is closed")
         request_id = next(self._ids)
         frame = encode_request(request_id, request)
-        with self._cond:
-            if reply:
+        if reply:
+            with self._cond:
                 self._waiting.add(request_id)
-            self._want += 1
-        got = self._sock_lock.acquire(timeout=self.timeout_s)
+        got = self._sock_lock.acquire(blocking=False)
+        if not got:  # a waiter is polling: ask it to give way, then wait for the socket
+            with self._cond:
+                self._want += 1
+            got = self._sock_lock.acquire(timeout=self.timeout_s)
+            with self._cond:
+                self._want -= 1
         sent = False
         try:
             if got:
@@ -501,23 +527,27 @@ class ExpertClient:
         finally:
             if got:
                 self._sock_lock.release()
-            with self._cond:
-                self._want -= 1
-                if not sent:
-                    self._waiting.discard(request_id)
-                self._cond.notify_all()
-        if not sent and reply:
-            why = "is not taking messages" if got else "is unreachable: the client socket stayed busy"
-            raise DaemonUnavailable(f"expertd at {self.address} {why} ({request.op.value} not sent)")
+            self._wake_sleepers()
         if not sent:
+            with self._cond:
+                self._waiting.discard(request_id)
+            if reply:
+                why = "is not taking messages" if got else "is unreachable: the client socket stayed busy"
+                raise DaemonUnavailable(f"expertd at {self.address} {why} ({request.op.value} not sent)")
             log.debug("dropped %s to %s: not sent", request.op.value, self.address)
         return request_id
+
+    def _wake_sleepers(self) -> None:
+        """Let threads waiting on the condition look again (the socket is free, or replies came)."""
+        if self._sleepers:
+            with self._cond:
+                self._cond.notify_all()
 
     def _has_reply(self, request_id: int) -> bool:
         """Whether the reply to ``request_id`` is here, reading what arrived if the socket is free."""
         if not self.closed and self._sock_lock.acquire(blocking=False):
             try:
-                self._pump(0)
+                self._pump(block=False)
             finally:
                 self._sock_lock.release()
         with self._cond:
@@ -542,36 +572,38 @@ class ExpertClient:
                         f"expertd at {self.address} did not answer {op} within {timeout:g} s"
                     )
                 if self._want or not self._sock_lock.acquire(blocking=False):
+                    self._sleepers += 1
                     self._cond.wait(min(remaining, POLL_SLICE_S))
+                    self._sleepers -= 1
                     continue
             try:
-                self._pump(min(remaining, POLL_SLICE_S))
+                self._pump(block=True)
             finally:
                 self._sock_lock.release()
-                with self._cond:
-                    self._cond.notify_all()
+                self._wake_sleepers()
         if isinstance(reply, ExpertdError):
             raise reply
         return reply  # type: ignore[return-value]
 
-    def _pump(self, timeout_s: float) -> None:
-        """With the socket lock held: wait up to ``timeout_s`` for replies and file them all."""
+    def _pump(self, block: bool) -> None:
+        """With the socket lock held: wait one poll slice (if ``block``) for replies; file them all."""
         if time.monotonic() - self._last_send >= PING_AFTER_IDLE * self.info.get("heartbeat_s", 1e9):
             self._sock.send(encode_request(next(self._ids), Ping()), zmq.NOBLOCK)
             self._last_send = time.monotonic()
-        if not self._sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+        try:  # a blocking recv (RCVTIMEO is one slice) wakes sooner than poll + recv
+            frame = self._sock.recv(0 if block else zmq.NOBLOCK)
+        except zmq.Again:
             return
         while True:
-            try:
-                frame = self._sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
             try:
                 request_id, reply = decode_reply(frame)
             except ProtocolError as exc:
                 log.warning("dropped a bad reply from %s: %s", self.address, exc)
-                continue
-            self._dispatch(request_id, reply)
+            else:
+                self._dispatch(request_id, reply)
+            if not self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
+                return
+            frame = self._sock.recv(zmq.NOBLOCK)
 
     def _dispatch(self, request_id: int, reply: dict[str, Any] | ExpertdError) -> None:
         with self._cond:
@@ -592,7 +624,12 @@ class ExpertClient:
         now = time.monotonic()
         with self._cond:
             flush = bool(self._releases) and now - self._releases_since >= self.release_linger_s
-            next_flush = self._releases_since + self.release_linger_s if self._releases else float("inf")
+            if self._releases:
+                next_flush = self._releases_since + self.release_linger_s
+            elif now - self._releases_since < BUSY_WINDOW_S:
+                next_flush = now + self.release_linger_s  # busy: tick, so releases need no wake-up
+            else:
+                next_flush = float("inf")
         ping_every = PING_AFTER_IDLE * self.heartbeat_s
         ping = now - self._last_send >= ping_every
         if (flush or ping) and self._sock_lock.acquire(blocking=False):
@@ -603,16 +640,21 @@ class ExpertClient:
                     for lease_id in ids:
                         self._sock.send(encode_request(next(self._ids), Release(lease_id)), zmq.NOBLOCK)
                     self._last_send = time.monotonic()
-                self._pump(0)  # pings if still due, and files or drops replies nobody waits for
+                self._pump(block=False)  # pings if still due, and files or drops replies nobody waits for
             except zmq.ZMQError as exc:
                 log.debug("background step on %s: %s", self.address, exc)
             finally:
                 self._sock_lock.release()
-                with self._cond:
-                    self._cond.notify_all()
+                self._wake_sleepers()
         elif flush or ping:
             return POLL_SLICE_S  # another thread is using the socket: it pings while it waits
         return max(0.001, min(next_flush, self._last_send + ping_every) - time.monotonic())
+
+
+def _default_name() -> str:
+    """The program's name and pid, e.g. ``serve.py-1234`` (``python-1234`` under ``-c``)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c", "-m") else ""
+    return f"{program or 'python'}-{os.getpid()}"[:128]
 
 
 def _model_key(info: dict[str, Any]) -> tuple[Any, ...]:
@@ -625,11 +667,13 @@ def _background(client_ref: weakref.ref[ExpertClient], wake: threading.Event) ->
         client = client_ref()
         if client is None or client.closed:
             return
+        client._wake_at = float("inf")  # a release queued during the step wakes the next wait
         try:
             delay = client._background_step()
         except Exception:  # never let the heartbeat die silently
             log.exception("expertd client background step failed")
             delay = 1.0
+        client._wake_at = time.monotonic() + delay
         del client
         wake.wait(delay)
         wake.clear()

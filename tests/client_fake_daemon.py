@@ -172,14 +172,16 @@ class FakeDaemon:
         return None
 
     def _acquire(self, request: proto.Acquire) -> Any:
-        for lease_id in request.release:
-            error = self._release(lease_id)
-            if error:
-                return error
+        # as the real daemon: every check first, then the releases, then the acquire
         if request.layer >= self.manifest.num_layers or any(
             e >= self.manifest.num_experts for e in request.experts
         ):
             return proto.RangeError(f"layer {request.layer} experts {request.experts} out of range")
+        unknown = [lease_id for lease_id in request.release if lease_id not in self.leases]
+        if unknown:
+            return proto.LeaseError(f"no lease {unknown[0]}", "unknown_lease")
+        for lease_id in request.release:
+            self._release(lease_id)
         slots, hits = [], 0
         for expert in request.experts:
             key = (request.layer, expert)

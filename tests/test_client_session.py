@@ -162,12 +162,25 @@ def test_error_replies_raise_typed_exceptions(client: ExpertClient) -> None:
         client.acquire(0, list(range(41)))
 
 
-def test_failed_acquire_still_releases_what_it_carried(client: ExpertClient, fake: FakeDaemon) -> None:
+def test_refused_acquire_still_releases_what_it_carried(client: ExpertClient, fake: FakeDaemon) -> None:
     client.acquire(0, [1]).release()
     with pytest.raises(RangeError):
-        client.acquire(0, [99])  # the fake released the carried lease, then refused
-    wait_for(lambda: fake.ops("release"))  # ...and the client sent it again explicitly
-    assert not fake.leases
+        client.acquire(0, [99])  # refused before the carried release was done...
+    wait_for(lambda: fake.ops("release"))  # ...so the client sends it explicitly
+    wait_for(lambda: not fake.leases)
+
+
+def test_acquire_carrying_an_expired_lease_is_retried_without_it(
+    client: ExpertClient, fake: FakeDaemon
+) -> None:
+    expired, kept = client.acquire(0, [1]), client.acquire(0, [2])
+    with fake._lock:
+        fake._release(expired.lease_id)  # the daemon dropped it (lease timeout)
+    expired.release()
+    kept.release()
+    lease = client.acquire(0, [3])  # unknown_lease for the carried one: retried without them
+    assert [a.release for a in fake.ops("acquire")[-2:]] == [[expired.lease_id, kept.lease_id], []]
+    wait_for(lambda: list(fake.leases) == [lease.lease_id])  # the other one was released explicitly
 
 
 def test_no_daemon_raises_daemon_unavailable(address: str) -> None:
