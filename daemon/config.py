@@ -237,5 +237,6 @@ def config_doc() -> str:
             section = key.section
             lines += ["", f"## [{section}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         default = "-" if key.default is None else f"`{key.default}`"
-        lines.append(f"| `{key.name}` | {key.kind} | {default} | {key.doc} |")
+        kind = key.kind.replace("choice:", "one of ").replace("|", ", ")
+        lines.append(f"| `{key.name}` | {kind} | {default} | {key.doc} |")
     return "\n".join(lines) + "\n"

@@ -66,6 +66,9 @@ SYNTHETIC_PRESETS = {
                            "experts"),
     "qwen3-30b-a3b": _P("Qwen/Qwen3-30B-A3B", "qwen3_moe", 2048, 768, 128, 48, 0, "experts"),
     "olmoe-1b-7b": _P("allenai/OLMoE-1B-7B-0924", "olmoe", 2048, 1024, 64, 16, 0, "experts"),
+    # The shipped Granite trace's model (its checkpoint fuses experts; the synthetic store names them).
+    "granite-3.0-1b-a400m": _P("ibm-granite/granite-3.0-1b-a400m-instruct", "granitemoe", 1024, 512, 32, 24,
+                               0, "experts"),
 }  # fmt: skip
 
 

@@ -327,3 +327,11 @@ def test_the_systemd_unit_verifies(tmp_path):
         "NoNewPrivileges=",
     ):
         assert directive in unit
+
+
+def test_config_reference_and_example_match_the_code():
+    from expertd.daemon.config import ServeConfig, config_doc
+
+    assert (REPO / "docs" / "config.md").read_text() == config_doc(), "run: expertd serve --print-config-doc"
+    example = ServeConfig.load(REPO / "packaging" / "expertd.toml")  # every key known and valid
+    assert example.tiers_device == "cuda" and example.policy_device == "layer-distance"
