@@ -1,4 +1,10 @@
-"""expertd's Python binding: acquire experts as zero-copy torch views, and an MoE block using it."""
+"""expertd's Python binding: acquire experts as zero-copy torch views, and an MoE block using it.
+
+with ExpertClient() as client:                      # the default ipc:// address
+    with client.acquire(layer, [3, 7]) as lease:    # pinned until the block ends
+        w = lease[3]                                # {"w1": Tensor, ...}: read-only views
+    pending = client.acquire_async(layer + 1, [1])  # ask early, compute, then .result()
+"""
 
 from expertd.client.client import ExpertClient, Lease, PendingAcquire
 from expertd.client.moe import ClientExperts, MemoryExperts, MoEBlock, MoEConfig

@@ -107,6 +107,7 @@ def _map_shm(handle: Mapping[str, Any]) -> torch.Tensor:
 def _map_cuda(handle: Mapping[str, Any]) -> torch.Tensor:
     """The daemon's CUDA slab, opened from its IPC handle, as one uint8 tensor."""
     device = torch.device("cuda", int(handle["device"]))
+    torch.cuda._lazy_init()  # as torch.multiprocessing does before opening an IPC handle
     storage = torch.UntypedStorage._new_shared_cuda(*handle["ipc"])
     flat = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)  # [storage bytes]
     expected = int(handle["slots"]) * int(handle["slot_bytes"])
