@@ -291,7 +291,7 @@ class ExpertClient:
             lease.released = True
             return  # already sent, or the daemon that held it is gone
         lease.released = True
-        self._call(Release(lease.lease_id))
+        self._call(Release([lease.lease_id]))
 
     def hint(self, layer: int, experts: Iterable[int], scores: Iterable[float] | None = None) -> None:
         """Tell the daemon ``experts`` of ``layer`` come soon (best first); no reply."""
@@ -426,12 +426,6 @@ class ExpertClient:
                     raise
                 self._rehello(session)  # the releases it carried are void with the old session
                 session = self._session
-            except LeaseError:
-                # The daemon checks carried releases before anything else: one of them was
-                # unknown (it expired, say), so nothing was done. Release the rest explicitly.
-                if retried or not request.release:
-                    raise
-                self._release_now(request.release)
             except DaemonUnavailable:
                 raise
             except ExpertdError:
@@ -482,8 +476,8 @@ class ExpertClient:
 
     def _release_now(self, lease_ids: list[int]) -> None:
         """Explicit release messages; their replies are not awaited (errors are only logged)."""
-        for lease_id in lease_ids:
-            self._send(Release(lease_id), reply=False)
+        for start in range(0, len(lease_ids), MAX_RELEASES_PER_ACQUIRE):
+            self._send(Release(lease_ids[start : start + MAX_RELEASES_PER_ACQUIRE]), reply=False)
 
     def _abandon(self, request_id: int) -> None:
         """Nobody will wait for ``request_id``: drop its reply, releasing any lease it brings.
@@ -637,8 +631,9 @@ class ExpertClient:
                 if flush:
                     with self._cond:
                         ids, self._releases = self._releases, []
-                    for lease_id in ids:
-                        self._sock.send(encode_request(next(self._ids), Release(lease_id)), zmq.NOBLOCK)
+                    for start in range(0, len(ids), MAX_RELEASES_PER_ACQUIRE):
+                        chunk = Release(ids[start : start + MAX_RELEASES_PER_ACQUIRE])
+                        self._sock.send(encode_request(next(self._ids), chunk), zmq.NOBLOCK)
                     self._last_send = time.monotonic()
                 self._pump(block=False)  # pings if still due, and files or drops replies nobody waits for
             except zmq.ZMQError as exc:

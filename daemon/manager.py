@@ -170,14 +170,20 @@ class CacheManager:
         now: float,
         release: Iterable[int] = (),
     ) -> list[Command]:
-        """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready."""
+        """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready.
+
+        ``release``: leases to release first; ones this client does not hold (any more)
+        are ignored -- an expired lease is already released.
+        """
         state = self._touch(client, now)
         release = list(release)
         error = self._check_acquire(client, request_id, layer, experts, tier, release)
         if error:
             return [ErrorReply(client, request_id, *error)]
         for lease_id in release:
-            self._release(lease_id)
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.client == client:  # others are gone already
+                self._release(lease_id)
         if layer <= state.last_layer:  # a new forward pass starts at the first layer again
             state.forward = next(self._forwards)
         state.last_layer = layer
@@ -193,11 +199,24 @@ class CacheManager:
 
     def release(self, client: ClientId, request_id: int, lease_id: int, now: float) -> list[Command]:
         """Unpin a lease's slots. Errors only for a lease this client does not hold."""
-        self._touch(client, now)
-        lease = self._leases.get(lease_id)
-        if lease is None or lease.client != client:
+        if self.release_many(client, [lease_id], now):
             return [ErrorReply(client, request_id, ErrorCode.UNKNOWN_LEASE, f"no lease {lease_id}")]
-        self._release(lease_id)
+        return self._settle()
+
+    def release_many(self, client: ClientId, lease_ids: Iterable[int], now: float) -> list[int]:
+        """Unpin each lease ``client`` holds; return the ids it did not hold. Call `settle` after."""
+        self._touch(client, now)
+        unknown = []
+        for lease_id in lease_ids:
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.client != client:
+                unknown.append(lease_id)
+            else:
+                self._release(lease_id)
+        return unknown
+
+    def settle(self) -> list[Command]:
+        """After releases: admit waiting acquires, start what can start."""
         return self._settle()
 
     def hint(
@@ -408,10 +427,6 @@ class CacheManager:
                 ErrorCode.TOO_MANY_PENDING,
                 f"more than {self.config.max_pending_per_client} acquires pending",
             )
-        for lease_id in release:
-            lease = self._leases.get(lease_id)
-            if lease is None or lease.client != client:
-                return ErrorCode.UNKNOWN_LEASE, f"no lease {lease_id}"
         return None
 
     def _committed(self, tier: str) -> set[int]:

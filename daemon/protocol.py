@@ -28,6 +28,7 @@ MAX_RELEASES_PER_ACQUIRE = 64
 MAX_NAME_CHARS = 128
 MAX_REQUEST_ID = 2**63 - 1
 MAX_INDEX = 2**31 - 1
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # replies come from the daemon; bounded all the same
 
 
 class Op(StrEnum):
@@ -148,19 +149,24 @@ class Hello:
 
 @dataclasses.dataclass(frozen=True)
 class Acquire:
-    """Pin ``experts`` of ``layer`` in ``tier``; ``release`` piggy-backs finished leases."""
+    """Pin ``experts`` of ``layer`` in ``tier``; ``release`` piggy-backs finished leases.
+
+    Carried leases the daemon no longer knows (expired, say) are ignored: they are gone.
+    """
 
     op: ClassVar[Op] = Op.ACQUIRE
     layer: int
     experts: list[int]
-    tier: str = "host"
+    tier: str
     release: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
 class Release:
+    """Release ``leases`` now; the reply lists the ones this client did not hold."""
+
     op: ClassVar[Op] = Op.RELEASE
-    lease: int
+    leases: list[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,26 +231,23 @@ def encode_reply(request_id: int, ok: dict[str, Any]) -> bytes:
 
 
 def encode_error(request_id: int, code: str, message: str) -> bytes:
-    return msgpack.packb(
-        {"id": request_id, "error": {"code": code, "message": message}}, use_bin_type=True
-    )
+    return msgpack.packb({"id": request_id, "error": {"code": code, "message": message}}, use_bin_type=True)
 
 
-def _unpack(frame: bytes, what: str) -> Any:
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(
-            f"{what} of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
-        )
+def _unpack(frame: bytes, what: str, limit: int = MAX_MESSAGE_BYTES) -> Any:
+    if len(frame) > limit:
+        raise ProtocolError(f"{what} of {len(frame)} bytes exceeds the {limit}-byte limit")
+    request = limit == MAX_MESSAGE_BYTES
     try:
         return msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
             ext_hook=_reject_ext,
-            max_str_len=MAX_MESSAGE_BYTES,
-            max_bin_len=MAX_MESSAGE_BYTES,
-            max_array_len=MAX_EXPERTS_PER_MESSAGE,
-            max_map_len=64,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=MAX_EXPERTS_PER_MESSAGE if request else limit,
+            max_map_len=64 if request else limit,
             max_ext_len=0,
         )
     except ProtocolError:
@@ -283,9 +286,7 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
     unknown = sorted(set(message) - set(fields) - {"op", "id"})
     if unknown:
         raise ProtocolError(f"{op}: unknown field(s) {', '.join(map(str, unknown))[:80]}")
-    values = {
-        name: _CHECKS[(op, name)](op, name, message[name]) for name in fields if name in message
-    }
+    values = {name: _CHECKS[(op, name)](op, name, message[name]) for name in fields if name in message}
     try:
         return request_id, cls(**values)
     except TypeError:
@@ -295,7 +296,7 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
 
 def decode_reply(frame: bytes) -> tuple[int, dict[str, Any] | ExpertdError]:
     """A reply frame: ``(id, ok-map)`` or ``(id, the error as an exception)``."""
-    message = _unpack(frame, "reply")
+    message = _unpack(frame, "reply", MAX_REPLY_BYTES)
     if not isinstance(message, dict) or not _is_int(message.get("id")):
         raise ProtocolError("reply must be a map with an integer id")
     if "error" in message:
@@ -323,9 +324,7 @@ def _required(field: dataclasses.Field) -> bool:
 
 def _index(op: str, name: str, value: object) -> int:
     if not _is_int(value) or not 0 <= value <= MAX_INDEX:  # type: ignore[operator]
-        raise ProtocolError(
-            f"{op}: {name} must be an integer in [0, {MAX_INDEX}], got {value!r:.40}"
-        )
+        raise ProtocolError(f"{op}: {name} must be an integer in [0, {MAX_INDEX}], got {value!r:.40}")
     return value  # type: ignore[return-value]
 
 
@@ -347,11 +346,7 @@ def _index_list(limit: int, element=_index):
 
 
 def _name(op: str, name: str, value: object) -> str:
-    if (
-        not isinstance(value, str)
-        or not 0 < len(value) <= MAX_NAME_CHARS
-        or not value.isprintable()
-    ):
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS or not value.isprintable():
         raise ProtocolError(f"{op}: {name} must be 1-{MAX_NAME_CHARS} printable characters")
     return value
 
@@ -360,17 +355,10 @@ def _scores(op: str, name: str, value: object) -> list[float] | None:
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > MAX_EXPERTS_PER_MESSAGE:
-        raise ProtocolError(
-            f"{op}: {name} must be a list of at most {MAX_EXPERTS_PER_MESSAGE} numbers"
-        )
+        raise ProtocolError(f"{op}: {name} must be a list of at most {MAX_EXPERTS_PER_MESSAGE} numbers")
     out = []
     for v in value:
-        if (
-            not isinstance(v, int | float)
-            or isinstance(v, bool)
-            or v != v
-            or abs(v) == float("inf")
-        ):
+        if not isinstance(v, int | float) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
             raise ProtocolError(f"{op}: {name} must hold finite numbers, got {v!r:.40}")
         out.append(float(v))
     return out
@@ -391,7 +379,7 @@ _CHECKS = {
     ("acquire", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
     ("acquire", "tier"): _name,
     ("acquire", "release"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
-    ("release", "lease"): _lease,
+    ("release", "leases"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
     ("hint", "layer"): _index,
     ("hint", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
     ("hint", "scores"): _scores,

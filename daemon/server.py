@@ -280,10 +280,13 @@ class Server:
                 )
                 self._execute(commands, now)
             case proto.Release():
-                commands = manager.release(identity, request_id, request.lease, now)
-                if not any(isinstance(c, ErrorReply) for c in commands):
+                unknown = manager.release_many(identity, request.leases, now)
+                if unknown:
+                    text = f"no lease {', '.join(map(str, unknown))} (the others were released)"
+                    self._send_error(identity, request_id, "unknown_lease", text)
+                else:
                     self._send_ok(identity, request_id, {})
-                self._execute(commands, now)
+                self._execute(manager.settle(), now)
             case proto.Hint():
                 self._execute(manager.hint(identity, request.layer, request.experts, now), now)
             case proto.Stats():

@@ -68,9 +68,7 @@ class _ShmSlab:
         mode: int = 0o600,
     ) -> None:
         if num_slots < 1 or slot_bytes < 1 or slot_bytes % PAGE_BYTES:
-            raise SlabError(
-                f"{tag}: need >= 1 slot of a page multiple, got {num_slots} x {slot_bytes}"
-            )
+            raise SlabError(f"{tag}: need >= 1 slot of a page multiple, got {num_slots} x {slot_bytes}")
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
         self.nbytes = num_slots * slot_bytes
@@ -84,9 +82,7 @@ class _ShmSlab:
                     f"cannot allocate {self.nbytes / 2**30:.2f} GiB of shared memory at {self.path}: "
                     f"{exc.strerror} (is {shm_dir} large enough?)"
                 ) from None
-            self._mmap = mmap.mmap(
-                fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            self._mmap = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             self.path.unlink(missing_ok=True)
@@ -169,9 +165,7 @@ class CudaDeviceSlab:
         try:
             self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, device=f"cuda:{device}")
         except torch.cuda.OutOfMemoryError:
-            raise SlabError(
-                f"cannot allocate {self.nbytes / 2**30:.2f} GiB on cuda:{device}"
-            ) from None
+            raise SlabError(f"cannot allocate {self.nbytes / 2**30:.2f} GiB on cuda:{device}") from None
 
     def slot(self, index: int):
         """A view of slot ``index`` as a CUDA uint8 tensor."""

@@ -136,7 +136,8 @@ class FakeDaemon:
         if isinstance(request, proto.Acquire):
             return self._acquire(request)
         if isinstance(request, proto.Release):
-            return self._release(request.lease) or {}
+            unknown = [lease_id for lease_id in request.leases if self._release(lease_id)]
+            return proto.LeaseError(f"no lease {unknown}", "unknown_lease") if unknown else {}
         if isinstance(request, proto.Ping):
             return {"pong": True} if request.reply else None
         if isinstance(request, proto.Stats):
@@ -177,10 +178,7 @@ class FakeDaemon:
             e >= self.manifest.num_experts for e in request.experts
         ):
             return proto.RangeError(f"layer {request.layer} experts {request.experts} out of range")
-        unknown = [lease_id for lease_id in request.release if lease_id not in self.leases]
-        if unknown:
-            return proto.LeaseError(f"no lease {unknown[0]}", "unknown_lease")
-        for lease_id in request.release:
+        for lease_id in request.release:  # unknown ones are gone already: ignored
             self._release(lease_id)
         slots, hits = [], 0
         for expert in request.experts:

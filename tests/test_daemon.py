@@ -121,7 +121,7 @@ def test_bad_messages_get_error_replies_and_the_daemon_keeps_serving(daemon, fra
         (proto.Acquire(0, [8], "device"), proto.RangeError),
         (proto.Acquire(0, [0, 1, 2, 3], "device"), proto.CapacityError),
         (proto.Acquire(0, [0], "disk"), proto.ProtocolError),
-        (proto.Release(12345), proto.LeaseError),
+        (proto.Release([12345]), proto.LeaseError),
         (proto.Hello(version=99, client="future"), proto.ProtocolError),
     ],
 )

@@ -172,7 +172,6 @@ def test_host_copy_evicted_while_copy_is_queued_is_loaded_again():
         (dict(layer=0, experts=[0], tier=DEVICE), ErrorCode.TIER_OFF),
         (dict(layer=0, experts=[0], tier="disk"), ErrorCode.BAD_REQUEST),
         (dict(layer=0, experts=[0, 1, 2], tier=HOST), ErrorCode.TOO_MANY_EXPERTS),
-        (dict(layer=0, experts=[0], tier=HOST, release=[99]), ErrorCode.UNKNOWN_LEASE),
     ],
 )
 def test_bad_acquire_is_an_error_reply(kwargs, code):
