@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     from expertd.client.moe import expert_ffn, swiglu_names
     from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_synthetic
-    from expertd.traces.replay import forward_ids, replay_hits
+    from expertd.traces.replay import forward_ids, replay_timed
     from expertd.traces.replay_cli import load_for_replay
+    from expertd.traces.timing import TimingModel
 
     if not 0 < args.capacity < 1:
         raise CliError(f"--capacity must be a fraction in (0, 1), got {args.capacity}")
@@ -100,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
             daemon.kill()
     if code != 0:
         raise CliError(f"the daemon exited with {code}; see {log_path}", EXIT_FAILED)
-    predicted = replay_hits(trace, args.policy, device_slots)
+    # The simulator drives the daemon's own cache manager: one client, the same acquires.
+    timing = TimingModel(expert_bytes=manifest.raw_bytes, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=0.0)
+    predicted = replay_timed(trace, args.policy, device_slots, timing)
     _report(meta, stats, status, predicted, address)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -335,3 +335,49 @@ def test_config_reference_and_example_match_the_code():
     assert (REPO / "docs" / "config.md").read_text() == config_doc(), "run: expertd serve --print-config-doc"
     example = ServeConfig.load(REPO / "packaging" / "expertd.toml")  # every key known and valid
     assert example.tiers_device == "cuda" and example.policy_device == "layer-distance"
+
+
+@pytest.mark.parametrize("policy", ["lru", "layer-distance", "s3fifo"])
+def test_the_daemons_hits_are_what_replay_predicted(tmp_path_factory, short_dir, policy):
+    """One client acquiring a real trace's rows in order: the live counters equal the simulator's."""
+    from expertd import traces
+    from expertd.traces.format import read_trace
+    from expertd.traces.replay import forward_ids, replay_timed
+    from expertd.traces.timing import TimingModel
+
+    trace = read_trace(traces.shipped())
+    trace = trace.select(forward_ids(trace) < 40)  # 40 tokens x 24 layers
+    store = tmp_path_factory.mktemp("granite") / "store"
+    manifest = pack_synthetic(store, "granite-3.0-1b-a400m", scale=16)
+    daemon = DaemonProcess(
+        store, short_dir, "--host-size", "300 slots", "--device", "cpu", "--device-size", "80 slots",
+        "--device-policy", policy,
+    )  # fmt: skip
+    try:
+        client = RawClient(daemon.address)
+        client.hello()
+        lease = None
+        for request_id, (layer, experts) in enumerate(
+            zip(trace.layer.tolist(), trace.experts.tolist(), strict=True), 2
+        ):
+            reply = client.request(
+                request_id, proto.Acquire(layer, experts, "device", [lease] if lease else [])
+            )
+            lease = reply["lease"]
+        live = client.request(10**6, proto.Stats())["tiers"]
+    finally:
+        daemon.kill()
+    timing = TimingModel(
+        expert_bytes=manifest.raw_bytes, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=0.0, host_slots=300
+    )
+    predicted = replay_timed(trace, policy, 80, timing)
+    assert live["device"]["hits"] == predicted.hits and live["device"]["accesses"] == predicted.accesses
+
+
+def test_the_demo_runs_end_to_end():
+    out = subprocess.run(
+        [*EXPERTD, "demo", "--max-tokens", "12", "--scale", "16"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens/s" in out.stdout and "it agrees with the daemon's" in out.stdout
+    assert "stopped the daemon cleanly" in out.stdout
