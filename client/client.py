@@ -56,6 +56,7 @@ from expertd.daemon.slabs import SlabError
 log = logging.getLogger("expertd.client")
 
 POLL_SLICE_S = 0.005  # longest a waiting thread holds the socket before letting others use it
+SPIN_S = 200e-6  # a waiter first spins this long: a hit's reply comes sooner than a sleeping thread wakes
 RELEASE_LINGER_S = 0.05  # a released lease waits this long for an acquire to carry it
 RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
 BUSY_WINDOW_S = 1.0  # after a release, the background thread ticks each linger this long
@@ -193,6 +194,7 @@ class ExpertClient:
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         release_linger_s: float = RELEASE_LINGER_S,
+        spin_s: float = SPIN_S,
     ) -> None:
         if address is None:
             from expertd.daemon.config import default_address
@@ -204,6 +206,7 @@ class ExpertClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.release_linger_s = release_linger_s
+        self.spin_s = spin_s  # 0: never spin (a waiting thread always sleeps)
         self.closed = False
         self.info: dict[str, Any] = {}
         self.layout: tuple[TensorLayout, ...] = ()
@@ -550,6 +553,7 @@ class ExpertClient:
     def _wait(self, request_id: int, timeout: float, op: str) -> dict[str, Any]:
         """The reply to ``request_id``; raises its error, or `DaemonUnavailable` after ``timeout``."""
         deadline = time.monotonic() + timeout
+        spin = self.spin_s
         while True:
             with self._cond:
                 reply = self._replies.pop(request_id, _MISSING)
@@ -571,7 +575,8 @@ class ExpertClient:
                     self._sleepers -= 1
                     continue
             try:
-                self._pump(block=True)
+                self._pump(block=True, spin=spin)
+                spin = 0.0
             finally:
                 self._sock_lock.release()
                 self._wake_sleepers()
@@ -579,11 +584,19 @@ class ExpertClient:
             raise reply
         return reply  # type: ignore[return-value]
 
-    def _pump(self, block: bool) -> None:
-        """With the socket lock held: wait one poll slice (if ``block``) for replies; file them all."""
+    def _pump(self, block: bool, spin: float = 0.0) -> None:
+        """With the socket lock held: wait one poll slice (if ``block``) for replies; file them all.
+
+        ``spin``: first poll without sleeping for this many seconds (the caller's CPU is idle
+        anyway, and waking a sleeping thread costs more than a hit takes).
+        """
         if time.monotonic() - self._last_send >= PING_AFTER_IDLE * self.info.get("heartbeat_s", 1e9):
             self._sock.send(encode_request(next(self._ids), Ping()), zmq.NOBLOCK)
             self._last_send = time.monotonic()
+        if spin:
+            events, until = self._sock.getsockopt, time.perf_counter() + spin
+            while not events(zmq.EVENTS) & _POLLIN and time.perf_counter() < until:
+                os.sched_yield()  # a runnable daemon thread on this CPU goes first
         try:  # a blocking recv (RCVTIMEO is one slice) wakes sooner than poll + recv
             frame = self._sock.recv(0 if block else zmq.NOBLOCK)
         except zmq.Again:

@@ -180,22 +180,61 @@ class CacheManager:
         error = self._check_acquire(client, request_id, layer, experts, tier, release)
         if error:
             return [ErrorReply(client, request_id, *error)]
+        out: list[Command] = []
+        released = False
         for lease_id in release:
             lease = self._leases.get(lease_id)
             if lease is not None and lease.client == client:  # others are gone already
                 self._release(lease_id)
+                released = True
+        if released and (self._queues[LOAD] or self._queues[H2D] or any(self._admission.values())):
+            out = self._settle()  # what waited for those slots goes first
         if layer <= state.last_layer:  # a new forward pass starts at the first layer again
             state.forward = next(self._forwards)
         state.last_layer = layer
         keys = [layer * self.geometry.num_experts + expert for expert in experts]
-        pending = _Pending(client, request_id, tier, keys, self.t, state.forward)
+        t0 = self.t
         self.t += len(keys)
+        target = self.tiers[tier]
+        if not self._admission[tier] and not self._admitted[tier]:
+            slot_of, filling = target.slot_of, target.filling
+            slots = [slot_of.get(key, -1) for key in keys]
+            if -1 not in slots and filling.isdisjoint(slots):
+                out.append(self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0))
+                return out
+        pending = _Pending(client, request_id, tier, keys, t0, state.forward)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
         self._admission[tier].append(pending)
-        out = self._admit_all()
+        out.extend(self._admit_all())
         out.extend(self._dispatch())
         return out
+
+    def _grant_ready(
+        self,
+        client: ClientId,
+        state: _Client,
+        request_id: int,
+        tier: str,
+        layer: int,
+        keys: list[int],
+        slots: list[int],
+        t0: int,
+    ) -> Reply:
+        """The hit path: every key is ready and nobody waits before us; pin, lease, reply."""
+        target = self.tiers[tier]
+        policy = target.policy
+        policy.on_step(state.forward, layer)
+        for t, (key, slot) in enumerate(zip(keys, slots, strict=True), t0):
+            policy.on_hit(key, t)
+            target.used(slot)
+            target.pin(slot)
+        self.layer_accesses[tier][layer] += len(keys)
+        self.layer_hits[tier][layer] += len(keys)
+        lease_id = next(self._ids)
+        self._leases[lease_id] = _Lease(client, tier, slots)
+        state.leases.add(lease_id)
+        return Reply(client, request_id, lease_id, tier, tuple(slots), len(keys))
 
     def release(self, client: ClientId, request_id: int, lease_id: int, now: float) -> list[Command]:
         """Unpin a lease's slots. Errors only for a lease this client does not hold."""

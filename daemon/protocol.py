@@ -273,25 +273,27 @@ def request_id_of(frame: bytes) -> int:
 def decode_request(frame: bytes) -> tuple[int, Request]:
     """Validate one request frame: ``(id, request)``, or `ProtocolError` naming the problem."""
     message = _unpack(frame, "request")
-    if not isinstance(message, dict):
+    if type(message) is not dict:
         raise ProtocolError(f"request must be a map, got {type(message).__name__}")
     op = message.get("op")
-    if not isinstance(op, str) or op not in REQUEST_TYPES:
+    shape = _SHAPES.get(op) if type(op) is str else None
+    if shape is None:
         raise ProtocolError(f"unknown op {op!r:.40} (known: {', '.join(REQUEST_TYPES)})")
     request_id = message.get("id")
-    if not _is_int(request_id) or not 0 <= request_id <= MAX_REQUEST_ID:
+    if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
         raise ProtocolError(f"{op}: id must be a non-negative integer, got {request_id!r:.40}")
-    cls = REQUEST_TYPES[op]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(message) - set(fields) - {"op", "id"})
-    if unknown:
-        raise ProtocolError(f"{op}: unknown field(s) {', '.join(map(str, unknown))[:80]}")
-    values = {name: _CHECKS[(op, name)](op, name, message[name]) for name in fields if name in message}
-    try:
-        return request_id, cls(**values)
-    except TypeError:
-        missing = sorted(n for n, f in fields.items() if n not in values and _required(f))
-        raise ProtocolError(f"{op}: missing field(s) {', '.join(missing)}") from None
+    if op == "acquire":
+        fast = _acquire_fast(message)
+        if fast is not None:
+            return request_id, fast
+    cls, names, checks, required = shape
+    if len(message) - 2 > len(names) or not message.keys() - _ENVELOPE <= names:
+        unknown = sorted(map(str, message.keys() - _ENVELOPE - names))
+        raise ProtocolError(f"{op}: unknown field(s) {', '.join(unknown)[:80]}")
+    values = {name: check(op, name, message[name]) for name, check in checks if name in message}
+    if len(values) < len(required) and not required <= values.keys():
+        raise ProtocolError(f"{op}: missing field(s) {', '.join(sorted(required - values.keys()))}")
+    return request_id, cls(**values)
 
 
 def decode_reply(frame: bytes) -> tuple[int, dict[str, Any] | ExpertdError]:
@@ -335,7 +337,12 @@ def _lease(op: str, name: str, value: object) -> int:
 
 
 def _index_list(limit: int, element=_index):
+    high = MAX_INDEX if element is _index else MAX_REQUEST_ID
+
     def check(op: str, name: str, value: object) -> list[int]:
+        if type(value) is list and len(value) <= limit:
+            if all(type(v) is int for v in value) and (not value or (min(value) >= 0 and max(value) <= high)):
+                return value  # the common case, checked in C loops
         if not isinstance(value, list):
             raise ProtocolError(f"{op}: {name} must be a list, got {type(value).__name__}")
         if len(value) > limit:
@@ -370,6 +377,7 @@ def _flag(op: str, name: str, value: object) -> bool:
     return value
 
 
+_ENVELOPE = frozenset({"op", "id"})
 _CHECKS = {
     ("hello", "version"): _index,
     ("hello", "client"): _name,
@@ -385,3 +393,42 @@ _CHECKS = {
     ("hint", "scores"): _scores,
     ("ping", "reply"): _flag,
 }
+
+
+def _shape(cls: type) -> tuple[type, frozenset[str], tuple, frozenset[str]]:
+    fields = dataclasses.fields(cls)
+    names = frozenset(f.name for f in fields)
+    checks = tuple((f.name, _CHECKS[(cls.op.value, f.name)]) for f in fields)
+    return cls, names, checks, frozenset(f.name for f in fields if _required(f))
+
+
+# op -> (class, field names, (name, check) pairs, required names): decoding does no reflection.
+_SHAPES = {op: _shape(cls) for op, cls in REQUEST_TYPES.items()}
+_ACQUIRE_KEYS = frozenset({"op", "id", "layer", "experts", "tier", "release"})
+
+
+def _ids_ok(values: object, limit: int, high: int) -> bool:
+    return (
+        type(values) is list
+        and len(values) <= limit
+        and all(type(v) is int for v in values)
+        and (not values or (min(values) >= 0 and max(values) <= high))
+    )
+
+
+def _acquire_fast(message: dict) -> Acquire | None:
+    """The hot path: a well-formed acquire, checked in a few C loops; None: take the slow path."""
+    layer, experts, tier = message.get("layer"), message.get("experts"), message.get("tier")
+    release = message.get("release", [])
+    if (
+        message.keys() <= _ACQUIRE_KEYS
+        and type(layer) is int
+        and 0 <= layer <= MAX_INDEX
+        and _ids_ok(experts, MAX_EXPERTS_PER_MESSAGE, MAX_INDEX)
+        and type(tier) is str
+        and 0 < len(tier) <= MAX_NAME_CHARS
+        and tier.isprintable()
+        and _ids_ok(release, MAX_RELEASES_PER_ACQUIRE, MAX_REQUEST_ID)
+    ):
+        return Acquire(layer, experts, tier, release)
+    return None

@@ -274,11 +274,14 @@ class Server:
                     self._send_error(identity, request_id, "shutting_down", "the daemon is stopping")
                     return
                 self.acquires["count"] += 1
-                self._started[(identity, request_id)] = now
                 commands = manager.acquire(
                     identity, request_id, request.layer, request.experts, request.tier, now, request.release
                 )
-                self._execute(commands, now)
+                if len(commands) == 1 and type(commands[0]) is Reply:  # the hit path
+                    self._send_lease(commands[0])
+                else:
+                    self._started[(identity, request_id)] = now
+                    self._execute(commands, now)
             case proto.Release():
                 unknown = manager.release_many(identity, request.leases, now)
                 if unknown:
@@ -373,17 +376,20 @@ class Server:
                     self.acquires["waited"] += 1
                     self.acquires["stall_s"] += waited
                     self.acquires["max_stall_s"] = max(self.acquires["max_stall_s"], waited)
-                body = {"lease": command.lease_id, "tier": command.tier, "slots": list(command.slots)}
-                body["hits"] = command.hits
-                self._send_ok(command.client, command.request_id, body)
+                self._send_lease(command)
             elif isinstance(command, ErrorReply):
                 self._started.pop((command.client, command.request_id), None)
                 self.acquires["errors"] += 1
                 self._send_error(command.client, command.request_id, command.code, command.message)
 
+    def _send_lease(self, reply: Reply) -> None:
+        body = {"lease": reply.lease_id, "tier": reply.tier, "slots": list(reply.slots), "hits": reply.hits}
+        self._send(reply.client, proto.encode_reply(reply.request_id, body))
+
     def _send(self, identity: Any, payload: bytes) -> None:
         try:
-            self.router.send_multipart([identity, payload], zmq.NOBLOCK)
+            self.router.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
+            self.router.send(payload, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # Gone (EHOSTUNREACH) or not reading (EAGAIN at the high-water mark): either
             # way it cannot hold leases any more.
