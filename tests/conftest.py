@@ -1,0 +1,18 @@
+"""Suite-wide switches: GPU tests skip cleanly where CUDA is absent; torch stays single-threaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tiny bf16 matmuls on a busy 2-core machine: a second OpenMP thread only adds waiting.
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
