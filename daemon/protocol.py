@@ -48,7 +48,7 @@ class Op(StrEnum):
 class ExpertdError(Exception):
     """Base of every error expertd reports to a client."""
 
-    code: ClassVar[str] = "internal"
+    code: str = "internal"
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -340,9 +340,8 @@ def _index_list(limit: int, element=_index):
     high = MAX_INDEX if element is _index else MAX_REQUEST_ID
 
     def check(op: str, name: str, value: object) -> list[int]:
-        if type(value) is list and len(value) <= limit:
-            if all(type(v) is int for v in value) and (not value or (min(value) >= 0 and max(value) <= high)):
-                return value  # the common case, checked in C loops
+        if _ids_ok(value, limit, high):
+            return value  # type: ignore[return-value]  # the common case, checked in C loops
         if not isinstance(value, list):
             raise ProtocolError(f"{op}: {name} must be a list, got {type(value).__name__}")
         if len(value) > limit:
@@ -395,7 +394,7 @@ _CHECKS = {
 }
 
 
-def _shape(cls: type) -> tuple[type, frozenset[str], tuple, frozenset[str]]:
+def _shape(cls: Any) -> tuple[type, frozenset[str], tuple, frozenset[str]]:
     fields = dataclasses.fields(cls)
     names = frozenset(f.name for f in fields)
     checks = tuple((f.name, _CHECKS[(cls.op.value, f.name)]) for f in fields)
@@ -430,5 +429,5 @@ def _acquire_fast(message: dict) -> Acquire | None:
         and tier.isprintable()
         and _ids_ok(release, MAX_RELEASES_PER_ACQUIRE, MAX_REQUEST_ID)
     ):
-        return Acquire(layer, experts, tier, release)
+        return Acquire(layer, experts, tier, release)  # type: ignore[arg-type]  # checked just above
     return None
