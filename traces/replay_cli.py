@@ -31,7 +31,11 @@ def register(subparsers) -> None:
             f"hardware profiles (--profile):\n{profiles}\n\nknown model sizes:\n{sizes}"
         ),
     )
-    parser.add_argument("trace", metavar="TRACE", help="trace file, or a shipped trace's name")
+    parser.add_argument(
+        "trace",
+        metavar="TRACE",
+        help="trace file, a shipped trace's name, or llama4 / mixtral (from ../shared)",
+    )
     parser.add_argument("--policy", default=None, help="comma-separated policies (default: all registered)")
     parser.add_argument(
         "--capacity",
@@ -67,7 +71,13 @@ def resolve_trace(name: str) -> Path:
     if path.exists():
         return path
     from expertd import traces
+    from expertd.traces import corpus
 
+    if name in corpus.NAMES:  # granite, llama4, mixtral: converted from ../shared on first use
+        try:
+            return corpus.path_of(name)
+        except corpus.TraceUnavailable as exc:
+            raise CliError(str(exc)) from None
     matches = [n for n in traces.list_shipped() if n == name or n.startswith(name)]
     if len(matches) != 1:
         shipped = ", ".join(traces.list_shipped()) or "none"
