@@ -37,6 +37,7 @@ from expertd.daemon.protocol import (
     Acquire,
     Bye,
     DaemonUnavailable,
+    End,
     ExpertdError,
     Hello,
     Hint,
@@ -207,6 +208,8 @@ class ExpertClient:
         self.connect_timeout_s = connect_timeout_s
         self.release_linger_s = release_linger_s
         self.spin_s = spin_s  # 0: never spin (a waiting thread always sleeps)
+        self.request: int | None = None  # the open generation (`begin_request`), sent with acquires
+        self._request_ids = itertools.count(1)
         self.closed = False
         self.info: dict[str, Any] = {}
         self.layout: tuple[TensorLayout, ...] = ()
@@ -299,7 +302,23 @@ class ExpertClient:
     def hint(self, layer: int, experts: Iterable[int], scores: Iterable[float] | None = None) -> None:
         """Tell the daemon ``experts`` of ``layer`` come soon (best first); no reply."""
         score_list = None if scores is None else [float(s) for s in scores]
-        self._send(Hint(int(layer), [int(e) for e in experts], score_list), reply=False)
+        self._send(Hint(int(layer), [int(e) for e in experts], score_list, self.request), reply=False)
+
+    def begin_request(self) -> int:
+        """Start a new generation: later acquires and hints belong to it (the previous one ends).
+
+        The daemon's predictors keep routing history per generation; telling them where one
+        ends and the next begins keeps one prompt's routing from steering the next one's.
+        """
+        self.end_request()
+        self.request = next(self._request_ids)
+        return self.request
+
+    def end_request(self) -> None:
+        """The current generation is over (no-op if none is open)."""
+        if self.request is not None:
+            self._send(End(self.request), reply=False)
+            self.request = None
 
     def stats(self) -> dict[str, Any]:
         """The daemon's counters (a print-friendly map)."""
@@ -407,7 +426,7 @@ class ExpertClient:
             with self._cond:
                 carried = self._releases[:MAX_RELEASES_PER_ACQUIRE]
                 del self._releases[: len(carried)]
-        request = Acquire(layer, experts, tier, carried)
+        request = Acquire(layer, experts, tier, carried, self.request)
         try:
             return self._send(request, reply=True), request
         except DaemonUnavailable:

@@ -25,7 +25,7 @@ import dataclasses
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from expertd.daemon.events import (
@@ -45,7 +45,8 @@ from expertd.daemon.events import (
     Reply,
     StartTransfer,
 )
-from expertd.daemon.slots import SlotTable
+from expertd.daemon.prefetch import DEFAULT_TENANT, PrefetchConfig, Prefetcher, PrefetchPlan
+from expertd.daemon.slots import REJECTED, SlotTable
 from expertd.policies.base import Geometry
 from expertd.policies.registry import make_policy
 
@@ -65,6 +66,7 @@ class ManagerConfig:
     max_pending_per_client: int = 16  # unanswered acquires a client may have
     max_queued_prefetches: int = 256  # per link; further prefetches are dropped
     expert_bytes: int = 0  # for byte counters only
+    prefetch: PrefetchConfig = PrefetchConfig()  # predictor None: no prefetching
 
     def __post_init__(self) -> None:
         if self.host_slots < 1:
@@ -76,6 +78,9 @@ class ManagerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+DROPPED = object()  # _start: the transfer was dropped, not started
+
+
 @dataclasses.dataclass
 class _Transfer:
     transfer_id: int
@@ -84,6 +89,7 @@ class _Transfer:
     priority: Priority
     seq: int
     t: int  # access time the policy sees at insert
+    prob: float = 1.0  # for a prediction: how likely it is used (a prefetch evicts only less likely keys)
     running: bool = False
     src_slot: int | None = None
     dst_slot: int | None = None
@@ -113,6 +119,7 @@ class _Lease:
 @dataclasses.dataclass
 class _Client:
     last_seen: float
+    tenant: str = DEFAULT_TENANT
     forward: int = -1  # this client's current forward pass (a global id)
     last_layer: int = 1 << 30
     leases: set[int] = dataclasses.field(default_factory=set)
@@ -157,6 +164,8 @@ class CacheManager:
         self.layer_hits = {name: [0] * layers for name in self.tiers}
         self.link_started = {LOAD: 0, H2D: 0}
         self.link_failed = {LOAD: 0, H2D: 0}
+        self.prefetch_cancelled = 0
+        self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
 
     # --- events ---------------------------------------------------------------------------
 
@@ -169,8 +178,12 @@ class CacheManager:
         tier: str,
         now: float,
         release: Iterable[int] = (),
+        request: Hashable = None,
     ) -> list[Command]:
         """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready.
+
+        ``request``: which of the client's generations this is (predictors keep history per
+        request); None: the client's acquires are one stream.
 
         ``release``: leases to release first; ones this client does not hold (any more)
         are ignored -- an expired lease is already released.
@@ -196,19 +209,37 @@ class CacheManager:
         t0 = self.t
         self.t += len(keys)
         target = self.tiers[tier]
+        plan = None
+        if self.prefetcher is not None:
+            plan = self.prefetcher.on_acquire(state.tenant, (client, request), layer, experts)
         if not self._admission[tier] and not self._admitted[tier]:
             slot_of, filling = target.slot_of, target.filling
             slots = [slot_of.get(key, -1) for key in keys]
             if -1 not in slots and filling.isdisjoint(slots):
                 out.append(self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0))
+                if plan is not None:
+                    out.extend(self._prefetch(plan))
                 return out
         pending = _Pending(client, request_id, tier, keys, t0, state.forward)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
         self._admission[tier].append(pending)
         out.extend(self._admit_all())
-        out.extend(self._dispatch())
+        if plan is not None:
+            out.extend(self._prefetch(plan))
+        else:
+            out.extend(self._dispatch())
         return out
+
+    def set_tenant(self, client: ClientId, tenant: str, now: float) -> None:
+        """``client`` acts for ``tenant``: its routing feeds (only) that tenant's predictor."""
+        self._touch(client, now).tenant = tenant
+
+    def end_request(self, client: ClientId, request: Hashable) -> None:
+        """The client's generation ``request`` finished: its per-request history goes."""
+        state = self._clients.get(client)
+        if self.prefetcher is not None and state is not None:
+            self.prefetcher.forget(state.tenant, (client, request))
 
     def _grant_ready(
         self,
@@ -265,11 +296,17 @@ class CacheManager:
         experts: Sequence[int],
         now: float,
         priority: Priority = Priority.HINT,
+        request: Hashable = None,
+        scores: Sequence[float] | None = None,
     ) -> list[Command]:
         """Prefetch ``experts`` of ``layer`` into the top tier (out-of-range ids are ignored)."""
-        self._touch(client, now)
+        state = self._touch(client, now)
         if not 0 <= layer < self.geometry.num_layers:
             return []
+        if self.prefetcher is not None:
+            valid = [e for e in experts if 0 <= e < self.geometry.num_experts]
+            weights = list(scores) if scores else [1.0] * len(valid)
+            self.prefetcher.on_hint(state.tenant, (client, request), layer, valid, weights)
         tier = DEVICE if DEVICE in self.tiers else HOST
         slot_of = self.tiers[tier].slot_of
         for expert in experts:
@@ -329,6 +366,8 @@ class CacheManager:
         state = self._clients.pop(client, None)
         if state is None:
             return []
+        if self.prefetcher is not None:
+            self.prefetcher.forget_client(state.tenant, client)
         for lease_id in list(state.leases):
             self._release(lease_id)
         for request_id in list(state.pending):
@@ -408,9 +447,13 @@ class CacheManager:
             }
             for link in LINKS
         }
+        prefetch = {"cancelled": self.prefetch_cancelled}
+        if self.prefetcher is not None:
+            prefetch.update(self.prefetcher.stats())
         return {
             "tiers": tiers,
             "links": links,
+            "prefetch": prefetch,
             "leases": len(self._leases),
             "pending": len(self._pending),
             "clients": len(self._clients),
@@ -577,7 +620,7 @@ class CacheManager:
 
     # --- transfers ------------------------------------------------------------------------
 
-    def _ensure(self, key: int, tier: str, priority: Priority, t: int) -> None:
+    def _ensure(self, key: int, tier: str, priority: Priority, t: int, prob: float = 1.0) -> None:
         """Make sure a transfer will bring ``key`` into ``tier`` at ``priority`` or better."""
         transfer_id = self._inflight.get((tier, key))
         if transfer_id is not None:
@@ -586,20 +629,20 @@ class CacheManager:
                 self._reprioritize(transfer, priority)
             return
         if tier == HOST or self.tiers[HOST].ready(key):
-            self._enqueue(LINK_INTO[tier], key, priority, t)
+            self._enqueue(LINK_INTO[tier], key, priority, t, prob)
             return
         # The device wants a key the host does not hold yet: load it, then copy it up.
         want = self._wants_device.get(key)
         if want is None or priority < want[0]:
             self._wants_device[key] = (priority, t if want is None else want[1])
-        self._ensure(key, HOST, priority, t)
+        self._ensure(key, HOST, priority, t, prob)
 
-    def _enqueue(self, link: str, key: int, priority: Priority, t: int) -> None:
+    def _enqueue(self, link: str, key: int, priority: Priority, t: int, prob: float = 1.0) -> None:
         if priority != Priority.DEMAND:
             if self._queued_prefetches[link] >= self.config.max_queued_prefetches:
                 return  # bounded: a prefetch that cannot queue is dropped
             self._queued_prefetches[link] += 1
-        transfer = _Transfer(next(self._ids), link, key, priority, next(self._seq), t)
+        transfer = _Transfer(next(self._ids), link, key, priority, next(self._seq), t, prob)
         self._transfers[transfer.transfer_id] = transfer
         self._inflight[(TIER_OF_LINK[link], key)] = transfer.transfer_id
         heapq.heappush(self._queues[link], (priority, transfer.seq, transfer.transfer_id))
@@ -650,6 +693,9 @@ class CacheManager:
                     self._requeue_behind_load(transfer)
                     continue
                 command = self._start(transfer)
+                if command is DROPPED:
+                    heapq.heappop(queue)
+                    continue
                 if command is None:
                     # The head must wait for pins to drop; what admitted acquires wait
                     # for may still start, wherever it sits in the queue.
@@ -672,7 +718,7 @@ class CacheManager:
             if transfer.running or (link == H2D and not self.tiers[HOST].ready(key)):
                 continue
             command = self._start(transfer)
-            if command is not None:
+            if isinstance(command, StartTransfer):
                 out.append(command)
         return out
 
@@ -683,9 +729,17 @@ class CacheManager:
         committed = self._committed(tier_name)
         if transfer.key not in committed and tier.pinned_slots + len(committed) + 1 > tier.num_slots:
             return None  # the unpinned slots are promised to admitted acquires
-        dst_slot = tier.reserve(transfer.key, transfer.t)
+        guard = None
+        if transfer.priority == Priority.PREDICTED and self.prefetcher is not None:
+            probability, prob = self.prefetcher.probability, transfer.prob
+            guard = lambda victim: probability(victim) < prob  # noqa: E731 - never evict a likelier key
+        protected = self.prefetcher.protected if self.prefetcher is not None else ()
+        dst_slot = tier.reserve(transfer.key, transfer.t, guard, protected)
         if dst_slot is None:
             return None
+        if dst_slot == REJECTED:
+            self._drop_queued(transfer)
+            return DROPPED
         src_slot = None
         if transfer.link == H2D:
             host = self.tiers[HOST]
@@ -702,6 +756,39 @@ class CacheManager:
         return StartTransfer(
             transfer.transfer_id, transfer.link, transfer.key, src_slot, dst_slot, transfer.priority
         )
+
+    def _prefetch(self, plan: PrefetchPlan) -> list[Command]:
+        """Cancel stale guesses still queued, queue the new ones, start what can start."""
+        tier = DEVICE if DEVICE in self.tiers else HOST
+        for key in plan.stale:
+            self._cancel_prefetch(tier, key)
+        slot_of = self.tiers[tier].slot_of
+        for key, prob in plan.wanted:
+            if key not in slot_of:
+                self._ensure(key, tier, Priority.PREDICTED, self.t, prob)
+        return self._dispatch()
+
+    def _cancel_prefetch(self, tier: str, key: int) -> None:
+        """A queued prediction for ``key`` lost its purpose: drop it (a running one finishes)."""
+        if self._waiters.get((tier, key)):
+            return
+        transfer_id = self._inflight.get((tier, key))
+        if transfer_id is not None:
+            transfer = self._transfers[transfer_id]
+            if not transfer.running and transfer.priority == Priority.PREDICTED:
+                self._drop_queued(transfer)
+                self.prefetch_cancelled += 1
+        elif tier == DEVICE and self._wants_device.get(key, (None,))[0] == Priority.PREDICTED:
+            del self._wants_device[key]
+            self._cancel_prefetch(HOST, key)
+
+    def _drop_queued(self, transfer: _Transfer) -> None:
+        """Forget a transfer that never started (its heap entry goes stale)."""
+        assert not transfer.running
+        del self._transfers[transfer.transfer_id]
+        del self._inflight[(TIER_OF_LINK[transfer.link], transfer.key)]
+        if transfer.priority != Priority.DEMAND:
+            self._queued_prefetches[transfer.link] -= 1
 
     def _requeue_behind_load(self, transfer: _Transfer) -> None:
         """The host copy a queued h2d needed was evicted: load it again first."""

@@ -39,6 +39,7 @@ class Op(StrEnum):
     STATS = "stats"
     PING = "ping"
     BYE = "bye"
+    END = "end"
     SHUTDOWN = "shutdown"
 
 
@@ -159,6 +160,7 @@ class Acquire:
     experts: list[int]
     tier: str
     release: list[int] = dataclasses.field(default_factory=list)
+    request: int | None = None  # which of the client's generations (predictors keep history per request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +179,15 @@ class Hint:
     layer: int
     experts: list[int]
     scores: list[float] | None = None
+    request: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+    """The client's generation ``request`` is over: the daemon drops its routing history. No reply."""
+
+    op: ClassVar[Op] = Op.END
+    request: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,12 +215,12 @@ class Shutdown:
     op: ClassVar[Op] = Op.SHUTDOWN
 
 
-Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | Shutdown
+Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | End | Shutdown
 REQUEST_TYPES: dict[str, type] = {
-    cls.op.value: cls for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, Shutdown)
+    cls.op.value: cls for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, End, Shutdown)
 }
 #: Ops the daemon does not answer (fire and forget).
-NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT})
+NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT, Op.END})
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -376,6 +387,13 @@ def _flag(op: str, name: str, value: object) -> bool:
     return value
 
 
+def _optional(check):
+    def optional(op: str, name: str, value: object):
+        return None if value is None else check(op, name, value)
+
+    return optional
+
+
 _ENVELOPE = frozenset({"op", "id"})
 _CHECKS = {
     ("hello", "version"): _index,
@@ -386,6 +404,9 @@ _CHECKS = {
     ("acquire", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
     ("acquire", "tier"): _name,
     ("acquire", "release"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
+    ("acquire", "request"): _optional(_lease),
+    ("hint", "request"): _optional(_lease),
+    ("end", "request"): _lease,
     ("release", "leases"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
     ("hint", "layer"): _index,
     ("hint", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
@@ -403,7 +424,7 @@ def _shape(cls: Any) -> tuple[type, frozenset[str], tuple, frozenset[str]]:
 
 # op -> (class, field names, (name, check) pairs, required names): decoding does no reflection.
 _SHAPES = {op: _shape(cls) for op, cls in REQUEST_TYPES.items()}
-_ACQUIRE_KEYS = frozenset({"op", "id", "layer", "experts", "tier", "release"})
+_ACQUIRE_KEYS = frozenset({"op", "id", "layer", "experts", "tier", "release", "request"})
 
 
 def _ids_ok(values: object, limit: int, high: int) -> bool:
@@ -419,6 +440,7 @@ def _acquire_fast(message: dict) -> Acquire | None:
     """The hot path: a well-formed acquire, checked in a few C loops; None: take the slow path."""
     layer, experts, tier = message.get("layer"), message.get("experts"), message.get("tier")
     release = message.get("release", [])
+    request = message.get("request")
     if (
         message.keys() <= _ACQUIRE_KEYS
         and type(layer) is int
@@ -428,6 +450,7 @@ def _acquire_fast(message: dict) -> Acquire | None:
         and 0 < len(tier) <= MAX_NAME_CHARS
         and tier.isprintable()
         and _ids_ok(release, MAX_RELEASES_PER_ACQUIRE, MAX_REQUEST_ID)
+        and (request is None or (type(request) is int and 0 <= request <= MAX_REQUEST_ID))
     ):
-        return Acquire(layer, experts, tier, release)  # type: ignore[arg-type]  # checked just above
+        return Acquire(layer, experts, tier, release, request)  # type: ignore[arg-type]  # checked above
     return None

@@ -275,8 +275,9 @@ class Server:
                     return
                 self.acquires["count"] += 1
                 commands = manager.acquire(
-                    identity, request_id, request.layer, request.experts, request.tier, now, request.release
-                )
+                    identity, request_id, request.layer, request.experts, request.tier, now, request.release,
+                    request.request,
+                )  # fmt: skip
                 if len(commands) == 1 and type(commands[0]) is Reply:  # the hit path
                     self._send_lease(commands[0])
                 else:
@@ -291,7 +292,17 @@ class Server:
                     self._send_ok(identity, request_id, {})
                 self._execute(manager.settle(), now)
             case proto.Hint():
-                self._execute(manager.hint(identity, request.layer, request.experts, now), now)
+                commands = manager.hint(
+                    identity,
+                    request.layer,
+                    request.experts,
+                    now,
+                    request=request.request,
+                    scores=request.scores,
+                )
+                self._execute(commands, now)
+            case proto.End():
+                manager.end_request(identity, request.request)
             case proto.Stats():
                 self._send_ok(identity, request_id, self.stats())
             case proto.Ping():
@@ -323,7 +334,7 @@ class Server:
             )
             return
         self.sessions[identity] = Session(hello.client, hello.tenant, hello.pid, now)
-        self.manager.heartbeat(identity, now)
+        self.manager.set_tenant(identity, hello.tenant, now)
         log.info("client %s (tenant %s, pid %d) connected", hello.client, hello.tenant, hello.pid)
         self._send_ok(identity, request_id, self.hello_reply())
 

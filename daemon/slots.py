@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container
+
 from expertd.policies.base import EvictionPolicy, NoVictimError
+
+REJECTED = -1  # reserve: the guard refused the victim
 
 
 class SlotTable:
@@ -51,22 +55,32 @@ class SlotTable:
             del self.pinned_keys[key]
             self.pinned_slots -= 1
 
-    def reserve(self, key: int, t: int) -> int | None:
+    def reserve(
+        self,
+        key: int,
+        t: int,
+        guard: Callable[[int], bool] | None = None,
+        protected: Container[int] = (),
+    ) -> int | None:
         """A slot for ``key`` (evicting if the policy says so), filling and pinned; None if none.
 
         When the policy cannot name a victim (say the incoming key's layer share is all
         pinned) a free slot is still taken: the tier's capacity is the hard limit, a
-        policy's internal shares are not.
+        policy's internal shares are not. ``protected``: keys to spare while any other
+        victim exists (those predicted for the coming layers). ``guard(victim)`` False:
+        evict nothing and return `REJECTED` (a prefetch must not evict a likelier key).
         """
         policy = self.policy
         if self.free and not policy.needs_eviction(key):
             slot = self.free.pop()
         else:
-            victim = self._victim(t, key)
+            victim = self._victim(t, key, protected)
             if victim is None:
                 if not self.free:
                     return None
                 slot = self.free.pop()
+            elif guard is not None and not guard(victim):
+                return REJECTED
             else:
                 slot = self.slot_of[victim]
                 assert not self.pins[slot], f"{self.name}: policy chose pinned key {victim}"
@@ -80,12 +94,15 @@ class SlotTable:
         policy.on_insert(key, t)
         return slot
 
-    def _victim(self, t: int, incoming: int) -> int | None:
-        """The policy's victim for ``incoming``, else any victim it allows, else None."""
-        try:
-            return self.policy.victim(t, self.pinned_keys, incoming)
-        except NoVictimError:
-            pass
+    def _victim(self, t: int, incoming: int, protected: Container[int] = ()) -> int | None:
+        """The policy's victim for ``incoming`` sparing ``protected``, else any it allows, else None."""
+        attempts: list[Container[int]] = [_Either(self.pinned_keys, protected)] if protected else []
+        attempts.append(self.pinned_keys)
+        for pinned in attempts:
+            try:
+                return self.policy.victim(t, pinned, incoming)
+            except NoVictimError:
+                pass
         if self.free:
             return None  # the free slot will do
         try:
@@ -115,3 +132,15 @@ class SlotTable:
             self.prefetch_wasted += 1
         self.free.append(slot)
         self.policy.on_remove(key)
+
+
+class _Either:
+    """Membership in either of two containers (pinned, or protected by a prediction)."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Container[int], second: Container[int]) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.first or key in self.second

@@ -21,6 +21,7 @@ import numpy as np
 
 from expertd.daemon.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
+from expertd.daemon.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry, PolicyError
 from expertd.policies.registry import make_policy, parse_spec, policy_class
 from expertd.traces.timing import TimingModel
@@ -55,6 +56,7 @@ class ReplayRow:
     bound_s_per_token: float | None = None
     bound_ratio: float | None = None
     error: str | None = None  # the policy cannot run at this capacity (the row has no results)
+    prefetch: dict | None = None  # timed mode with a predictor: its precision, recall, waste
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -120,11 +122,6 @@ def replay_hits(trace: Trace, policy: str, slots: int, keys: np.ndarray | None =
     )
 
 
-#: Called after each acquire in timed mode with (row index, manager, now): the
-#: place a predictor issues its prefetches (``manager.hint(...)``).
-Prefetcher = Callable[[int, CacheManager, float], list]
-
-
 def replay_timed(
     trace: Trace,
     policy: str,
@@ -132,10 +129,14 @@ def replay_timed(
     timing: TimingModel,
     *,
     host_policy: str = "lru",
-    prefetcher: Prefetcher | None = None,
+    prefetch: PrefetchConfig | None = None,
     bound_loads: int | None = None,
 ) -> ReplayRow:
-    """Timed mode: the cache manager, a virtual clock and the links of ``timing``."""
+    """Timed mode: the cache manager, a virtual clock and the links of ``timing``.
+
+    ``prefetch``: the manager's predictor and prefetch settings (None: demand loads only).
+    """
+    prefetch = prefetch or PrefetchConfig()
     geometry = geometry_of(trace)
     keys = trace.keys()
     num_keys = geometry.num_keys
@@ -145,12 +146,12 @@ def replay_timed(
         config = ManagerConfig(
             geometry, host_slots=host_slots, device_slots=slots, host_policy=host_policy,
             device_policy=policy, load_depth=1, h2d_depth=1, lease_timeout_s=math.inf,
-            expert_bytes=timing.expert_bytes,
+            expert_bytes=timing.expert_bytes, prefetch=prefetch,
         )  # fmt: skip
     else:
         config = ManagerConfig(
             geometry, host_slots=slots, host_policy=policy, load_depth=1,
-            lease_timeout_s=math.inf, expert_bytes=timing.expert_bytes,
+            lease_timeout_s=math.inf, expert_bytes=timing.expert_bytes, prefetch=prefetch,
         )  # fmt: skip
     started = time.perf_counter()
     manager = CacheManager(config)
@@ -178,15 +179,16 @@ def replay_timed(
 
     layers = trace.layer.tolist()
     experts = trace.experts.tolist()
+    requests = trace.request.tolist()
     now = stall = 0.0
     lease: list[int] = []
-    for row, (layer, row_experts) in enumerate(zip(layers, experts, strict=True)):
+    for row, (layer, row_experts, request) in enumerate(zip(layers, experts, requests, strict=True)):
         while events and events[0][0] <= now:
             finish, _, transfer_id = heapq.heappop(events)
             run(manager.transfer_done(transfer_id, True), finish)
-        run(manager.acquire("replay", row, layer, row_experts, tier, now, release=lease), now)
-        if prefetcher is not None:
-            run(prefetcher(row, manager, now), now)
+        if row and request != requests[row - 1]:
+            manager.end_request("replay", requests[row - 1])
+        run(manager.acquire("replay", row, layer, row_experts, tier, now, lease, request), now)
         ready = now
         while not replies:
             if not events:
@@ -217,12 +219,33 @@ def replay_timed(
         tokens_per_s=tokens / now if now else math.inf,
         bytes_moved=sum(per_link.values()),
         bytes_per_link=per_link,
+        prefetch=_prefetch_summary(stats, tier),
     )
     if bound_loads is not None:
         bound = timed_bound(trace, timing, bound_loads)
         row_out.bound_s_per_token = bound / tokens
         row_out.bound_ratio = now / bound if bound else math.inf
     return row_out
+
+
+def _prefetch_summary(stats: dict, tier: str) -> dict | None:
+    """Prediction precision/recall and what the prefetches it caused were worth."""
+    prefetch = stats["prefetch"]
+    if "predictor" not in prefetch:
+        return None
+    counters = stats["tiers"][tier]
+    used, wasted = counters["prefetch_used"], counters["prefetch_wasted"]
+    misses = counters["accesses"] - counters["hits"]
+    return {
+        "predictor": prefetch["predictor"],
+        "precision": prefetch["precision"],
+        "recall": prefetch["recall"],
+        "prefetches_used": used,
+        "prefetches_wasted": wasted,
+        "prefetches_cancelled": prefetch["cancelled"],
+        "useful_share": used / (used + wasted) if used + wasted else 0.0,
+        "coverage": used / (used + misses) if used + misses else 0.0,
+    }
 
 
 def timed_bound(trace: Trace, timing: TimingModel, bound_loads: int) -> float:
@@ -247,6 +270,7 @@ def sweep(
     capacities: list[int],
     *,
     timing: TimingModel | None = None,
+    prefetch: PrefetchConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[ReplayRow]:
     """Every policy at every capacity (slots), each row with its Belady bound."""
@@ -264,7 +288,7 @@ def sweep(
                     row = bound if spec == BOUND_POLICY else replay_hits(trace, spec, slots, keys)
                 else:
                     loads = bound.accesses - bound.hits
-                    row = replay_timed(trace, spec, slots, timing, bound_loads=loads)
+                    row = replay_timed(trace, spec, slots, timing, prefetch=prefetch, bound_loads=loads)
             except PolicyError as exc:  # e.g. lru-per-layer with fewer slots than layers
                 fraction = slots / geometry_of(trace).num_keys
                 row = ReplayRow(spec, fraction, slots, len(keys), 0, 0.0, 0.0, error=str(exc))

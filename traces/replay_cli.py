@@ -57,6 +57,10 @@ def register(subparsers) -> None:
     timed.add_argument("--h2d-gbps", type=float, default=None, help="host->device bandwidth, GB/s")
     timed.add_argument("--nvme-gbps", type=float, default=None, help="store->host bandwidth, GB/s")
     timed.add_argument("--layer-ms", type=float, default=None, help="compute time of one layer, ms")
+    timed.add_argument("--predictor", default=None, help="prefetch with this predictor (default: none)")
+    timed.add_argument("--prefetch-depth", type=int, default=2, help="layers ahead to prefetch")
+    timed.add_argument("--prefetch-min-prob", type=float, default=0.2, help="skip guesses below this")
+    timed.add_argument("--prefetch-budget", type=int, default=8, help="new prefetches per acquire at most")
     timed.add_argument(
         "--host-capacity",
         default=None,
@@ -111,7 +115,7 @@ def load_for_replay(name: str, phase: str = "all", max_tokens: int | None = None
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from expertd.policies.base import PolicyError
+    from expertd.policies.base import Geometry, PolicyError
     from expertd.policies.registry import available
     from expertd.traces.replay import ReplayError, parse_capacity, sweep
     from expertd.traces.timing import build_timing
@@ -137,6 +141,17 @@ def run(args: argparse.Namespace) -> int:
                 layer_ms=args.layer_ms,
                 host_slots=host_slots,
             )
+        prefetch = None
+        if args.predictor:
+            from expertd.daemon.prefetch import PrefetchConfig
+            from expertd.policies.predictor import make_predictor
+
+            make_predictor(args.predictor, Geometry(meta.num_layers, meta.num_experts))  # fail early
+            prefetch = PrefetchConfig(
+                args.predictor, args.prefetch_depth, args.prefetch_min_prob, args.prefetch_budget
+            )
+            if not args.timed:
+                raise CliError("--predictor needs --timed (prefetching is a matter of time)")
         bar = tqdm(
             total=len(policies) * len(capacities),
             desc="replay",
@@ -144,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             leave=False,
         )
-        rows = sweep(trace, policies, capacities, timing=timing, progress=lambda _: bar.update())
+        rows = sweep(
+            trace, policies, capacities, timing=timing, prefetch=prefetch, progress=lambda _: bar.update()
+        )
         bar.close()
     except (ReplayError, PolicyError, ValueError) as exc:
         raise CliError(str(exc)) from None
@@ -189,6 +206,12 @@ def format_table(rows, *, timed: bool) -> str:
                 f" {row.bound_s_per_token * 1e3:>9.2f} {row.bound_ratio:>6.2f}"
             )
         line += f" {row.seconds:>8.2f}"
+        if row.prefetch:
+            p = row.prefetch
+            line += (
+                f"  [{p['predictor']}: precision {p['precision']:.2f} recall {p['recall']:.2f},"
+                f" prefetches used {p['prefetches_used']} wasted {p['prefetches_wasted']}]"
+            )
         lines.append(line)
     return "\n".join(lines)
 
