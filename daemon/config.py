@@ -79,6 +79,11 @@ KEYS: tuple[Key, ...] = (
     Key("tiers", "cuda_device", "int", 0, "CUDA device index for device = cuda."),
     Key("policy", "host", "str", "lru", "Eviction policy of the host tier (see `expertd replay --help`)."),
     Key("policy", "device", "str", "lru", "Eviction policy of the device tier."),
+    Key("prefetch", "predictor", "str", "none", "Predictor that guesses the next layers' experts (`none`: "
+        "no prefetching; see `expertd replay --help`). Each tenant gets its own."),  # fmt: skip
+    Key("prefetch", "depth", "int", 2, "Layers ahead to prefetch."),
+    Key("prefetch", "min_prob", "float", 0.2, "Guesses less likely than this are not fetched."),
+    Key("prefetch", "budget", "int", 8, "New prefetches per acquire at most."),
     Key("transfers", "load_threads", "int", 4, "Store reads in flight at once (reader threads)."),
     Key("transfers", "h2d_depth", "int", 1, "Host->device copies in flight at once."),
     Key("transfers", "max_queued_prefetches", "int", 256, "Prefetches queued per link; more are dropped."),

@@ -25,6 +25,7 @@ from expertd.daemon.config import ServeConfig
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
+from expertd.daemon.prefetch import PrefetchConfig
 from expertd.daemon.reader import StoreReader
 from expertd.daemon.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
 from expertd.daemon.systemd import Notifier
@@ -120,6 +121,10 @@ class Server:
         for key, spec in (("host", cfg.policy_host), ("device", cfg.policy_device)):
             if policy_class(parse_spec(spec)[0]).offline:
                 raise StartupError(f"[policy] {key} = {spec!r} needs the future: it is for replay only")
+        if cfg.prefetch_predictor != "none":
+            from expertd.policies.predictor import make_predictor
+
+            make_predictor(cfg.prefetch_predictor, Geometry(manifest.num_layers, manifest.num_experts))
         self.manager = CacheManager(
             ManagerConfig(
                 Geometry(manifest.num_layers, manifest.num_experts),
@@ -133,6 +138,12 @@ class Server:
                 max_pending_per_client=cfg.clients_max_pending or 1,
                 max_queued_prefetches=cfg.transfers_max_queued_prefetches,
                 expert_bytes=manifest.raw_bytes,
+                prefetch=PrefetchConfig(
+                    None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
+                    cfg.prefetch_depth,
+                    cfg.prefetch_min_prob,
+                    cfg.prefetch_budget,
+                ),
             )
         )
         self.context = zmq.Context()

@@ -272,6 +272,7 @@ def test_status_of_no_daemon_is_a_one_line_error(short_dir):
         ([], "[tiers\n", "not valid TOML"),
         (["--host-policy", "nope"], None, "unknown policy 'nope'"),
         (["--device", "cpu", "--device-policy", "belady"], None, "needs the future"),
+        ([], "[prefetch]\npredictor = 'psychic'\n", "unknown predictor 'psychic'"),
     ],
 )
 def test_bad_configuration_is_a_one_line_error(store, short_dir, args, config, message):
