@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from expertd.daemon.cli import EXIT_FAILED, CliError
@@ -44,11 +41,9 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from expertd.client.moe import expert_ffn, swiglu_names
     from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_synthetic
-    from expertd.traces.replay import forward_ids, replay_timed
+    from expertd.traces.live import ClientSource, PrivateDaemon, drive
+    from expertd.traces.replay import replay_timed
     from expertd.traces.replay_cli import load_for_replay
     from expertd.traces.timing import TimingModel
 
@@ -68,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="expertd-demo-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "store"
-    address = f"ipc://{workdir / 'expertd.sock'}"
     _say(f"1. packing a synthetic {preset} store (expert dims / {args.scale:g}) into {store}")
     manifest = pack_synthetic(store, preset, scale=args.scale, force=True)
     model_mib = manifest.raw_bytes * num_keys / 2**20
@@ -80,81 +74,38 @@ def run(args: argparse.Namespace) -> int:
         f"2. starting expertd: host tier holds every expert, device tier (CPU stand-in) {device_slots} "
         f"slots = {device_slots / num_keys:.0%} of the experts, policy {args.policy}"
     )
-    log_path = workdir / "daemon.log"
-    command = [
-        sys.executable, "-m", "expertd.daemon", "serve", "--store", str(store), "--address", address,
+    flags = [
         "--host-size", f"{num_keys} slots", "--device", "cpu", "--device-size", f"{device_slots} slots",
         "--device-policy", args.policy,
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    daemon = PrivateDaemon(store, workdir, flags)
     try:
-        client = _connect(address, daemon, log_path)
-        with client:
-            names = swiglu_names(client.tensor_names)
-            stats = _drive(client, trace, names, expert_ffn, torch, forward_ids)
+        with daemon.connect(name="expertd-demo") as client:
+            run = drive(trace, ClientSource(client), progress=True)
             status = client.stats()
             client.shutdown()
-        code = daemon.wait(30)
+        code = daemon.proc.wait(30)
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
+        daemon.stop()
     if code != 0:
-        raise CliError(f"the daemon exited with {code}; see {log_path}", EXIT_FAILED)
+        raise CliError(f"the daemon exited with {code}; see {daemon.log_path}", EXIT_FAILED)
     # The simulator drives the daemon's own cache manager: one client, the same acquires.
     timing = TimingModel(expert_bytes=manifest.raw_bytes, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=0.0)
     predicted = replay_timed(trace, args.policy, device_slots, timing)
-    _report(meta, stats, status, predicted, address)
+    _report(meta, run, status, predicted)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
-def _connect(address: str, daemon: subprocess.Popen, log_path: Path):
-    from expertd.client import DaemonUnavailable, ExpertClient
-
-    deadline = time.monotonic() + 60
-    while True:
-        if daemon.poll() is not None:
-            raise CliError(
-                f"the daemon exited with {daemon.returncode}:\n{log_path.read_text()}", EXIT_FAILED
-            )
-        try:
-            return ExpertClient(address, name="expertd-demo", connect_timeout_s=1.0)
-        except DaemonUnavailable:
-            if time.monotonic() > deadline:
-                raise CliError(f"the daemon did not answer at {address}", EXIT_FAILED) from None
-
-
-def _drive(client, trace, names, expert_ffn, torch, forward_ids) -> dict:
-    """Every row of the trace: acquire its experts, run them on the hidden state, release."""
-    from tqdm import tqdm
-
-    hidden = client.info["tensors"][0]["shape"][1]  # gate [F, D]
-    gate, up, down = names
-    x = torch.randn(1, hidden, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))  # [1, D]
-    layers = trace.layer.tolist()
-    experts = trace.experts.tolist()
-    tokens = int(forward_ids(trace)[-1]) + 1
-    waited = 0.0
-    started = time.perf_counter()
-    for layer, row in tqdm(zip(layers, experts, strict=True), total=len(layers), unit="layer", leave=False):
-        asked = time.perf_counter()
-        lease = client.acquire(layer, row)
-        waited += time.perf_counter() - asked
-        with lease:
-            y = sum(expert_ffn(x, w[gate], w[up], w[down]) for _, w in lease.items())  # [1, D]
-        x = torch.nn.functional.normalize((x + y / len(row)).float(), dim=-1).to(torch.bfloat16)  # [1, D]
-    elapsed = time.perf_counter() - started
-    return {"tokens": tokens, "rows": len(layers), "elapsed": elapsed, "acquire_s": waited}
-
-
-def _report(meta, run: dict, status: dict, predicted, address: str) -> None:
+def _report(meta, run, status: dict, predicted) -> None:
     device, host = status["tiers"]["device"], status["tiers"]["host"]
     acquires = status["acquires"]
-    tokens, elapsed = run["tokens"], run["elapsed"]
+    tokens, elapsed = run.tokens, run.seconds
     _say(
-        f"3. drove the MoE client through {meta.model}'s real routing: {tokens} tokens, {run['rows']} layers"
+        f"3. drove the MoE client through {meta.model}'s real routing: {tokens} tokens, {run.rows} layers"
     )
     _say(f"   tokens/s              {tokens / elapsed:8.1f}   ({elapsed:.2f} s)")
     _say(
@@ -165,7 +116,7 @@ def _report(meta, run: dict, status: dict, predicted, address: str) -> None:
         f"   stall                 {acquires['stall_s'] / tokens * 1e3:8.2f} ms/token in the daemon "
         f"({acquires['waited']:,} acquires waited for a copy)"
     )
-    _say(f"   acquire round trips   {run['acquire_s'] / tokens * 1e3:8.2f} ms/token at the client")
+    _say(f"   acquire round trips   {run.wait_s / tokens * 1e3:8.2f} ms/token at the client")
     _say(f"   bytes moved           {status['links']['h2d']['bytes'] / 2**30:8.2f} GiB host->device")
     agree = "agrees" if predicted.hits == device["hits"] else "DISAGREES"
     _say(

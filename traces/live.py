@@ -1,0 +1,185 @@
+"""Live replay: drive real expert weights through a trace's routing and time it.
+
+Every row of the trace (one token's layer) takes its experts from an `ExpertSource`
+(a lease from a running expertd, or views of an mmap of the store for the page-cache
+baseline), runs their SwiGLU FFNs on a one-token hidden state, and lets them go.
+What is measured is wall time: real transfers, real stalls, real compute.
+`PrivateDaemon` starts an expertd of its own for the demo, `replay --live` and benches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from expertd.traces.replay import forward_ids
+from expertd.traces.trace import Trace
+
+Weights = Mapping[str, torch.Tensor]  # one expert's tensors by checkpoint name
+
+
+class ExpertSource(Protocol):
+    """Where a live replay gets weights: ``experts(layer, ids)`` gives ``[(id, weights)]`` while held."""
+
+    tensor_names: tuple[str, ...]
+
+    def experts(self, layer: int, experts: list[int]) -> contextlib.AbstractContextManager[Any]: ...
+
+
+@dataclasses.dataclass
+class LiveResult:
+    tokens: int
+    rows: int
+    seconds: float
+    wait_s: float  # time spent getting weights (acquire round trips and stalls, or page faults)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("inf")
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(dataclasses.asdict(self), tokens_per_s=self.tokens_per_s)
+
+
+def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: int = 0) -> LiveResult:
+    """Run every row of ``trace`` through ``source``'s weights; the wall time it took."""
+    from expertd.client.moe import expert_ffn, swiglu_names
+
+    gate, up, down = swiglu_names(source.tensor_names)
+    layers, rows = trace.layer.tolist(), trace.experts.tolist()
+    # A bank of random hidden states, one per row in turn. (Feeding each layer's output to
+    # the next, normalised, is a power iteration: the state decays into denormals, which
+    # the CPU computes a hundred times slower, and the replay would time that instead.)
+    bank: torch.Tensor | None = None
+    waited = 0.0
+    iterator: Any = zip(layers, rows, strict=True)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(layers), unit="layer", leave=False, file=sys.stderr)
+    started = time.perf_counter()
+    for row, (layer, experts) in enumerate(iterator):
+        asked = time.perf_counter()
+        with source.experts(layer, experts) as held:
+            waited += time.perf_counter() - asked
+            for _, w in held:
+                if bank is None:  # the hidden size and dtype come from the first weights
+                    gen = torch.Generator().manual_seed(seed)
+                    bank = torch.randn(64, w[gate].shape[1], generator=gen).to(w[gate].dtype)  # [64, D]
+                x = bank[row % 64 : row % 64 + 1]  # [1, D]
+                expert_ffn(x, w[gate], w[up], w[down])  # [1, D]
+    seconds = time.perf_counter() - started
+    tokens = int(forward_ids(trace)[-1]) + 1 if len(trace) else 0
+    return LiveResult(tokens, len(layers), seconds, waited)
+
+
+class ClientSource:
+    """Weights leased from expertd through an `ExpertClient` (zero-copy views)."""
+
+    def __init__(self, client: Any, tier: str | None = None) -> None:
+        self.client = client
+        self.tier = tier
+        self.tensor_names = tuple(client.tensor_names)
+
+    @contextlib.contextmanager
+    def experts(self, layer: int, experts: list[int]) -> Iterator[list[tuple[int, Weights]]]:
+        with self.client.acquire(layer, experts, self.tier) as lease:
+            yield list(lease.items())
+
+
+class MmapSource:
+    """The page-cache baseline (llama.cpp's way): views of an mmap of the store's data file."""
+
+    def __init__(self, store_dir: Path) -> None:
+        from expertd.daemon.store import CODEC_NONE, load_manifest
+
+        self.manifest = manifest = load_manifest(store_dir)
+        if any(e.codec != CODEC_NONE for e in manifest.experts):
+            raise ValueError(f"{store_dir}: the mmap baseline needs an uncompressed store (codec none)")
+        self.data = np.memmap(Path(store_dir) / manifest.data_file, dtype=np.uint8, mode="r")
+        self.tensor_names = tuple(t.name for t in manifest.tensors)
+        self._dtypes = {t.name: getattr(torch, t.dtype) for t in manifest.tensors}
+
+    @contextlib.contextmanager
+    def experts(self, layer: int, experts: list[int]) -> Iterator[list[tuple[int, Weights]]]:
+        import warnings
+
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only mapping: views are immutable
+            for expert in experts:
+                entry = self.manifest.entry(layer, expert)
+                weights = {}
+                for spec in self.manifest.tensors:
+                    start = entry.offset + spec.offset
+                    flat = torch.from_numpy(self.data[start : start + spec.nbytes])
+                    weights[spec.name] = flat.view(self._dtypes[spec.name]).view(spec.shape)
+                out.append((expert, weights))
+        yield out
+
+    def drop_page_cache(self) -> None:
+        """Start cold: drop the data file's pages from the page cache."""
+        fd = os.open(self.data.filename, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class PrivateDaemon:
+    """An `expertd serve` subprocess on a socket of its own; a context manager."""
+
+    def __init__(self, store: Path, workdir: Path, flags: Sequence[str] = (), timeout_s: float = 60.0):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.address = f"ipc://{workdir / 'expertd.sock'}"
+        self.log_path = workdir / "daemon.log"
+        command = [sys.executable, "-m", "expertd.daemon", "serve", "--store", str(store)]
+        command += ["--address", self.address, *flags]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.timeout_s = timeout_s
+
+    def connect(self, **client_args: Any):
+        """An `ExpertClient`, once the daemon answers."""
+        from expertd.client import DaemonUnavailable, ExpertClient
+
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return ExpertClient(self.address, connect_timeout_s=1.0, **client_args)
+            except DaemonUnavailable:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the daemon did not answer at {self.address}:\n{self.log()}"
+                    ) from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait; SIGKILL if it does not stop. Returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+    def __enter__(self) -> PrivateDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
