@@ -139,11 +139,19 @@ class MmapSource:
 class PrivateDaemon:
     """An `expertd serve` subprocess on a socket of its own; a context manager."""
 
-    def __init__(self, store: Path, workdir: Path, flags: Sequence[str] = (), timeout_s: float = 60.0):
+    def __init__(
+        self,
+        store: Path,
+        workdir: Path,
+        flags: Sequence[str] = (),
+        timeout_s: float = 60.0,
+        launcher: Sequence[str] | None = None,
+    ):
+        """``launcher``: a command prefix that execs the daemon (e.g. into a cgroup)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.address = f"ipc://{workdir / 'expertd.sock'}"
         self.log_path = workdir / "daemon.log"
-        command = [sys.executable, "-m", "expertd.daemon", "serve", "--store", str(store)]
+        command = [*(launcher or ()), sys.executable, "-m", "expertd.daemon", "serve", "--store", str(store)]
         command += ["--address", self.address, *flags]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
