@@ -18,7 +18,6 @@ from pathlib import Path
 from expertd.daemon.cli import EXIT_FAILED, CliError
 
 DEFAULT_TRACE = "granite-3.0-1b-a400m"
-PRESET_OF_MODEL = {"granite-3.0-1b-a400m": "granite-3.0-1b-a400m", "mixtral-8x7b": "mixtral-8x7b"}
 
 
 def register(subparsers) -> None:
@@ -41,8 +40,8 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_synthetic
-    from expertd.traces.live import ClientSource, PrivateDaemon, drive
+    from expertd.daemon.pack import pack_synthetic
+    from expertd.traces.live import ClientSource, PrivateDaemon, drive, preset_for
     from expertd.traces.replay import replay_timed
     from expertd.traces.replay_cli import load_for_replay
     from expertd.traces.timing import TimingModel
@@ -51,12 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--capacity must be a fraction in (0, 1), got {args.capacity}")
     trace = load_for_replay(args.trace, "all", args.max_tokens)
     meta = trace.meta
-    preset = next((p for m, p in PRESET_OF_MODEL.items() if m in meta.model.lower()), None)
-    if preset is None:
-        raise CliError(f"no synthetic preset has the shapes of {meta.model}")
-    shape = SYNTHETIC_PRESETS[preset]
-    if (shape.num_layers, shape.num_experts) != (meta.num_layers, meta.num_experts):
-        raise CliError(f"preset {preset} does not match the trace's {meta.num_layers} x {meta.num_experts}")
+    try:
+        preset = preset_for(meta)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     num_keys = meta.num_layers * meta.num_experts
     device_slots = max(meta.top_k, round(args.capacity * num_keys))
 

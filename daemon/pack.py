@@ -56,6 +56,7 @@ class SyntheticPreset:
     num_layers: int  # MoE layers
     first_moe_layer: int  # checkpoint id of the first MoE layer (DeepSeek's first is dense)
     naming: str  # mixtral (w1/w2/w3) or experts (gate/up/down_proj)
+    moe_every: int = 1  # checkpoint layers per MoE layer (Llama-4 Maverick: every second one)
 
 
 _P = SyntheticPreset
@@ -69,6 +70,8 @@ SYNTHETIC_PRESETS = {
     # The shipped Granite trace's model (its checkpoint fuses experts; the synthetic store names them).
     "granite-3.0-1b-a400m": _P("ibm-granite/granite-3.0-1b-a400m-instruct", "granitemoe", 1024, 512, 32, 24,
                                0, "experts"),
+    "llama-4-maverick": _P("meta-llama/Llama-4-Maverick-17B-128E-Instruct", "llama4", 5120, 8192, 128, 24, 1,
+                           "experts", moe_every=2),
 }  # fmt: skip
 
 
@@ -390,7 +393,9 @@ def pack_synthetic(
         "model": f"synthetic {preset}" + (f" / {scale:g}" if scale != 1 else ""),
         "architecture": spec.architecture,
         "naming": "synthetic",
-        "checkpoint_layers": tuple(range(spec.first_moe_layer, spec.first_moe_layer + num_layers)),
+        "checkpoint_layers": tuple(
+            range(spec.first_moe_layer, spec.first_moe_layer + num_layers * spec.moe_every, spec.moe_every)
+        ),
         "source": {
             "kind": "synthetic",
             "preset": preset,

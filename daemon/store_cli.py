@@ -13,7 +13,14 @@ from expertd.daemon.cli import EXIT_FAILED, EXIT_OK, CliError
 
 CODEC_CHOICES = ("none", "lz4-planes")
 # expertd.daemon.pack.SYNTHETIC_PRESETS, named here so that `--help` imports nothing heavy
-PRESET_NAMES = ("mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b", "olmoe-1b-7b", "granite-3.0-1b-a400m")
+PRESET_NAMES = (
+    "mixtral-8x7b",
+    "deepseek-v2-lite",
+    "qwen3-30b-a3b",
+    "olmoe-1b-7b",
+    "granite-3.0-1b-a400m",
+    "llama-4-maverick",
+)
 
 
 def register(subparsers: Any) -> None:

@@ -156,3 +156,13 @@ def test_bad_trace_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["replay", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.etrace" in err and "\n" not in err
+
+
+def test_live_replay_measures_a_real_daemon(tmp_path, capsys):
+    out = tmp_path / "live.json"
+    args = ["granite", "--live", "--live-scale", "16", "--max-tokens", "8", "--capacity", "0.25"]
+    code = main(["replay", *args, "--policy", "lru", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    (row,) = json.loads(out.read_text())
+    assert row["tokens"] == 8 and row["accesses"] == 8 * 24 * 8 and row["tokens_per_s"] > 0
+    assert 0.0 <= row["hit_rate"] <= 1.0

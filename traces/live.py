@@ -27,6 +27,26 @@ from expertd.traces.trace import Trace
 
 Weights = Mapping[str, torch.Tensor]  # one expert's tensors by checkpoint name
 
+# A lowercase substring of a trace's model name -> the synthetic preset with its expert shapes.
+PRESET_OF_MODEL = {
+    "granite-3.0-1b-a400m": "granite-3.0-1b-a400m",
+    "mixtral-8x7b": "mixtral-8x7b",
+    "llama-4-maverick": "llama-4-maverick",
+}
+
+
+def preset_for(meta: Any) -> str:
+    """The synthetic preset with the shapes of ``meta``'s model; ValueError if there is none."""
+    from expertd.daemon.pack import SYNTHETIC_PRESETS
+
+    preset = next((p for m, p in PRESET_OF_MODEL.items() if m in meta.model.lower()), None)
+    if preset is None:
+        raise ValueError(f"no synthetic preset has the expert shapes of {meta.model}")
+    shape = SYNTHETIC_PRESETS[preset]
+    if (shape.num_layers, shape.num_experts) != (meta.num_layers, meta.num_experts):
+        raise ValueError(f"preset {preset} is not the trace's {meta.num_layers} x {meta.num_experts} experts")
+    return preset
+
 
 class ExpertSource(Protocol):
     """Where a live replay gets weights: ``experts(layer, ids)`` gives ``[(id, weights)]`` while held."""
@@ -56,7 +76,8 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
     from expertd.client.moe import expert_ffn, swiglu_names
 
     gate, up, down = swiglu_names(source.tensor_names)
-    layers, rows = trace.layer.tolist(), trace.experts.tolist()
+    layers, rows, requests = trace.layer.tolist(), trace.experts.tolist(), trace.request.tolist()
+    begin_request = getattr(source, "begin_request", None)
     # A bank of random hidden states, one per row in turn. (Feeding each layer's output to
     # the next, normalised, is a power iteration: the state decays into denormals, which
     # the CPU computes a hundred times slower, and the replay would time that instead.)
@@ -69,6 +90,8 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
         iterator = tqdm(iterator, total=len(layers), unit="layer", leave=False, file=sys.stderr)
     started = time.perf_counter()
     for row, (layer, experts) in enumerate(iterator):
+        if begin_request is not None and (row == 0 or requests[row] != requests[row - 1]):
+            begin_request()  # a new generation: the daemon's predictors start its history afresh
         asked = time.perf_counter()
         with source.experts(layer, experts) as held:
             waited += time.perf_counter() - asked
@@ -90,6 +113,9 @@ class ClientSource:
         self.client = client
         self.tier = tier
         self.tensor_names = tuple(client.tensor_names)
+
+    def begin_request(self) -> None:
+        self.client.begin_request()
 
     @contextlib.contextmanager
     def experts(self, layer: int, experts: list[int]) -> Iterator[list[tuple[int, Weights]]]:
@@ -191,3 +217,62 @@ class PrivateDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def live_sweep(
+    trace: Trace,
+    policies: Sequence[str],
+    capacities: Sequence[int],
+    *,
+    scale: float = 4.0,
+    config: str = "",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Each policy at each device capacity (slots) through a real daemon: measured, not modelled.
+
+    The store is synthetic with the trace model's expert shapes divided by ``scale``; the host
+    tier holds every expert, the device tier is the CPU stand-in. ``config``: extra TOML for
+    the daemon (a ``[prefetch]`` section, say).
+    """
+    import tempfile
+
+    from expertd.daemon.pack import pack_synthetic
+
+    meta = trace.meta
+    num_keys = meta.num_layers * meta.num_experts
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="expertd-live-", dir="/tmp") as tmp:
+        store = Path(tmp) / "store"
+        manifest = pack_synthetic(store, preset_for(meta), scale=scale)
+        config_path = Path(tmp) / "expertd.toml"
+        config_path.write_text(config)
+        for slots in capacities:
+            for policy in policies:
+                flags = [
+                    "--config", str(config_path), "--host-size", f"{num_keys} slots", "--device", "cpu",
+                    "--device-size", f"{slots} slots", "--device-policy", policy, "--log-level", "warning",
+                ]  # fmt: skip
+                daemon = PrivateDaemon(store, Path(tmp) / f"run-{slots}-{len(rows)}", flags)
+                with daemon, daemon.connect(name="expertd-replay-live") as client:
+                    result = drive(trace, ClientSource(client), progress=progress)
+                    stats = client.stats()
+                device = stats["tiers"]["device"]
+                rows.append(
+                    {
+                        "policy": policy,
+                        "capacity": slots / num_keys,
+                        "slots": slots,
+                        "expert_bytes": manifest.raw_bytes,
+                        "accesses": device["accesses"],
+                        "hits": device["hits"],
+                        "hit_rate": device["hit_rate"],
+                        "tokens": result.tokens,
+                        "tokens_per_s": result.tokens_per_s,
+                        "seconds": result.seconds,
+                        "stall_s_per_token": stats["acquires"]["stall_s"] / max(1, result.tokens),
+                        "wait_s_per_token": result.wait_s / max(1, result.tokens),
+                        "bytes_moved": sum(link["bytes"] for link in stats["links"].values()),
+                        "prefetch": stats["prefetch"],
+                    }
+                )
+    return rows

@@ -50,6 +50,13 @@ def register(subparsers) -> None:
     )
     timed = parser.add_argument_group("timed mode")
     timed.add_argument("--timed", action="store_true", help="simulate time: stalls, tokens/s, bytes moved")
+    live = parser.add_argument_group("live mode")
+    live.add_argument(
+        "--live",
+        action="store_true",
+        help="measure instead: a real daemon and client on synthetic weights of the trace's model shapes",
+    )
+    live.add_argument("--live-scale", type=float, default=4.0, help="divide the expert dims by this")
     timed.add_argument(
         "--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="hardware profile"
     )
@@ -121,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     from expertd.traces.timing import build_timing
 
     trace = load_for_replay(args.trace, args.phase, args.max_tokens)
+    if args.live:
+        return run_live(args, trace)
     meta = trace.meta
     num_keys = meta.num_layers * meta.num_experts
     policies = [p.strip() for p in args.policy.split(",") if p.strip()] if args.policy else available()
@@ -246,3 +255,43 @@ def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def run_live(args: argparse.Namespace, trace) -> int:
+    """`replay --live`: a real daemon per policy and capacity; measured stalls and tokens/s."""
+    from expertd.policies.base import PolicyError
+    from expertd.policies.registry import available
+    from expertd.traces.live import live_sweep
+    from expertd.traces.replay import ReplayError, parse_capacity
+
+    meta = trace.meta
+    num_keys = meta.num_layers * meta.num_experts
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()] if args.policy else ["lru"]
+    config = ""
+    if args.predictor:
+        config = (
+            f"[prefetch]\npredictor = {args.predictor!r}\ndepth = {args.prefetch_depth}\n"
+            f"min_prob = {args.prefetch_min_prob}\nbudget = {args.prefetch_budget}\n"
+        )
+    try:
+        capacities = [parse_capacity(c, num_keys)[0] for c in args.capacity.split(",") if c.strip()]
+        unknown = [p for p in policies if p.split("(")[0] not in available()]
+        if unknown:
+            raise PolicyError(f"unknown policy {unknown[0]!r} (known: {', '.join(available())})")
+        rows = live_sweep(trace, policies, capacities, scale=args.live_scale, config=config)
+    except (ReplayError, PolicyError, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    print(describe_trace(trace))
+    print(f"live: a real daemon each; synthetic experts of the model's shapes / {args.live_scale:g}")
+    header = f"{'capacity':>8} {'slots':>6}  {'policy':<16} {'hit rate':>8} {'stall ms/tok':>12} {'tok/s':>8}"
+    print(header + f" {'GB moved':>9}")
+    print("-" * (len(header) + 10))
+    for row in rows:
+        print(
+            f"{row['capacity']:>8.1%} {row['slots']:>6}  {row['policy']:<16} {row['hit_rate']:>8.3f} "
+            f"{row['stall_s_per_token'] * 1e3:>12.2f} {row['tokens_per_s']:>8.2f}"
+            f" {row['bytes_moved'] / 1e9:>9.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps([dict(row, trace=meta.model) for row in rows], indent=1))
+    return 0
