@@ -25,6 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -196,7 +197,13 @@ class ExpertClient:
         connect_timeout_s: float = 5.0,
         release_linger_s: float = RELEASE_LINGER_S,
         spin_s: float = SPIN_S,
+        server_key: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        admin_token: str | None = None,
     ) -> None:
+        """``server_key``/``client_key``: certificate files (`expertd keys`) for a tcp:// daemon
+        (default: $EXPERTD_SERVER_KEY, $EXPERTD_CLIENT_KEY); ``admin_token``: for admin
+        operations over ipc:// when the daemon requires it."""
         if address is None:
             from expertd.daemon.config import default_address
 
@@ -233,6 +240,9 @@ class ExpertClient:
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVTIMEO, round(POLL_SLICE_S * 1000))
+        self.admin_token = admin_token
+        if address.startswith("tcp://"):
+            _use_curve(self._sock, server_key, client_key)
         self._sock.connect(address)
         try:
             self._hello()
@@ -367,7 +377,7 @@ class ExpertClient:
     # --- session ---------------------------------------------------------------------------
 
     def _hello(self) -> None:
-        request = Hello(PROTOCOL_VERSION, self.name, self.tenant, os.getpid())
+        request = Hello(PROTOCOL_VERSION, self.name, self.tenant, os.getpid(), self.admin_token)
         ok = self._wait(self._send(request, reply=True), self.connect_timeout_s, "hello")
         if ok.get("protocol") != PROTOCOL_VERSION:
             raise ProtocolError(
@@ -676,6 +686,29 @@ class ExpertClient:
         elif flush or ping:
             return POLL_SLICE_S  # another thread is using the socket: it pings while it waits
         return max(0.001, min(next_flush, self._last_send + ping_every) - time.monotonic())
+
+
+def _use_curve(sock: zmq.Socket, server_key: Any, client_key: Any) -> None:
+    """tcp://: authenticate with CURVE (the daemon refuses anything else)."""
+    from expertd.daemon.auth import AuthError, read_certificate
+
+    server_key = server_key or os.environ.get("EXPERTD_SERVER_KEY")
+    client_key = client_key or os.environ.get("EXPERTD_CLIENT_KEY")
+    if not server_key or not client_key:
+        raise DaemonUnavailable(
+            "a tcp:// daemon needs CURVE keys: server_key= (its server.key) and client_key= (your "
+            "NAME.key_secret), or $EXPERTD_SERVER_KEY and $EXPERTD_CLIENT_KEY"
+        )
+    try:
+        server = read_certificate(Path(server_key))["public-key"]
+        own = read_certificate(Path(client_key))
+    except AuthError as exc:
+        raise DaemonUnavailable(str(exc)) from None
+    if "secret-key" not in own:
+        raise DaemonUnavailable(f"{client_key}: no secret-key (give the NAME.key_secret file)")
+    sock.curve_serverkey = server.encode()
+    sock.curve_publickey = own["public-key"].encode()
+    sock.curve_secretkey = own["secret-key"].encode()
 
 
 def _default_name() -> str:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "expertd.traces.cli",  # trace convert, trace stats
     "expertd.daemon.store_cli",  # pack, store info, store verify
     "expertd.daemon.serve_cli",  # serve, status, shutdown
+    "expertd.daemon.keys_cli",  # keys new, allow, list, revoke
     "expertd.daemon.demo",  # demo
 )
 

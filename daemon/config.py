@@ -79,8 +79,14 @@ KEYS: tuple[Key, ...] = (
     Key("tiers", "cuda_device", "int", 0, "CUDA device index for device = cuda."),
     Key("policy", "host", "str", "lru", "Eviction policy of the host tier (see `expertd replay --help`)."),
     Key("policy", "device", "str", "lru", "Eviction policy of the device tier."),
-    Key("prefetch", "predictor", "str", "none", "Predictor that guesses the next layers' experts (`none`: "
-        "no prefetching; see `expertd replay --help`). Each tenant gets its own."),  # fmt: skip
+    Key(
+        "prefetch",
+        "predictor",
+        "str",
+        "none",
+        "Predictor that guesses the next layers' experts (`none`: "
+        "no prefetching; see `expertd replay --help`). Each tenant gets its own.",
+    ),  # fmt: skip
     Key("prefetch", "depth", "int", 2, "Layers ahead to prefetch."),
     Key("prefetch", "min_prob", "float", 0.2, "Guesses less likely than this are not fetched."),
     Key("prefetch", "budget", "int", 8, "New prefetches per acquire at most."),
@@ -93,6 +99,29 @@ KEYS: tuple[Key, ...] = (
         "choice:auto|on|off",
         "auto",
         "O_DIRECT store reads: auto uses them where the filesystem allows.",
+    ),  # fmt: skip
+    Key(
+        "auth",
+        "socket_group",
+        "str",
+        None,
+        "ipc:// only: a group that may connect too (socket mode 0660); unset: the daemon's user only (0600).",
+    ),  # fmt: skip
+    Key(
+        "auth",
+        "ipc_admin",
+        "choice:all|token",
+        "all",
+        "ipc:// only: who may shutdown and see every "
+        "tenant's stats: all local clients, or holders of the admin token (a 0600 file beside the socket).",
+    ),  # fmt: skip
+    Key(
+        "auth",
+        "keys_dir",
+        "path",
+        None,
+        "CURVE keys (`expertd keys`): server.key_secret and clients/*.key, "
+        "each client bound to a tenant and role. Required for tcp://, which is refused without it.",
     ),  # fmt: skip
     Key(
         "clients",
@@ -225,6 +254,11 @@ class ServeConfig:
             return ServeConfig({**self.values, "address": default_address()}, self.source).checked()
         if not re.match(r"^(ipc|tcp)://.+", self.address):
             raise ConfigError(f"[server] address {self.address!r} must start with ipc:// or tcp://")
+        if self.address.startswith("tcp://") and self.auth_keys_dir is None:
+            raise ConfigError(
+                f"[server] address {self.address} is tcp://: [auth] keys_dir is required (CURVE keys; "
+                "`expertd keys new --server`)"
+            )
         return self
 
 

@@ -48,7 +48,10 @@ class TransferEngine:
         load_threads: int,
         h2d_depth: int,
         prepare_thread: Callable[[], None] | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
+        """``curve``: (server public, own public, own secret) key when the loop's socket needs CURVE."""
+        self._curve = curve
         self._context = context
         self._address = completion_address
         self._read_expert = read_expert
@@ -96,6 +99,8 @@ class TransferEngine:
         push = self._context.socket(zmq.DEALER)
         push.setsockopt(zmq.LINGER, 1000)
         push.setsockopt(zmq.ROUTING_ID, ENGINE_PREFIX + threading.current_thread().name.encode())
+        if self._curve is not None:
+            push.curve_serverkey, push.curve_publickey, push.curve_secretkey = self._curve
         push.connect(self._address)
         if link == LOAD and self._prepare_thread is not None:
             self._prepare_thread()

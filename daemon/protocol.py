@@ -146,6 +146,7 @@ class Hello:
     client: str
     tenant: str = "default"
     pid: int = 0
+    token: str | None = None  # the admin token, for admin operations over ipc://
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +401,7 @@ _CHECKS = {
     ("hello", "client"): _name,
     ("hello", "tenant"): _name,
     ("hello", "pid"): _index,
+    ("hello", "token"): _optional(_name),
     ("acquire", "layer"): _index,
     ("acquire", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
     ("acquire", "tier"): _name,

@@ -108,9 +108,21 @@ def admin_request(address: str | None, request, timeout_s: float) -> dict[str, A
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 200)
+    token = None
+    if address.startswith("ipc://"):  # the admin token beside the socket, if this user may read it
+        from expertd.daemon.auth import read_admin_token
+
+        token = read_admin_token(Path(address[len("ipc://") :] + ".admin-token"))
+    else:
+        from expertd.client.client import _use_curve
+
+        try:
+            _use_curve(sock, None, None)
+        except proto.DaemonUnavailable as exc:
+            raise CliError(str(exc)) from None
     try:
         sock.connect(address)
-        hello = proto.Hello(version=proto.PROTOCOL_VERSION, client="expertd-cli", pid=os.getpid())
+        hello = proto.Hello(proto.PROTOCOL_VERSION, "expertd-cli", "default", os.getpid(), token)
         for request_id, message in ((1, hello), (2, request)):
             sock.send(proto.encode_request(request_id, message))
             if not sock.poll(int(timeout_s * 1000)):
@@ -147,6 +159,14 @@ def run_shutdown(args: argparse.Namespace) -> int:
 
 
 def format_status(stats: dict[str, Any]) -> str:
+    if "daemon" not in stats:  # not admin: only this tenant's own counters
+        lines = [
+            f"tenant {stats['tenant']} (not admin: other tenants and shared tiers are not shown)",
+            f"acquires {stats['acquires']}, experts {stats['accesses']}, hit rate {stats['hit_rate']:.1%}, "
+            f"{stats['waited']} waited, stall {stats['stall_s']:.3f} s",
+        ]
+        lines += [f"client {s['name']} pid {s['pid']}: {s['leases']} leases" for s in stats["sessions"]]
+        return "\n".join(lines)
     d = stats["daemon"]
     lines = [
         f"expertd {d['version']} pid {d['pid']} at {d['address']}, up {d['uptime_s']:.0f} s",

@@ -9,8 +9,10 @@ answers waiting acquires with ``shutting_down`` and removes the shared memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import hmac
 import logging
 import os
 import signal
@@ -21,6 +23,14 @@ from typing import Any
 import zmq
 
 from expertd.daemon import protocol as proto
+from expertd.daemon.auth import (
+    AuthError,
+    ClientKey,
+    CurveAuthenticator,
+    new_admin_token,
+    parse_user_id,
+    server_keys,
+)
 from expertd.daemon.config import ServeConfig
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
@@ -48,7 +58,20 @@ class Session:
     tenant: str
     pid: int
     since: float
+    role: str = "client"  # or "admin": shutdown, every tenant's stats
     requests: int = 0
+
+
+@dataclasses.dataclass
+class TenantCounters:
+    """What one tenant's acquires met: the stats it may see (not other tenants' routing)."""
+
+    acquires: int = 0
+    accesses: int = 0
+    hits: int = 0
+    waited: int = 0
+    stall_s: float = 0.0
+    errors: int = 0
 
 
 class Server:
@@ -64,6 +87,9 @@ class Server:
         self.sessions: dict[bytes, Session] = {}
         self._started: dict[tuple[bytes, int], float] = {}  # acquire start times
         self.acquires = {"count": 0, "waited": 0, "stall_s": 0.0, "max_stall_s": 0.0, "errors": 0}
+        self.tenants: dict[str, TenantCounters] = {}
+        self._user_of: dict[bytes, str] = {}  # CURVE: sender identity -> its key's tenant/role
+        self.admin_token: str | None = None
         self.messages = {"received": 0, "rejected": 0}
 
     # --- startup ----------------------------------------------------------------------------
@@ -165,6 +191,7 @@ class Server:
             load_threads=cfg.transfers_load_threads or 1,
             h2d_depth=cfg.transfers_h2d_depth or 1,
             prepare_thread=self.reader.prepare_thread,
+            curve=self._engine_curve,
         )
         self.engine.start()
         self._closers.append(self.engine)
@@ -179,7 +206,11 @@ class Server:
         router.setsockopt(zmq.SNDHWM, 10_000)
         router.setsockopt(zmq.RCVHWM, 10_000)
         self._ipc_path = None
-        if self.address.startswith("ipc://"):
+        self._engine_curve = None
+        self.curve = self.address.startswith("tcp://")
+        if self.curve:
+            self._enable_curve(router)
+        else:
             path = Path(self.address[len("ipc://") :])
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists():
@@ -187,15 +218,53 @@ class Server:
                     raise StartupError(f"another expertd is serving at {self.address}")
                 path.unlink()  # left behind by a daemon that died
             self._ipc_path = path
+        # Owner only (0600), or owner and one group (0660): the socket file's mode is the
+        # ipc:// access control, so it is right from the moment the file exists.
+        group = self.config.auth_socket_group
+        old_umask = os.umask(0o117 if group else 0o177)
         try:
             router.bind(self.address)
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind {self.address}: {exc}") from None
+        finally:
+            os.umask(old_umask)
+        if self._ipc_path is not None:
+            self._secure_ipc(self._ipc_path, group)
         # Engine workers report completions to this same socket over inproc, each frame
         # prefixed with a secret of this run, so no client can forge one.
         self._completion_address = f"inproc://expertd-completions-{id(self)}"
         router.bind(self._completion_address)
         router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
+
+    def _enable_curve(self, router: zmq.Socket) -> None:
+        """tcp://: only listed CURVE keys connect; each message carries its key's tenant/role."""
+        keys_dir = self.config.auth_keys_dir
+        try:
+            public, secret = server_keys(keys_dir)
+            self.authenticator = CurveAuthenticator(self.context, keys_dir)
+        except AuthError as exc:
+            raise StartupError(str(exc)) from None
+        self._closers.append(self.authenticator)
+        # The engine's workers reach this socket over inproc with a key of their own.
+        engine_public, engine_secret = zmq.curve_keypair()
+        self.authenticator.allow_key(ClientKey("engine", engine_public.decode(), "-", "engine"))
+        self._engine_curve = (public, engine_public, engine_secret)
+        router.curve_server = True
+        router.curve_publickey, router.curve_secretkey = public, secret
+        log.info("tcp:// with CURVE: %d client keys allowed", len(self.authenticator.clients) - 1)
+
+    def _secure_ipc(self, path: Path, group: str | None) -> None:
+        if group:
+            import grp
+
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, PermissionError) as exc:
+                raise StartupError(f"[auth] socket_group {group!r}: {exc}") from None
+        self.admin_token = None
+        if self.config.auth_ipc_admin == "token":
+            self.admin_token_path = path.with_name(path.name + ".admin-token")
+            self.admin_token = new_admin_token(self.admin_token_path)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -211,19 +280,33 @@ class Server:
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         router = self.router
         secret = self.engine.secret
+        curve = self.curve
         last_tick = last_status = self.clock()
         try:
             while not self._stopping:
                 try:
-                    frames = router.recv_multipart()
+                    frames = router.recv_multipart() if not curve else self._recv_with_user(router)
                 except zmq.Again:
                     frames = None
                 now = self.clock()
                 if frames is not None:
-                    if len(frames) == 2 and frames[1][:16] == secret and frames[0].startswith(ENGINE_PREFIX):
-                        self._completion(frames[1][16:])
-                    else:
-                        self._request(frames, now)
+                    try:
+                        if (
+                            len(frames) == 2
+                            and frames[1][:16] == secret
+                            and frames[0].startswith(ENGINE_PREFIX)
+                        ):
+                            self._completion(frames[1][16:])
+                        else:
+                            self._request(frames, now)
+                    except Exception as exc:  # a bug must cost one request, not the daemon
+                        log.exception("internal error handling a message; still serving")
+                        self.messages["internal_errors"] = self.messages.get("internal_errors", 0) + 1
+                        if len(frames) == 2:
+                            request_id = proto.request_id_of(frames[1])
+                            self._send_error(
+                                frames[0], request_id, "internal", f"internal error: {exc!r:.200}"
+                            )
                 if now - last_tick >= TICK_S:
                     self._expire(now)
                     last_tick = now
@@ -242,6 +325,14 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to stop; it does within a tick."""
         self._stopping = True
+
+    def _recv_with_user(self, router: zmq.Socket) -> list[bytes]:
+        """CURVE: the frames, noting the authenticated key's tenant/role for the sender."""
+        frames = router.recv_multipart(copy=False)
+        if len(frames) >= 2:
+            with contextlib.suppress(zmq.ZMQError):  # no ZAP on the engine's inproc connections
+                self._user_of[frames[0].bytes] = frames[1].get("User-Id")
+        return [frame.bytes for frame in frames]
 
     def _completion(self, frame: bytes) -> None:
         transfer_id, ok, error = decode_completion(frame)
@@ -315,12 +406,19 @@ class Server:
             case proto.End():
                 manager.end_request(identity, request.request)
             case proto.Stats():
-                self._send_ok(identity, request_id, self.stats())
+                stats = self.stats() if session.role == "admin" else self.tenant_stats(session.tenant)
+                self._send_ok(identity, request_id, stats)
             case proto.Ping():
                 pass  # the heartbeat above is all it does
             case proto.Bye():
                 self._forget(identity)
             case proto.Shutdown():
+                if session.role != "admin":
+                    log.warning(
+                        "refused shutdown from %s (tenant %s): not admin", session.name, session.tenant
+                    )
+                    self._send_error(identity, request_id, "forbidden", "shutdown needs the admin role")
+                    return
                 log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
                 self._send_ok(identity, request_id, {})
                 self._stopping = True
@@ -344,10 +442,27 @@ class Server:
                 f"{self.config.clients_max_clients} clients connected",
             )
             return
-        self.sessions[identity] = Session(hello.client, hello.tenant, hello.pid, now)
-        self.manager.set_tenant(identity, hello.tenant, now)
-        log.info("client %s (tenant %s, pid %d) connected", hello.client, hello.tenant, hello.pid)
+        tenant, role = self._credentials(identity, hello)
+        self.sessions[identity] = Session(hello.client, tenant, hello.pid, now, role)
+        self.manager.set_tenant(identity, tenant, now)
+        log.info("client %s (tenant %s, %s, pid %d) connected", hello.client, tenant, role, hello.pid)
         self._send_ok(identity, request_id, self.hello_reply())
+
+    def _credentials(self, identity: bytes, hello: proto.Hello) -> tuple[str, str]:
+        """The tenant and role of a new session: bound to its key over tcp://, claimed over ipc://."""
+        if self.curve:
+            tenant, role = parse_user_id(self._user_of.get(identity) or "?/none")
+            if tenant != hello.tenant and hello.tenant != "default":
+                log.warning(
+                    "client %s claimed tenant %s; its key says %s", hello.client, hello.tenant, tenant
+                )
+            return tenant, role
+        admin = self.config.auth_ipc_admin == "all" or (
+            self.admin_token is not None
+            and hello.token is not None
+            and hmac.compare_digest(hello.token, self.admin_token)
+        )
+        return hello.tenant, "admin" if admin else "client"
 
     def hello_reply(self) -> dict[str, Any]:
         manifest = self.manifest
@@ -394,17 +509,32 @@ class Server:
             elif isinstance(command, Reply):
                 started = self._started.pop((command.client, command.request_id), now)
                 waited = now - started
+                counters = self._tenant_counters(command.client)
                 if command.hits < len(command.slots):
                     self.acquires["waited"] += 1
                     self.acquires["stall_s"] += waited
                     self.acquires["max_stall_s"] = max(self.acquires["max_stall_s"], waited)
+                    counters.waited += 1
+                    counters.stall_s += waited
                 self._send_lease(command)
             elif isinstance(command, ErrorReply):
                 self._started.pop((command.client, command.request_id), None)
                 self.acquires["errors"] += 1
                 self._send_error(command.client, command.request_id, command.code, command.message)
 
+    def _tenant_counters(self, identity: Any) -> TenantCounters:
+        session = self.sessions.get(identity)
+        tenant = session.tenant if session is not None else "?"
+        counters = self.tenants.get(tenant)
+        if counters is None:
+            counters = self.tenants[tenant] = TenantCounters()
+        return counters
+
     def _send_lease(self, reply: Reply) -> None:
+        counters = self._tenant_counters(reply.client)
+        counters.acquires += 1
+        counters.accesses += len(reply.slots)
+        counters.hits += reply.hits
         body = {"lease": reply.lease_id, "tier": reply.tier, "slots": list(reply.slots), "hits": reply.hits}
         self._send(reply.client, proto.encode_reply(reply.request_id, body))
 
@@ -431,7 +561,6 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         stats = self.manager.stats()
-        leases = self.manager.client_summary()
         stats["daemon"] = {
             "version": DAEMON_VERSION,
             "pid": os.getpid(),
@@ -447,7 +576,16 @@ class Server:
         }
         stats["acquires"] = dict(self.acquires)
         stats["messages"] = dict(self.messages)
-        stats["sessions"] = [
+        stats["sessions"] = self.stats_sessions()
+        stats["tenants"] = {
+            name: dict(dataclasses.asdict(c), hit_rate=c.hits / c.accesses if c.accesses else 0.0)
+            for name, c in self.tenants.items()
+        }
+        return stats
+
+    def stats_sessions(self) -> list[dict[str, Any]]:
+        leases = self.manager.client_summary()
+        return [
             {
                 "name": s.name,
                 "tenant": s.tenant,
@@ -459,7 +597,16 @@ class Server:
             }
             for identity, s in self.sessions.items()
         ]
-        return stats
+
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """What a non-admin client may see: its own tenant's counters and sessions, nothing shared."""
+        counters = self.tenants.get(tenant, TenantCounters())
+        return {
+            "tenant": tenant,
+            **dataclasses.asdict(counters),
+            "hit_rate": counters.hits / counters.accesses if counters.accesses else 0.0,
+            "sessions": [s for s in self.stats_sessions() if s["tenant"] == tenant],
+        }
 
     def _status_line(self) -> str:
         stats = self.manager.stats()["tiers"]
@@ -488,6 +635,9 @@ class Server:
         ipc_path = getattr(self, "_ipc_path", None)
         if ipc_path is not None:
             ipc_path.unlink(missing_ok=True)
+        token_path = getattr(self, "admin_token_path", None)
+        if token_path is not None:
+            token_path.unlink(missing_ok=True)
         self.notifier.close()
 
 

@@ -1,0 +1,170 @@
+"""Who may connect, as whom: ipc:// socket modes and the admin token, tcp:// with CURVE keys."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import zmq
+from daemon_util import EXPERTD, DaemonProcess, RawClient
+
+from expertd.client import ExpertClient
+from expertd.daemon import protocol as proto
+from expertd.daemon.auth import AuthError, allow, load_clients, new_keypair, revoke
+from expertd.daemon.cli import main
+from expertd.daemon.pack import pack_synthetic
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auth-store") / "mixtral"
+    pack_synthetic(path, "mixtral-8x7b", scale=64, layers=2)
+    return path
+
+
+@pytest.fixture
+def short_dir():
+    path = Path(tempfile.mkdtemp(prefix="exd-auth-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def config(directory: Path, text: str) -> list[str]:
+    (directory / "expertd.toml").write_text(text)
+    return ["--config", str(directory / "expertd.toml")]
+
+
+def test_the_ipc_socket_is_owner_only_by_default(store, short_dir):
+    daemon = DaemonProcess(store, short_dir)
+    try:
+        mode = stat.S_IMODE(os.stat(short_dir / "expertd.sock").st_mode)
+        assert mode == 0o600, oct(mode)
+    finally:
+        daemon.kill()
+
+
+def test_a_socket_group_opens_the_socket_to_that_group(store, short_dir):
+    daemon = DaemonProcess(store, short_dir, *config(short_dir, '[auth]\nsocket_group = "root"\n'))
+    try:
+        info = os.stat(short_dir / "expertd.sock")
+        assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == 0
+    finally:
+        daemon.kill()
+
+
+def test_with_an_admin_token_only_its_holders_shut_down_or_see_other_tenants(store, short_dir):
+    daemon = DaemonProcess(store, short_dir, *config(short_dir, '[auth]\nipc_admin = "token"\n'))
+    try:
+        token_file = short_dir / "expertd.sock.admin-token"
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        alice = ExpertClient(daemon.address, tenant="alice", name="alice-client")
+        bob = ExpertClient(daemon.address, tenant="bob", name="bob-client")
+        alice.acquire(0, [1]).release()
+        bob.acquire(1, [2, 3]).release()
+        view = alice.stats()
+        assert view["tenant"] == "alice" and view["accesses"] == 1
+        assert "tiers" not in view and [s["name"] for s in view["sessions"]] == ["alice-client"]
+        with pytest.raises(proto.PermissionDenied):
+            alice.shutdown()
+        admin = ExpertClient(daemon.address, admin_token=token_file.read_text().strip())
+        everything = admin.stats()
+        assert everything["tenants"]["bob"]["accesses"] == 2 and "tiers" in everything
+        out = subprocess.run(
+            [*EXPERTD, "shutdown", "--address", daemon.address], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr  # the CLI reads the token file: same user
+        assert daemon.wait(20) == 0
+        assert not token_file.exists()
+    finally:
+        daemon.kill()
+
+
+@pytest.fixture
+def keys(short_dir) -> Path:
+    keys_dir = short_dir / "keys"
+    new_keypair(keys_dir, "server")
+    for name, tenant, role in (("alice", "alice", "client"), ("ops", "ops", "admin")):
+        public, _ = new_keypair(short_dir / "clients-side", name)
+        allow(keys_dir, public, tenant, role)
+    new_keypair(short_dir / "clients-side", "mallory")  # made, never allowed
+    return keys_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tcp_daemon(store, short_dir, keys):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    flags = config(short_dir, f'[auth]\nkeys_dir = "{keys}"\n')
+    daemon = DaemonProcess(store, short_dir, *flags, probe=False, address=address)
+    assert f"at {address}" in daemon.log()
+    yield daemon
+    daemon.kill()
+
+
+def curve_client(short_dir: Path, keys: Path, name: str, address: str, **kw) -> ExpertClient:
+    side = short_dir / "clients-side"
+    return ExpertClient(
+        address,
+        server_key=keys / "server.key",
+        client_key=side / f"{name}.key_secret",
+        connect_timeout_s=5,
+        **kw,
+    )
+
+
+def test_tcp_without_a_key_or_with_an_unlisted_one_is_refused_and_logged(tcp_daemon, short_dir, keys):
+    raw = RawClient(tcp_daemon.address, timeout_ms=1500)  # no CURVE at all
+    raw.send_frames(proto.encode_request(1, proto.Hello(version=1, client="plain")))
+    with pytest.raises(TimeoutError):
+        raw.recv()
+    with pytest.raises(proto.DaemonUnavailable):
+        curve_client(short_dir, keys, "mallory", tcp_daemon.address, timeout_s=1.5)
+    assert "refused a tcp:// client" in tcp_daemon.log()
+
+
+def test_tcp_tenants_are_bound_to_keys_not_to_what_clients_claim(tcp_daemon, short_dir, keys):
+    alice = curve_client(short_dir, keys, "alice", tcp_daemon.address, tenant="ops")  # claims another tenant
+    alice.acquire(0, [4]).release()
+    view = alice.stats()
+    assert view["tenant"] == "alice" and "tiers" not in view
+    with pytest.raises(proto.PermissionDenied):
+        alice.shutdown()
+    ops = curve_client(short_dir, keys, "ops", tcp_daemon.address)
+    assert ops.stats()["tenants"]["alice"]["accesses"] == 1
+    ops.shutdown()
+
+
+def test_serving_tcp_without_keys_is_refused_at_start(store, short_dir):
+    flags = config(short_dir, '[server]\naddress = "tcp://127.0.0.1:1"\n')
+    out = subprocess.run([*EXPERTD, "serve", "--store", str(store), *flags], capture_output=True, text=True)
+    assert out.returncode == 2 and "[auth] keys_dir is required" in out.stderr
+
+
+def test_the_keys_tool_allows_lists_and_revokes(short_dir, capsys):
+    keys_dir, side = short_dir / "k", short_dir / "side"
+    assert main(["keys", "new", "--server", "--dir", str(keys_dir)]) == 0
+    assert main(["keys", "new", "carol", "--dir", str(side)]) == 0
+    assert stat.S_IMODE(os.stat(side / "carol.key_secret").st_mode) == 0o600
+    assert main(["keys", "allow", str(side / "carol.key"), "--tenant", "team-c", "--dir", str(keys_dir)]) == 0
+    assert main(["keys", "list", "--dir", str(keys_dir)]) == 0
+    assert "team-c" in capsys.readouterr().out
+    assert main(["keys", "allow", str(side / "carol.key"), "--tenant", "x", "--dir", str(keys_dir)]) == 2
+    assert "already allowed" in capsys.readouterr().err
+    assert main(["keys", "revoke", "carol", "--dir", str(keys_dir)]) == 0
+    assert load_clients(keys_dir) == {}
+    with pytest.raises(AuthError, match="no allowed client"):
+        revoke(keys_dir, "carol")
+    with pytest.raises(AuthError, match="tenant 'a b'"):
+        allow(keys_dir, side / "carol.key", "a b")
+    assert zmq.has("curve")
