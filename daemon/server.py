@@ -34,6 +34,7 @@ from expertd.daemon.auth import (
 from expertd.daemon.config import ServeConfig
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
+from expertd.daemon.faults import read_errors_from_env
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.prefetch import PrefetchConfig
 from expertd.daemon.reader import StoreReader
@@ -183,7 +184,7 @@ class Server:
         self.engine = TransferEngine(
             self.context,
             self._completion_address,
-            read_expert=self.reader.read_expert,
+            read_expert=self._read_expert(),
             num_experts=manifest.num_experts,
             host_slot=self.host.slot,
             copy_to_device=copier,
@@ -195,6 +196,12 @@ class Server:
         )
         self.engine.start()
         self._closers.append(self.engine)
+
+    def _read_expert(self):
+        try:
+            return read_errors_from_env(self.reader.read_expert)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
 
     def _bind(self) -> None:
         router = self.router = self.context.socket(zmq.ROUTER)
@@ -475,6 +482,7 @@ class Server:
             "model": manifest.model,
             "num_layers": manifest.num_layers,
             "num_experts": manifest.num_experts,
+            "checkpoint_layers": list(manifest.checkpoint_layers),  # store layer i is checkpoint layer [i]
             "dtype": manifest.dtype,
             "tensors": [t.to_json() for t in manifest.tensors],
             "raw_bytes": manifest.raw_bytes,
