@@ -213,9 +213,13 @@ class ServeConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "<config>") -> ServeConfig:
         values = {k.attr: (_convert(k, k.default) if k.default is not None else None) for k in KEYS}
+        values["tenants"] = {}
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{section}] must be a table, got {table!r:.40}")
+            if section == "tenants":
+                values["tenants"] = {name: _tenant(name, t, source) for name, t in table.items()}
+                continue
             for name, value in table.items():
                 key = _KEY_INDEX.get((section, name))
                 if key is None:
@@ -262,6 +266,33 @@ class ServeConfig:
         return self
 
 
+ISOLATION_MODES = ("shared", "partitioned", "private")
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantPolicy:
+    """How one tenant is isolated from the others ([tenants.NAME] in the config)."""
+
+    isolation: str = "shared"
+    share: float = 1.0  # partitioned: its fraction of each tier; private: the cache it is timed as having
+
+
+def _tenant(name: str, table: object, source: str) -> TenantPolicy:
+    where = f"{source}: [tenants.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - {"isolation", "share"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: isolation, share)")
+    isolation = table.get("isolation", "shared")
+    if isolation not in ISOLATION_MODES:
+        raise ConfigError(f"{where} isolation: {isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
+    share = table.get("share", 1.0)
+    if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
+        raise ConfigError(f"{where} share: {share!r} must be a fraction in (0, 1]")
+    return TenantPolicy(isolation, float(share))
+
+
 def config_doc() -> str:
     """Markdown reference of every key, generated from `KEYS`."""
     lines = [
@@ -278,4 +309,20 @@ def config_doc() -> str:
         default = "-" if key.default is None else f"`{key.default}`"
         kind = key.kind.replace("choice:", "one of ").replace("|", ", ")
         lines.append(f"| `{key.name}` | {kind} | {default} | {key.doc} |")
+    lines += [
+        "",
+        "## [tenants.NAME]",
+        "",
+        "One table per tenant that is not simply `shared` (tenants not listed are shared).",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        "| `isolation` | one of shared, partitioned, private | `shared` | shared: one cache for all, "
+        "fastest, and a tenant can tell from a fast acquire that another used an expert "
+        "(a timing side channel). "
+        "partitioned: its own slots, no residency shared. private: copies are shared but every reply "
+        "is timed as if its cache were its own (see docs/security.md). |",
+        "| `share` | fraction in (0, 1] | `1.0` | partitioned: its part of each tier's slots; private: "
+        "the size of the private cache its replies are timed against. |",
+    ]
     return "\n".join(lines) + "\n"

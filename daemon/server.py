@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import heapq
 import hmac
+import itertools
 import logging
 import os
 import signal
@@ -31,10 +33,11 @@ from expertd.daemon.auth import (
     parse_user_id,
     server_keys,
 )
-from expertd.daemon.config import ServeConfig
+from expertd.daemon.config import ServeConfig, TenantPolicy
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
 from expertd.daemon.faults import read_errors_from_env
+from expertd.daemon.isolation import PrivateTiming
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.prefetch import PrefetchConfig
 from expertd.daemon.reader import StoreReader
@@ -45,6 +48,7 @@ from expertd.policies.base import Geometry
 log = logging.getLogger("expertd")
 
 DAEMON_VERSION = "0.1.0"
+SHARED = TenantPolicy()
 TICK_S = 0.1  # lease expiry and watchdog granularity
 STATUS_EVERY_S = 5.0
 
@@ -91,6 +95,8 @@ class Server:
         self.tenants: dict[str, TenantCounters] = {}
         self._user_of: dict[bytes, str] = {}  # CURVE: sender identity -> its key's tenant/role
         self.admin_token: str | None = None
+        self._held: list[tuple[float, int, Any, bytes]] = []  # private tenants' replies, held back
+        self._held_seq = itertools.count()
         self.messages = {"received": 0, "rejected": 0}
 
     # --- startup ----------------------------------------------------------------------------
@@ -172,6 +178,11 @@ class Server:
                     cfg.prefetch_budget,
                 ),
             )
+        )
+        self.timing = PrivateTiming(
+            Geometry(manifest.num_layers, manifest.num_experts),
+            {name: tier.num_slots for name, tier in self.manager.tiers.items()},
+            {HOST: cfg.policy_host, DEVICE: cfg.policy_device},
         )
         self.context = zmq.Context()
         self._closers.append(self.context)
@@ -288,14 +299,24 @@ class Server:
         router = self.router
         secret = self.engine.secret
         curve = self.curve
+        timeout_set = False
         last_tick = last_status = self.clock()
         try:
             while not self._stopping:
+                if self._held:  # wake for the next held-back reply, not only each tick
+                    wait_s = min(TICK_S, max(0.0, self._held[0][0] - self.clock()))
+                    router.setsockopt(zmq.RCVTIMEO, max(0, round(wait_s * 1000)))
+                    timeout_set = True
+                elif timeout_set:
+                    router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
+                    timeout_set = False
                 try:
                     frames = router.recv_multipart() if not curve else self._recv_with_user(router)
                 except zmq.Again:
                     frames = None
                 now = self.clock()
+                if self._held:
+                    self._send_held(now)
                 if frames is not None:
                     try:
                         if (
@@ -343,6 +364,7 @@ class Server:
 
     def _completion(self, frame: bytes) -> None:
         transfer_id, ok, error = decode_completion(frame)
+        self.timing.transfer_done(transfer_id, self.clock())
         if not ok:
             log.error("transfer %d failed: %s", transfer_id, error)
         self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
@@ -383,6 +405,12 @@ class Server:
                     self._send_error(identity, request_id, "shutting_down", "the daemon is stopping")
                     return
                 self.acquires["count"] += 1
+                tenant = self.tenant_policy(session.tenant)
+                if tenant.isolation == "private" and request.tier in self.manager.tiers:
+                    self.timing.before_acquire(
+                        (identity, request_id), session.tenant, tenant.share, request.tier, request.layer,
+                        request.experts, now,
+                    )  # fmt: skip
                 commands = manager.acquire(
                     identity, request_id, request.layer, request.experts, request.tier, now, request.release,
                     request.request,
@@ -513,6 +541,7 @@ class Server:
     def _execute(self, commands: list, now: float) -> None:
         for command in commands:
             if isinstance(command, StartTransfer):
+                self.timing.transfer_started(command.transfer_id, command.link, now)
                 self.engine.submit(command)
             elif isinstance(command, Reply):
                 started = self._started.pop((command.client, command.request_id), now)
@@ -527,6 +556,7 @@ class Server:
                 self._send_lease(command)
             elif isinstance(command, ErrorReply):
                 self._started.pop((command.client, command.request_id), None)
+                self.timing.forget((command.client, command.request_id))
                 self.acquires["errors"] += 1
                 self._send_error(command.client, command.request_id, command.code, command.message)
 
@@ -544,7 +574,24 @@ class Server:
         counters.accesses += len(reply.slots)
         counters.hits += reply.hits
         body = {"lease": reply.lease_id, "tier": reply.tier, "slots": list(reply.slots), "hits": reply.hits}
-        self._send(reply.client, proto.encode_reply(reply.request_id, body))
+        payload = proto.encode_reply(reply.request_id, body)
+        release_at = self.timing.release_at((reply.client, reply.request_id))
+        if release_at is not None and release_at > self.clock():
+            # A private tenant: not faster than its own cache would have been (daemon/isolation.py).
+            self.timing.held_back += 1
+            self.timing.held_back_s += release_at - self.clock()
+            heapq.heappush(self._held, (release_at, next(self._held_seq), reply.client, payload))
+            return
+        self._send(reply.client, payload)
+
+    def _send_held(self, now: float) -> None:
+        """Send the held-back replies whose time has come."""
+        while self._held and self._held[0][0] <= now:
+            _, _, identity, payload = heapq.heappop(self._held)
+            self._send(identity, payload)
+
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        return self.config.tenants.get(tenant, SHARED)
 
     def _send(self, identity: Any, payload: bytes) -> None:
         try:
@@ -585,6 +632,11 @@ class Server:
         stats["acquires"] = dict(self.acquires)
         stats["messages"] = dict(self.messages)
         stats["sessions"] = self.stats_sessions()
+        stats["isolation"] = {
+            "private_replies_held": self.timing.held_back,
+            "private_held_s": self.timing.held_back_s,
+            "transfer_s": dict(self.timing.transfer_s),
+        }
         stats["tenants"] = {
             name: dict(dataclasses.asdict(c), hit_rate=c.hits / c.accesses if c.accesses else 0.0)
             for name, c in self.tenants.items()

@@ -168,3 +168,31 @@ def test_the_keys_tool_allows_lists_and_revokes(short_dir, capsys):
     with pytest.raises(AuthError, match="tenant 'a b'"):
         allow(keys_dir, side / "carol.key", "a b")
     assert zmq.has("curve")
+
+
+def test_a_private_tenant_is_never_answered_faster_than_its_own_history_explains(store, short_dir):
+    text = '[auth]\nipc_admin = "token"\n[tenants.eve]\nisolation = "private"\n'
+    daemon = DaemonProcess(
+        store, short_dir, "--device", "cpu", "--device-size", "8 slots", *config(short_dir, text)
+    )
+    try:
+        victim = ExpertClient(daemon.address, tenant="vic", name="victim")
+        eve = ExpertClient(daemon.address, tenant="eve", name="eve")
+        admin = ExpertClient(
+            daemon.address, admin_token=(short_dir / "expertd.sock.admin-token").read_text().strip()
+        )
+        for _ in range(3):
+            victim.acquire(0, [5]).release()  # resident now, brought in by the victim
+        lease = eve.acquire(0, [5])
+        assert lease.hits == 1  # the physical copy is shared...
+        lease.release()
+        held = admin.stats()["isolation"]
+        assert held["private_replies_held"] == 1 and held["private_held_s"] > 0  # ...the timing is not
+        eve.acquire(0, [5]).release()  # now in eve's own history: answered as a hit
+        assert admin.stats()["isolation"]["private_replies_held"] == 1
+        victim.acquire(1, [6]).release()
+        shared = ExpertClient(daemon.address, tenant="bob", name="bob")
+        shared.acquire(1, [6]).release()  # a shared tenant: no holding back
+        assert admin.stats()["isolation"]["private_replies_held"] == 1
+    finally:
+        daemon.kill()
