@@ -38,7 +38,8 @@ from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cud
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
 from expertd.daemon.faults import read_errors_from_env
 from expertd.daemon.isolation import PrivateTiming
-from expertd.daemon.manager import CacheManager, ManagerConfig
+from expertd.daemon.manager import ManagerConfig
+from expertd.daemon.partitions import PartitionError, Partitions
 from expertd.daemon.prefetch import PrefetchConfig
 from expertd.daemon.reader import StoreReader
 from expertd.daemon.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
@@ -158,30 +159,33 @@ class Server:
             from expertd.policies.predictor import make_predictor
 
             make_predictor(cfg.prefetch_predictor, Geometry(manifest.num_layers, manifest.num_experts))
-        self.manager = CacheManager(
-            ManagerConfig(
-                Geometry(manifest.num_layers, manifest.num_experts),
-                host_slots=host_slots,
-                device_slots=self.device.num_slots if self.device else 0,
-                host_policy=cfg.policy_host,
-                device_policy=cfg.policy_device,
-                load_depth=cfg.transfers_load_threads or 1,
-                h2d_depth=cfg.transfers_h2d_depth or 1,
-                lease_timeout_s=cfg.clients_lease_timeout_s,
-                max_pending_per_client=cfg.clients_max_pending or 1,
-                max_queued_prefetches=cfg.transfers_max_queued_prefetches,
-                expert_bytes=manifest.raw_bytes,
-                prefetch=PrefetchConfig(
-                    None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
-                    cfg.prefetch_depth,
-                    cfg.prefetch_min_prob,
-                    cfg.prefetch_budget,
-                ),
-            )
+        shares = {t: p.share for t, p in cfg.tenants.items() if p.isolation == "partitioned"}
+        manager_config = ManagerConfig(
+            Geometry(manifest.num_layers, manifest.num_experts),
+            host_slots=host_slots,
+            device_slots=self.device.num_slots if self.device else 0,
+            host_policy=cfg.policy_host,
+            device_policy=cfg.policy_device,
+            load_depth=cfg.transfers_load_threads or 1,
+            h2d_depth=cfg.transfers_h2d_depth or 1,
+            lease_timeout_s=cfg.clients_lease_timeout_s,
+            max_pending_per_client=cfg.clients_max_pending or 1,
+            max_queued_prefetches=cfg.transfers_max_queued_prefetches,
+            expert_bytes=manifest.raw_bytes,
+            prefetch=PrefetchConfig(
+                None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
+                cfg.prefetch_depth,
+                cfg.prefetch_min_prob,
+                cfg.prefetch_budget,
+            ),
         )
+        try:
+            self.manager = Partitions(manager_config, shares)
+        except PartitionError as exc:
+            raise StartupError(f"[tenants]: {exc}") from None
         self.timing = PrivateTiming(
             Geometry(manifest.num_layers, manifest.num_experts),
-            {name: tier.num_slots for name, tier in self.manager.tiers.items()},
+            {HOST: host_slots, DEVICE: self.device.num_slots if self.device else 0},
             {HOST: cfg.policy_host, DEVICE: cfg.policy_device},
         )
         self.context = zmq.Context()
@@ -479,7 +483,8 @@ class Server:
             return
         tenant, role = self._credentials(identity, hello)
         self.sessions[identity] = Session(hello.client, tenant, hello.pid, now, role)
-        self.manager.set_tenant(identity, tenant, now)
+        isolation = self.tenant_policy(tenant).isolation
+        self.manager.set_tenant(identity, tenant, now, tenant if isolation == "partitioned" else None)
         log.info("client %s (tenant %s, %s, pid %d) connected", hello.client, tenant, role, hello.pid)
         self._send_ok(identity, request_id, self.hello_reply())
 

@@ -196,3 +196,39 @@ def test_a_private_tenant_is_never_answered_faster_than_its_own_history_explains
         assert admin.stats()["isolation"]["private_replies_held"] == 1
     finally:
         daemon.kill()
+
+
+def test_a_partitioned_tenant_shares_no_residency(store, short_dir):
+    text = '[auth]\nipc_admin = "token"\n[tenants.carol]\nisolation = "partitioned"\nshare = 0.5\n'
+    daemon = DaemonProcess(
+        store, short_dir, "--device", "cpu", "--device-size", "8 slots", "--host-size", "16 slots",
+        *config(short_dir, text),
+    )  # fmt: skip
+    try:
+        victim = ExpertClient(daemon.address, tenant="vic", name="victim")
+        carol = ExpertClient(daemon.address, tenant="carol", name="carol")
+        admin = ExpertClient(
+            daemon.address, admin_token=(short_dir / "expertd.sock.admin-token").read_text().strip()
+        )
+        victim_slots = set()
+        for expert in range(4):
+            with victim.acquire(0, [expert]) as lease:
+                victim_slots |= set(lease.slots)
+        with carol.acquire(0, [0, 1]) as lease:
+            assert lease.hits == 0  # the victim's copies are not hers
+            assert not set(lease.slots) & victim_slots  # her own slots
+            assert all(slot < 4 for slot in lease.slots)  # half of the 8 device slots, the first half
+        stats = admin.stats()
+        assert set(stats["partitions"]) == {"carol", "shared"}
+        assert stats["partitions"]["carol"]["device"]["slots"] == 4
+        assert stats["tiers"]["device"]["slots"] == 8
+    finally:
+        daemon.kill()
+
+
+def test_partition_shares_that_leave_nothing_for_the_others_are_refused(store, short_dir):
+    text = "[tenants.a]\nisolation = 'partitioned'\nshare = 0.7\n"
+    text += "[tenants.b]\nisolation = 'partitioned'\nshare = 0.6\n"
+    flags = config(short_dir, text)
+    out = subprocess.run([*EXPERTD, "serve", "--store", str(store), *flags], capture_output=True, text=True)
+    assert out.returncode == 1 and "leave no host slot" in out.stderr, out.stderr
