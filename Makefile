@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 		if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: installing torch from pyproject"; \
 		else echo "no CUDA: installing the CPU build ($(TORCH_SPEC))"; $(PIP) install -q "$(TORCH_SPEC)"; fi; \
 	fi
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,hf,metrics]'  # the HF and metrics tests run in CI too
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -33,6 +33,12 @@ def register(subparsers: Any) -> None:
     source = pack.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-safetensors", metavar="DIR", help="a Hugging Face checkpoint directory")
     source.add_argument(
+        "--from-hf",
+        metavar="MODEL_DIR",
+        help="a transformers model directory (save_pretrained): as --from-safetensors, and its "
+        "config.json's MoE layers and expert count must match the checkpoint",
+    )
+    source.add_argument(
         "--synthetic",
         metavar="PRESET",
         help=f"a preset with a real model's expert shapes: {', '.join(PRESET_NAMES)}",
@@ -73,12 +79,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from expertd.daemon.store import StoreError
 
     try:
-        if args.from_safetensors is not None:
+        if args.from_safetensors is not None or args.from_hf is not None:
             given = [f"--{n}" for n in ("scale", "layers", "seed") if getattr(args, n) is not None]
             if given:
                 raise CliError(f"{', '.join(given)} only apply to --synthetic")
-            manifest = pack_safetensors(
-                args.from_safetensors,
+            if args.from_hf is not None:
+                from expertd.daemon.pack_hf import pack_hf as pack_checkpoint
+            else:
+                pack_checkpoint = pack_safetensors
+            manifest = pack_checkpoint(
+                args.from_hf or args.from_safetensors,
                 args.out,
                 codec=args.codec,
                 lz4_level=args.lz4_level,
