@@ -59,8 +59,12 @@ def _is_fused_experts(module: nn.Module) -> bool:
     return gate_up is not None and down is not None and gate_up.dim() == 3 and down.dim() == 3
 
 
-def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every sparse MoE block of ``model``, in layer order; `ModelLayoutError` if none is usable."""
+def find_moe_layers(model: nn.Module, *, offloaded_ok: bool = False) -> list[MoELayer]:
+    """Every sparse MoE block of ``model``, in layer order; `ModelLayoutError` if none is usable.
+
+    ``offloaded_ok``: blocks whose experts `expertd.client.hf.offload` replaced count too (the
+    recorder only needs the routers); otherwise an offloaded model is refused.
+    """
     found: list[MoELayer] = []
     per_expert: list[str] = []
     offloaded: list[str] = []
@@ -70,12 +74,13 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             continue
         if getattr(experts, "expertd_offloaded", False):
             offloaded.append(path)
-            continue
-        if isinstance(experts, nn.ModuleList):
+            if not offloaded_ok:
+                continue
+        elif isinstance(experts, nn.ModuleList):
             first = type(experts[0]).__name__ if len(experts) else "nothing"
             per_expert.append(f"{path}.experts (ModuleList of {len(experts)} {first})")
             continue
-        if not _is_fused_experts(experts):
+        elif not _is_fused_experts(experts):
             continue
         router_name = next((n for n in ROUTER_NAMES if isinstance(block._modules.get(n), nn.Module)), None)
         if router_name is None:
@@ -87,7 +92,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         if match is None:
             raise ModelLayoutError(f"{path}: cannot tell its decoder layer (no 'layers.N' in the path)")
         found.append(MoELayer(len(found), int(match[1]), path, block, block._modules[router_name], experts))
-    if offloaded:
+    if offloaded and not offloaded_ok:
         raise ModelLayoutError(f"{type(model).__name__} is already offloaded ({offloaded[0]}, ...)")
     if not found:
         if per_expert:
@@ -103,8 +108,9 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     decoder_layers = [layer.decoder_layer for layer in found]
     if decoder_layers != sorted(set(decoder_layers)):
         raise ModelLayoutError(f"MoE blocks are not one per decoder layer in order: {decoder_layers}")
-    shapes = {(tuple(x.experts.gate_up_proj.shape), tuple(x.experts.down_proj.shape)) for x in found}
-    if len(shapes) != 1:
+    shapes = {(tuple(x.experts.gate_up_proj.shape), tuple(x.experts.down_proj.shape)) for x in found
+              if not offloaded}  # fmt: skip
+    if len(shapes) > 1:
         raise ModelLayoutError(f"MoE layers have different expert shapes: {sorted(shapes)}")
     return found
 
