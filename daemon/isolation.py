@@ -7,7 +7,8 @@ extra memory), but each of its acquires is checked against a *shadow*: the same
 eviction policy, run over that tenant's own accesses only, with the tenant's share
 of the tier. Where the shadow misses and the real cache hit (someone else brought the
 expert in), the reply is held back until a private miss would have been answered:
-the shadow's misses times the measured time of one transfer over that tier's link.
+the time real acquires with that many missing experts took to answer in that tier
+(from arrival to reply: queueing, transfers, completions, all of what misses cost here).
 A reply is therefore never faster than the tenant's own history explains.
 
 (The converse cannot be hidden: a shadow hit that is a real miss is slower than
@@ -18,6 +19,7 @@ experts. `partitioned` closes that too, at the cost of its own slots.)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 from expertd.daemon.events import DEVICE, H2D, LOAD
@@ -25,7 +27,10 @@ from expertd.policies.base import EvictionPolicy, Geometry
 from expertd.policies.registry import make_policy
 
 EWMA_ALPHA = 0.1
-INITIAL_TRANSFER_S = 1e-3  # before the first measured transfer
+QUANTUM_FLOOR_S = 50e-6  # the grid step is never smaller
+GRID_STEPS_PER_MISS = 2.0  # grid step: this many average one-miss answer times
+INITIAL_MISS_S = 1e-3  # per missing expert, before anything was measured
+MAX_MISSES = 16  # acquires with more misses are timed by the per-miss average
 
 
 @dataclasses.dataclass
@@ -45,8 +50,9 @@ class PrivateTiming:
         self._shadows: dict[tuple[str, str], EvictionPolicy] = {}
         self._t: dict[tuple[str, str], int] = {}
         self._pending: dict[Hashable, _Pending] = {}
-        self._started: dict[int, tuple[str, float]] = {}  # transfer id -> (link, start)
-        self.transfer_s = {LOAD: INITIAL_TRANSFER_S, H2D: INITIAL_TRANSFER_S}
+        # (link, misses) -> how long such an acquire takes to answer; misses capped at MAX_MISSES
+        self.answer_s: dict[tuple[str, int], float] = {}
+        self.miss_s = {LOAD: INITIAL_MISS_S, H2D: INITIAL_MISS_S}  # per missing expert, any count
         self.held_back = 0  # replies delayed
         self.held_back_s = 0.0
 
@@ -71,25 +77,43 @@ class PrivateTiming:
         self._t[(tenant, tier)] = t
         self._pending[key] = _Pending(now, misses, H2D if tier == DEVICE else LOAD)
 
-    def release_at(self, key: Hashable) -> float | None:
-        """When acquire ``key``'s reply may go at the earliest (None: it is not a private acquire)."""
+    def release_at(self, key: Hashable, now: float, real_misses: int) -> float | None:
+        """When acquire ``key``'s reply (ready ``now``) may go (None: it is not a private acquire).
+
+        Not before the tenant's own misses would have been answered; and a reply that waited
+        at all goes out on a grid from the acquire's arrival whose step is twice the link's
+        average one-miss answer time: a real miss and a held-back hit (held to that average)
+        then both leave at the first grid point unless the miss took over twice the average.
+        That doubles the private tenant's miss latency; it is what closing the channel costs.
+        """
         pending = self._pending.pop(key, None)
         if pending is None:
             return None
-        return pending.started + pending.shadow_misses * self.transfer_s[pending.link]
+        misses = pending.shadow_misses
+        if not misses and not real_misses:
+            return now  # a hit, and its own history explains it
+        target = now
+        if misses:
+            answer = self.answer_s.get((pending.link, min(misses, MAX_MISSES)))
+            if answer is None or misses > MAX_MISSES:
+                answer = misses * self.miss_s[pending.link]
+            target = max(now, pending.started + answer)
+        waited = target - pending.started
+        one_miss = self.answer_s.get((pending.link, 1), self.miss_s[pending.link])
+        step = max(QUANTUM_FLOOR_S, GRID_STEPS_PER_MISS * one_miss)
+        return pending.started + math.ceil(waited / step - 1e-9) * step
 
     def forget(self, key: Hashable) -> None:
         self._pending.pop(key, None)
 
-    def transfer_started(self, transfer_id: int, link: str, now: float) -> None:
-        self._started[transfer_id] = (link, now)
-
-    def transfer_done(self, transfer_id: int, now: float) -> None:
-        """Learn how long one transfer over that link takes (what a private miss costs)."""
-        started = self._started.pop(transfer_id, None)
-        if started is not None:
-            link, start = started
-            self.transfer_s[link] += EWMA_ALPHA * ((now - start) - self.transfer_s[link])
+    def miss_answered(self, tier: str, misses: int, waited_s: float) -> None:
+        """A real acquire with ``misses`` missing experts took ``waited_s``: learn what a miss costs."""
+        if misses > 0:
+            link = H2D if tier == DEVICE else LOAD
+            self.miss_s[link] += EWMA_ALPHA * (waited_s / misses - self.miss_s[link])
+            bucket = (link, min(misses, MAX_MISSES))
+            known = self.answer_s.get(bucket)
+            self.answer_s[bucket] = waited_s if known is None else known + EWMA_ALPHA * (waited_s - known)
 
     def _shadow(self, tenant: str, share: float, tier: str) -> EvictionPolicy:
         shadow = self._shadows.get((tenant, tier))

@@ -309,7 +309,7 @@ class Server:
             while not self._stopping:
                 if self._held:  # wake for the next held-back reply, not only each tick
                     wait_s = min(TICK_S, max(0.0, self._held[0][0] - self.clock()))
-                    router.setsockopt(zmq.RCVTIMEO, max(0, round(wait_s * 1000)))
+                    router.setsockopt(zmq.RCVTIMEO, int(wait_s * 1000))  # early, not late: then spin
                     timeout_set = True
                 elif timeout_set:
                     router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
@@ -368,7 +368,6 @@ class Server:
 
     def _completion(self, frame: bytes) -> None:
         transfer_id, ok, error = decode_completion(frame)
-        self.timing.transfer_done(transfer_id, self.clock())
         if not ok:
             log.error("transfer %d failed: %s", transfer_id, error)
         self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
@@ -546,12 +545,12 @@ class Server:
     def _execute(self, commands: list, now: float) -> None:
         for command in commands:
             if isinstance(command, StartTransfer):
-                self.timing.transfer_started(command.transfer_id, command.link, now)
                 self.engine.submit(command)
             elif isinstance(command, Reply):
                 started = self._started.pop((command.client, command.request_id), now)
                 waited = now - started
                 counters = self._tenant_counters(command.client)
+                self.timing.miss_answered(command.tier, len(command.slots) - command.hits, waited)
                 if command.hits < len(command.slots):
                     self.acquires["waited"] += 1
                     self.acquires["stall_s"] += waited
@@ -580,7 +579,8 @@ class Server:
         counters.hits += reply.hits
         body = {"lease": reply.lease_id, "tier": reply.tier, "slots": list(reply.slots), "hits": reply.hits}
         payload = proto.encode_reply(reply.request_id, body)
-        release_at = self.timing.release_at((reply.client, reply.request_id))
+        misses = len(reply.slots) - reply.hits
+        release_at = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
         if release_at is not None and release_at > self.clock():
             # A private tenant: not faster than its own cache would have been (daemon/isolation.py).
             self.timing.held_back += 1
@@ -640,7 +640,7 @@ class Server:
         stats["isolation"] = {
             "private_replies_held": self.timing.held_back,
             "private_held_s": self.timing.held_back_s,
-            "transfer_s": dict(self.timing.transfer_s),
+            "miss_s": dict(self.timing.miss_s),
         }
         stats["tenants"] = {
             name: dict(dataclasses.asdict(c), hit_rate=c.hits / c.accesses if c.accesses else 0.0)
