@@ -1,127 +1,54 @@
-"""`expertd demo`: the main job on an embedded default, end to end, with nothing to download.
+"""`expertd demo`: the main job end to end on this machine, with nothing to download.
 
-Packs a synthetic store with the shapes of the shipped trace's model, starts a real
-daemon on a private ipc:// socket with a device tier far smaller than the model,
-drives the MoE client through the shipped real routing trace (every token's layers
-in order: acquire the routed experts, run their SwiGLU FFNs on the hidden state,
-release), prints tokens/s, hit rates and stall time, checks that the simulator
-predicted the daemon's device hit rate, and stops the daemon cleanly.
+A small model of a real transformers MoE architecture is built here, packed into a store,
+served by a real daemon whose device tier is smaller than the model, and generates text
+through expertd with its own router. ``--trace NAME`` instead drives the daemon with a
+shipped real routing trace (the synthetic-store demo).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
-from expertd.daemon.cli import EXIT_FAILED, CliError
-
-DEFAULT_TRACE = "granite-3.0-1b-a400m"
+from expertd.daemon.cli import CliError
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline on the shipped trace (no downloads)",
+        help="run a small real-architecture MoE model through expertd (no downloads)",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
-    parser.add_argument("--trace", default=DEFAULT_TRACE, help="a shipped trace (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="qwen3_moe",
+        help="architecture of the built model: qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--tokens", type=int, default=48, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--prompt", default="expertd serves experts to", help="the prompt (bytes are tokens)")
+    parser.add_argument("--no-hint", action="store_true", help="do not send next-layer gate hints")
+    parser.add_argument("--trace", default=None, help="instead drive the daemon with this shipped trace")
     parser.add_argument("--capacity", type=float, default=0.25, help="device tier, fraction of experts")
-    parser.add_argument("--policy", default="layer-distance", help="device tier eviction policy")
-    parser.add_argument("--scale", type=float, default=4.0, help="divide the model's expert dims by this")
-    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the store and logs here")
+    parser.add_argument(
+        "--policy", default=None, help="device tier eviction policy (default: lru; --trace: layer-distance)"
+    )
+    parser.add_argument("--scale", type=float, default=4.0, help="--trace: divide the expert dims by this")
+    parser.add_argument("--max-tokens", type=int, default=None, help="--trace: stop after this many tokens")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the model, store and logs here")
     parser.set_defaults(func=run)
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    from expertd.daemon.pack import pack_synthetic
-    from expertd.traces.live import ClientSource, PrivateDaemon, drive, preset_for
-    from expertd.traces.replay import replay_timed
-    from expertd.traces.replay_cli import load_for_replay
-    from expertd.traces.timing import TimingModel
-
     if not 0 < args.capacity < 1:
         raise CliError(f"--capacity must be a fraction in (0, 1), got {args.capacity}")
-    trace = load_for_replay(args.trace, "all", args.max_tokens)
-    meta = trace.meta
-    try:
-        preset = preset_for(meta)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    num_keys = meta.num_layers * meta.num_experts
-    device_slots = max(meta.top_k, round(args.capacity * num_keys))
+    if args.trace is not None:
+        from expertd.daemon import demo_trace
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="expertd-demo-", dir="/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    store = workdir / "store"
-    _say(f"1. packing a synthetic {preset} store (expert dims / {args.scale:g}) into {store}")
-    manifest = pack_synthetic(store, preset, scale=args.scale, force=True)
-    model_mib = manifest.raw_bytes * num_keys / 2**20
-    _say(
-        f"   {meta.num_layers} layers x {meta.num_experts} experts of {manifest.raw_bytes / 2**20:.2f} MiB "
-        f"= {model_mib:.0f} MiB of experts"
-    )
-    _say(
-        f"2. starting expertd: host tier holds every expert, device tier (CPU stand-in) {device_slots} "
-        f"slots = {device_slots / num_keys:.0%} of the experts, policy {args.policy}"
-    )
-    flags = [
-        "--host-size", f"{num_keys} slots", "--device", "cpu", "--device-size", f"{device_slots} slots",
-        "--device-policy", args.policy,
-    ]  # fmt: skip
-    daemon = PrivateDaemon(store, workdir, flags)
-    try:
-        with daemon.connect(name="expertd-demo") as client:
-            run = drive(trace, ClientSource(client), progress=True)
-            status = client.stats()
-            client.shutdown()
-        code = daemon.proc.wait(30)
-    except RuntimeError as exc:
-        raise CliError(str(exc), EXIT_FAILED) from None
-    finally:
-        daemon.stop()
-    if code != 0:
-        raise CliError(f"the daemon exited with {code}; see {daemon.log_path}", EXIT_FAILED)
-    # The simulator drives the daemon's own cache manager: one client, the same acquires.
-    timing = TimingModel(expert_bytes=manifest.raw_bytes, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=0.0)
-    predicted = replay_timed(trace, args.policy, device_slots, timing)
-    _report(meta, run, status, predicted)
-    if args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+        args.policy = args.policy or "layer-distance"
+        return demo_trace.run(args)
+    args.policy = args.policy or "lru"
+    from expertd.daemon import demo_hf
 
-
-def _report(meta, run, status: dict, predicted) -> None:
-    device, host = status["tiers"]["device"], status["tiers"]["host"]
-    acquires = status["acquires"]
-    tokens, elapsed = run.tokens, run.seconds
-    _say(
-        f"3. drove the MoE client through {meta.model}'s real routing: {tokens} tokens, {run.rows} layers"
-    )
-    _say(f"   tokens/s              {tokens / elapsed:8.1f}   ({elapsed:.2f} s)")
-    _say(
-        f"   device hit rate       {device['hit_rate']:8.3f}   ({device['hits']:,} of {device['accesses']:,})"
-    )
-    _say(f"   host hit rate         {host['hit_rate']:8.3f}   (of the device's misses)")
-    _say(
-        f"   stall                 {acquires['stall_s'] / tokens * 1e3:8.2f} ms/token in the daemon "
-        f"({acquires['waited']:,} acquires waited for a copy)"
-    )
-    _say(f"   acquire round trips   {run.wait_s / tokens * 1e3:8.2f} ms/token at the client")
-    _say(f"   bytes moved           {status['links']['h2d']['bytes'] / 2**30:8.2f} GiB host->device")
-    agree = "agrees" if predicted.hits == device["hits"] else "DISAGREES"
-    _say(
-        f"4. `expertd replay` predicted a device hit rate of {predicted.hit_rate:.3f} for this trace, "
-        f"policy and capacity: it {agree} with the daemon's {device['hit_rate']:.3f}"
-    )
-    _say("5. stopped the daemon cleanly (its shared memory is gone).")
-    _say("")
-    _say("Next: expertd replay granite --timed      # which policy stalls least, and by how much")
-    _say("      expertd pack --from-safetensors CHECKPOINT_DIR STORE   # your own model's experts")
-    _say("      expertd serve --store STORE --device cuda --device-size 20GiB   # see docs/config.md")
+    return demo_hf.run(args)

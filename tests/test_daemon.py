@@ -375,9 +375,12 @@ def test_the_daemons_hits_are_what_replay_predicted(tmp_path_factory, short_dir,
     assert live["device"]["hits"] == predicted.hits and live["device"]["accesses"] == predicted.accesses
 
 
-def test_the_demo_runs_end_to_end():
+def test_the_trace_demo_runs_end_to_end():
     out = subprocess.run(
-        [*EXPERTD, "demo", "--max-tokens", "12", "--scale", "16"], capture_output=True, text=True, timeout=300
+        [*EXPERTD, "demo", "--trace", "granite-3.0-1b-a400m", "--max-tokens", "12", "--scale", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tokens/s" in out.stdout and "it agrees with the daemon's" in out.stdout

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5.0", reason="needs expertd[hf] (transformers>=5)")
+transformers = pytest.importorskip(
+    "transformers", minversion="5.0", reason="needs expertd[hf] (transformers>=5)"
+)
 
 from daemon_util import EXPERTD, DaemonProcess  # noqa: E402
 
@@ -167,7 +169,9 @@ def test_per_expert_modules_are_refused_by_name():
     model = tiny_model("olmoe", layers=1)
     mlp = model.model.layers[0].mlp
     mlp.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
-    with pytest.raises(ModelLayoutError, match=r"per-expert modules .*ModuleList of 3 Linear.*transformers < 5"):
+    with pytest.raises(
+        ModelLayoutError, match=r"per-expert modules .*ModuleList of 3 Linear.*transformers < 5"
+    ):
         find_moe_layers(model)
 
 
@@ -195,3 +199,13 @@ def test_pack_from_hf_on_the_command_line(checkpoints, workdir):
     assert "packed 4 layers x 16 experts" in out.stdout
     manifest = json.loads((workdir / "olmoe-cli" / "manifest.json").read_text())
     assert manifest["checkpoint_layers"] == [0, 1, 2, 3]
+
+
+def test_the_demo_generates_through_expertd_and_reports():
+    """`make demo`: a real architecture, a real daemon, the model's own tokens, one report."""
+    out = subprocess.run([*EXPERTD, "demo", "--tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = out.stdout
+    assert "the same tokens as the model with its experts in memory: yes" in report
+    for line in ("tokens/s", "device hit rate", "stall", "bytes moved", "expertd pack --from-hf"):
+        assert line in report
