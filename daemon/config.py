@@ -133,6 +133,15 @@ KEYS: tuple[Key, ...] = (
     Key("clients", "heartbeat_s", "float", 1.0, "How often clients are told to send a heartbeat."),
     Key("clients", "max_clients", "int", 64, "Connected clients at most; more are refused."),
     Key("clients", "max_pending", "int", 16, "Unanswered acquires per client at most."),
+    Key(
+        "metrics",
+        "port",
+        "int",
+        0,
+        "Serve what `expertd status` shows as Prometheus metrics at http://ADDRESS:PORT/metrics; "
+        "0: off. Needs `pip install 'expertd[metrics]'`.",
+    ),  # fmt: skip
+    Key("metrics", "address", "str", "127.0.0.1", "Address the metrics endpoint listens on."),
 )
 _KEY_INDEX = {(k.section, k.name): k for k in KEYS}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|slots?)?\s*$", re.IGNORECASE)
@@ -258,6 +267,8 @@ class ServeConfig:
             return ServeConfig({**self.values, "address": default_address()}, self.source).checked()
         if not re.match(r"^(ipc|tcp)://.+", self.address):
             raise ConfigError(f"[server] address {self.address!r} must start with ipc:// or tcp://")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"[metrics] port {self.metrics_port} is not a TCP port (1-65535, or 0: off)")
         if self.address.startswith("tcp://") and self.auth_keys_dir is None:
             raise ConfigError(
                 f"[server] address {self.address} is tcp://: [auth] keys_dir is required (CURVE keys; "

@@ -31,6 +31,7 @@ def register(subparsers) -> None:
     serve.add_argument("--device-policy", help="device eviction policy ([policy] device)")
     serve.add_argument("--load-threads", type=int, help="store reads in flight ([transfers] load_threads)")
     serve.add_argument("--lease-timeout-s", type=float, help="([clients] lease_timeout_s)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port ([metrics] port)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--print-config-doc", action="store_true", help="print the config reference and exit")
     serve.set_defaults(func=run_serve)
@@ -64,6 +65,7 @@ def load_config(args: argparse.Namespace):
             "transfers.load_threads": args.load_threads,
             "clients.lease_timeout_s": args.lease_timeout_s,
             "log_level": args.log_level,
+            "metrics.port": args.metrics_port,
         }
         return config.with_overrides(overrides).checked()
     except ConfigError as exc:
@@ -139,12 +141,17 @@ def admin_request(address: str | None, request, timeout_s: float) -> dict[str, A
 def run_status(args: argparse.Namespace) -> int:
     from expertd.daemon import protocol as proto
 
+    def fetch() -> dict[str, Any]:
+        return admin_request(args.address, proto.Stats(), args.timeout_s)
+
+    if args.watch and not args.json:
+        from expertd.daemon.config import default_address
+        from expertd.daemon.status_view import watch
+
+        return watch(fetch, format_status, args.watch, args.address or default_address())
     while True:
-        stats = admin_request(args.address, proto.Stats(), args.timeout_s)
-        text = json.dumps(stats, indent=1) if args.json else format_status(stats)
-        if args.watch:
-            sys.stdout.write("\x1b[H\x1b[2J")  # home, clear
-        print(text, flush=True)
+        stats = fetch()
+        print(json.dumps(stats, indent=1) if args.json else format_status(stats), flush=True)
         if not args.watch:
             return 0
         time.sleep(args.watch)
@@ -156,6 +163,9 @@ def run_shutdown(args: argparse.Namespace) -> int:
     admin_request(args.address, proto.Shutdown(), args.timeout_s)
     print("expertd is stopping")
     return 0
+
+
+LAYERS_PER_LINE = 24
 
 
 def format_status(stats: dict[str, Any]) -> str:
@@ -186,8 +196,16 @@ def format_status(stats: dict[str, Any]) -> str:
         rates = [
             h / a if a else float("nan") for h, a in zip(t["layer_hits"], t["layer_accesses"], strict=True)
         ]
-        cells = " ".join("  -" if r != r else f"{round(r * 100):>3}" for r in rates)
-        lines.append(f"{name} hit % by layer: {cells}")
+        cells = ["  -" if r != r else f"{round(r * 100):>3}" for r in rates]
+        for start in range(0, len(cells), LAYERS_PER_LINE):  # deep models wrap, with the first layer
+            label = f"{name} hit % by layer" if start == 0 else f"{'':>{len(name)}}   layers {start}+"
+            lines.append(f"{label:<{len(name) + 15}}: {' '.join(cells[start : start + LAYERS_PER_LINE])}")
+    prefetch = stats.get("prefetch", {})
+    if "predictor" in prefetch:
+        lines.append(
+            f"prefetch {prefetch['predictor']}: precision {prefetch.get('precision', 0):.1%}, "
+            f"recall {prefetch.get('recall', 0):.1%}, {prefetch.get('cancelled', 0)} cancelled"
+        )
     lines.append("")
     for link, info in stats["links"].items():
         lines.append(

@@ -99,6 +99,7 @@ class Server:
         self._held: list[tuple[float, int, Any, bytes]] = []  # private tenants' replies, held back
         self._held_seq = itertools.count()
         self.messages = {"received": 0, "rejected": 0}
+        self.metrics: Any = None  # the Prometheus endpoint, with [metrics] port
 
     # --- startup ----------------------------------------------------------------------------
 
@@ -211,6 +212,15 @@ class Server:
         )
         self.engine.start()
         self._closers.append(self.engine)
+        if cfg.metrics_port:
+            from expertd.daemon.metrics import MetricsExporter, MetricsUnavailable
+
+            try:
+                self.metrics = MetricsExporter(cfg.metrics_port, cfg.metrics_address)
+            except MetricsUnavailable as exc:
+                raise StartupError(str(exc)) from None
+            self._closers.append(self.metrics)
+            log.info("metrics at http://%s:%d/metrics", cfg.metrics_address, self.metrics.port)
 
     def _read_expert(self):
         try:
@@ -343,6 +353,8 @@ class Server:
                     self._expire(now)
                     last_tick = now
                     self.notifier.progress()
+                    if self.metrics is not None and self.metrics.wanted():
+                        self.metrics.publish(self.stats())  # a scrape waits for it
                     if now - last_status >= STATUS_EVERY_S:
                         self.notifier.status(self._status_line())
                         last_status = now
