@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 # after installing expertd there without dependencies (see docs/gpu.md).
 GPU_PY ?= $(PY)
 gpu-check:
-	$(GPU_PY) -m pytest -q -m gpu tests/test_gpu.py tests/test_client_views.py
+	$(GPU_PY) -m pytest -q -m gpu tests/test_gpu.py tests/test_client_views.py tests/test_hf.py
 	$(GPU_PY) bench/h2d_bandwidth.py
 
 clean:

@@ -229,6 +229,7 @@ class OffloadedExperts(nn.Module):
         self.inner = inner  # its expert parameters are gone; the rest (act_fn, config) is used
         self.layer_index = layer.index
         self.num_experts = layer.num_experts
+        self.expert_bytes = layer.expert_bytes
         self.__dict__["_runtime"] = runtime  # not a submodule
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -529,8 +530,9 @@ def offload(
     runtime = Offload(model, client, layers, layout, tier=tier, hint=hint, new_generations=new_generations)
     for layer in layers:
         inner = layer.experts
+        stand_in = OffloadedExperts(inner, layer, runtime)
         for name in ("gate_up_proj", "down_proj"):
             runtime.freed_bytes += getattr(inner, name).nbytes
             delattr(inner, name)  # the model's copy of the weights goes away
-        layer.block.experts = OffloadedExperts(inner, layer, runtime)
+        layer.block.experts = stand_in
     return runtime

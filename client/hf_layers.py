@@ -44,6 +44,14 @@ class MoELayer:
     def num_experts(self) -> int:
         return int(self.experts.num_experts)
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert's weights (kept by the stand-in once offloaded)."""
+        known = getattr(self.experts, "expert_bytes", None)
+        if known is not None:
+            return int(known)
+        return (self.experts.gate_up_proj.nbytes + self.experts.down_proj.nbytes) // self.num_experts
+
 
 def transformers_version() -> str:
     try:

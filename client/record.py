@@ -157,6 +157,7 @@ class Recorder:
             extra={
                 "model_type": self.model_type,
                 "checkpoint_layers": [x.decoder_layer for x in self.layers],
+                "expert_bytes": self.layers[0].expert_bytes,  # for `expertd replay --timed --expert-mb`
                 "passes": self.passes,
             },
             has_scores=True,

@@ -53,12 +53,12 @@ def checkpoints(workdir):
     return get
 
 
-def serve(store: Path, workdir: Path, device_slots: int) -> DaemonProcess:
+def serve(store: Path, workdir: Path, device_slots: int, device: str = "cpu") -> DaemonProcess:
     """A daemon whose host tier holds every expert and whose device tier (CPU stand-in) few."""
     manifest = json.loads((store / "manifest.json").read_text())
     total = manifest["num_layers"] * manifest["num_experts"]
     run = Path(tempfile.mkdtemp(prefix="d-", dir=workdir))
-    flags = ["--host-size", f"{total} slots", "--device", "cpu", "--device-size", f"{device_slots} slots"]
+    flags = ["--host-size", f"{total} slots", "--device", device, "--device-size", f"{device_slots} slots"]
     return DaemonProcess(store, run, *flags, "--log-level", "warning")
 
 
@@ -133,6 +133,26 @@ def test_bf16_and_chunks_smaller_than_a_layer_stay_exact(implementation, checkpo
     finally:
         daemon.kill()
     assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
+
+
+@pytest.mark.gpu
+def test_on_cuda_with_a_cuda_device_tier_too(checkpoints, workdir):
+    """The model on the GPU, the experts in the daemon's CUDA slab (IPC views): the same tokens."""
+    model_dir, store = checkpoints("qwen3_moe", torch.bfloat16)
+    reference = load(model_dir, torch.bfloat16).cuda()
+    model = load(model_dir, torch.bfloat16).cuda()
+    ids = byte_prompt(PROMPT).cuda()
+    with torch.no_grad():
+        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
+    daemon = serve(store, workdir, device_slots=12, device="cuda")
+    try:
+        with ExpertClient(daemon.address) as client:
+            offload(model, client, hint=True)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, want_logits)
+                assert torch.equal(generate(model, ids), want_tokens)
+    finally:
+        daemon.kill()
 
 
 def test_offload_refuses_a_store_of_another_model(checkpoints, workdir):

@@ -99,6 +99,7 @@ def test_replaying_a_recorded_generation_predicts_the_daemons_hits(policy, workd
     finally:
         daemon.kill()
     trace = read_trace(recorder.path)
+    assert trace.meta.extra["expert_bytes"] == manifest.raw_bytes
     assert trace.num_tokens() == 2 * 30 and live["accesses"] == len(trace) * trace.meta.top_k
     timing = TimingModel(
         expert_bytes=json.loads((store / "manifest.json").read_text())["raw_bytes"],
