@@ -149,6 +149,8 @@ class Server:
                     self.device = CudaDeviceSlab(device_slots, slot_bytes, cfg.tiers_cuda_device)
                     self.host.pin_for_cuda()
                 self._closers.append(self.device)
+            if cfg.auth_socket_group:
+                self._share_slabs(cfg.auth_socket_group)
         except SlabError as exc:
             raise StartupError(str(exc)) from None
         from expertd.policies.registry import parse_spec, policy_class
@@ -284,6 +286,21 @@ class Server:
         router.curve_server = True
         router.curve_publickey, router.curve_secretkey = public, secret
         log.info("tcp:// with CURVE: %d client keys allowed", len(self.authenticator.clients) - 1)
+
+    def _share_slabs(self, group: str) -> None:
+        """The group that may connect may also map the shared-memory slabs (read-only, 0640):
+        a client of another user could not read a single weight otherwise."""
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+            for slab in (self.host, self.device):
+                path = getattr(slab, "path", None)  # a CUDA slab is shared by IPC handle, not a file
+                if path is not None:
+                    os.chown(path, -1, gid)
+                    os.chmod(path, 0o640)
+        except (KeyError, PermissionError) as exc:
+            raise StartupError(f"[auth] socket_group {group!r}: {exc}") from None
 
     def _secure_ipc(self, path: Path, group: str | None) -> None:
         if group:
