@@ -40,6 +40,12 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
          "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
          "qk_nope_head_dim": 8, "v_head_dim": 16},
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config", "DeepseekV2ForCausalLM",
+        {"intermediate_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 16,
+         "num_experts_per_tok": 4, "n_shared_experts": 2, "first_k_dense_replace": 1, "q_lora_rank": None,
+         "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16},
+    ),
 }  # fmt: skip
 COMMON = {
     "vocab_size": 256,  # one token per byte: prompts need no tokenizer
@@ -69,7 +75,7 @@ def tiny_model(
         raise ValueError(f"unknown tiny model {name!r} (known: {', '.join(TINY)})")
     config_class, model_class, arguments = TINY[name]
     arguments = {**COMMON, **arguments, "num_hidden_layers": layers, **overrides}
-    if name == "deepseek_v3":
+    if name.startswith("deepseek"):
         arguments["num_key_value_heads"] = arguments["num_attention_heads"]
     config = getattr(transformers, config_class)(**arguments)
     if experts_implementation is not None:

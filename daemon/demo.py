@@ -23,8 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--model",
         default="qwen3_moe",
-        help="architecture of the built model: qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3 "
-        "(default: %(default)s)",
+        help="architecture of the built model: qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v2, "
+        "deepseek_v3 (default: %(default)s)",
     )
     parser.add_argument("--tokens", type=int, default=48, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--prompt", default="expertd serves experts to", help="the prompt (bytes are tokens)")
