@@ -223,6 +223,8 @@ class OffloadedExperts(nn.Module):
     """Stands in for a MoE block's experts module: same call, weights leased from expertd."""
 
     expertd_offloaded = True
+    _runtime: Offload
+    inner: Any
 
     def __init__(self, inner: nn.Module, layer: MoELayer, runtime: Offload) -> None:
         super().__init__()
@@ -399,7 +401,7 @@ class Offload:
             self.client.end_request()
 
 
-def _remap(inner: nn.Module, experts: list[int], to: Any, device: torch.device, fill: int = -1) -> Tensor:
+def _remap(inner: Any, experts: list[int], to: Any, device: torch.device, fill: int = -1) -> Tensor:
     """[E + 1] long: expert id -> its index in the view; others -> ``fill`` (default: past the end)."""
     fill = len(experts) if fill < 0 else fill
     remap = torch.full((int(inner.num_experts) + 1,), fill, dtype=torch.long)
@@ -414,7 +416,7 @@ def _eager_forward(inner: nn.Module) -> Callable[..., Tensor]:
 
 
 def _grouped_mm_on_slots(
-    inner: nn.Module, hidden: Tensor, experts: Tensor, weights: Tensor, leases: _ChunkLeases
+    inner: Any, hidden: Tensor, experts: Tensor, weights: Tensor, leases: _ChunkLeases
 ) -> Tensor:
     """transformers' ``grouped_mm_experts_forward`` on slot-stacked weights, bit for bit.
 
@@ -455,7 +457,7 @@ def _grouped_mm_on_slots(
 
 
 def _batched_mm_on_slots(
-    inner: nn.Module, hidden: Tensor, experts: Tensor, weights: Tensor, leases: _ChunkLeases
+    inner: Any, hidden: Tensor, experts: Tensor, weights: Tensor, leases: _ChunkLeases
 ) -> Tensor:
     """transformers' ``batched_mm_experts_forward`` on slot-stacked weights, bit for bit.
 

@@ -37,8 +37,8 @@ class MoELayer:
     decoder_layer: int  # its decoder layer id (the checkpoint's layer number)
     path: str  # e.g. "model.layers.3.mlp"
     block: nn.Module
-    router: nn.Module
-    experts: nn.Module
+    router: Any  # transformers modules: their attributes are dynamic
+    experts: Any
 
     @property
     def num_experts(self) -> int:
