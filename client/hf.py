@@ -47,6 +47,7 @@ from expertd.client.hf_layers import (
     decoder_model,
     find_moe_layers,
     forward_pass,
+    transformers_version,
 )
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
 
@@ -525,6 +526,13 @@ def offload(
             f"the store's layers are checkpoint layers {list(stored)}; the model's MoE blocks are in "
             f"decoder layers {decoder_layers}"
         )
+    try:  # the grouped_mm and batched_mm mirrors use transformers' own linear helpers
+        from transformers.integrations.moe import _batched_linear, _grouped_linear  # noqa: F401
+    except ImportError:
+        raise ModelLayoutError(
+            f"transformers {transformers_version()} has no integrations.moe._grouped_linear/_batched_linear: "
+            "expertd.client.hf follows transformers 5 (tested with 5.24)"
+        ) from None
     layout = _store_layout(client, first.gate_up_proj, first.down_proj)
     tier = tier or client.default_tier
     if tier not in client.info["tiers"]:
