@@ -49,7 +49,7 @@ from expertd.client.hf_layers import (
     forward_pass,
     transformers_version,
 )
-from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
+from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 #: (gate, up, down) tensor names of a store expert, per checkpoint naming; or (gate_up, down).
@@ -142,14 +142,24 @@ class _Slab:
         self.up = stacked(layout.up_offset, ffn, hidden)  # [S, F, D]
 
     def fused_gate_up(self) -> Tensor:
-        """[S, 2F, D]: a view, or (gate and up apart in the slot) a copy of every slot."""
-        return self.gate_up if self.gate_up is not None else torch.cat([self.gate, self.up], dim=1)
+        """[S, 2F, D] gate_up of every slot (a view; see `compact` when gate and up are apart)."""
+        assert self.gate_up is not None, "gate and up are apart in the slot: use compact()"
+        return self.gate_up
 
     def gate_up_of(self, slot: int) -> Tensor:
-        """Slot's fused [2F, D] gate_up: a view, or (gate and up apart in the slot) a copy."""
-        if self.gate_up is not None:
-            return self.gate_up[slot]
-        return torch.cat([self.gate[slot], self.up[slot]])
+        """Slot's fused [2F, D] gate_up."""
+        return self.fused_gate_up()[slot]
+
+    def compact(self, slot_of: dict[int, int]) -> tuple[_Slab, dict[int, int]]:
+        """Gate and up apart in the slot (a store whose F x D is not 256-byte aligned): this
+        lease's experts copied and fused as slots 0..n-1. Not zero-copy, but the same values."""
+        slots = list(slot_of.values())
+        out = object.__new__(_Slab)
+        out.num_slots = len(slots)
+        out.gate_up = torch.cat([self.gate[slots], self.up[slots]], dim=1)  # [n, 2F, D]
+        out.gate, out.up = out.gate_up.chunk(2, dim=1)
+        out.down = self.down[slots]  # [n, D, F]
+        return out, {expert: i for i, expert in enumerate(slot_of)}
 
 
 class _ChunkLeases:
@@ -182,10 +192,9 @@ class _ChunkLeases:
             if chunk + 1 < len(self.chunks):
                 self._next = client.acquire_async(self.layer, self.chunks[chunk + 1], tier)
             lease = self._lease = self.runtime._wait(pending)
-            self._held = (
-                self.runtime._slab(lease, self.device),
-                dict(zip(lease.experts, lease.slots, strict=True)),
-            )
+            slab = self.runtime._slab(lease, self.device)
+            slot_of = dict(zip(lease.experts, lease.slots, strict=True))
+            self._held = slab.compact(slot_of) if slab.gate_up is None else (slab, slot_of)
             self._index = chunk
         assert self._held is not None
         return self._held
@@ -194,7 +203,8 @@ class _ChunkLeases:
         if self._lease is not None:
             self._lease.release()
         if self._next is not None:
-            self._next.result().release()
+            with contextlib.suppress(ExpertdError):  # never hide the error that brought us here
+                self._next.result().release()
 
 
 class _ExpertsView:

@@ -135,6 +135,33 @@ def test_bf16_and_chunks_smaller_than_a_layer_stay_exact(implementation, checkpo
     assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_a_store_whose_gate_and_up_are_apart_still_computes_exactly(implementation, workdir):
+    """F x D x 2 bytes not a multiple of 256: gate and up are padded apart in the slot, so there
+    is no fused zero-copy view; each lease's experts are fused in a copy instead."""
+    base = workdir / f"apart-{implementation}"
+    tiny_model("qwen3_moe", dtype=torch.bfloat16, hidden_size=40, moe_intermediate_size=24).save_pretrained(
+        base / "model"
+    )  # 24 x 40 x 2 bytes: not a multiple of 256
+    manifest = pack_hf(base / "model", base / "store")
+    gate, up = manifest.tensors[0], manifest.tensors[1]
+    assert up.offset > gate.offset + gate.nbytes, "the test needs padding between gate and up"
+    reference = load(base / "model", torch.bfloat16, implementation)
+    model = load(base / "model", torch.bfloat16, implementation)
+    ids = byte_prompt(PROMPT)
+    with torch.no_grad():
+        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
+    daemon = serve(base / "store", workdir, device_slots=12)
+    try:
+        with ExpertClient(daemon.address) as client:
+            offload(model, client)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, want_logits)
+                assert torch.equal(generate(model, ids), want_tokens)
+    finally:
+        daemon.kill()
+
+
 @pytest.mark.gpu
 def test_on_cuda_with_a_cuda_device_tier_too(checkpoints, workdir):
     """The model on the GPU, the experts in the daemon's CUDA slab (IPC views): the same tokens."""
