@@ -24,8 +24,8 @@ from typing import Any
 
 import msgpack
 import xxhash
-
 from daemon_util import EXPERTD, DaemonProcess, RawClient
+
 from expertd.daemon import protocol as proto
 from expertd.daemon.store import load_manifest
 
