@@ -52,9 +52,12 @@ def run(args: argparse.Namespace) -> int:
         f"2. starting expertd: host tier holds every expert, device tier (CPU stand-in) {device_slots} "
         f"slots = {device_slots / num_keys:.0%} of the experts, policy {args.policy}"
     )
+    # One store read at a time, as the timing model has it: with several, a token's misses
+    # reach the device tier in whichever order the reads finish, and the comparison with the
+    # simulator below would be only approximate.
     flags = [
         "--host-size", f"{num_keys} slots", "--device", "cpu", "--device-size", f"{device_slots} slots",
-        "--device-policy", args.policy,
+        "--device-policy", args.policy, "--load-threads", "1",
     ]  # fmt: skip
     daemon = PrivateDaemon(store, workdir, flags)
     try:

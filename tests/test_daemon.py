@@ -352,7 +352,7 @@ def test_the_daemons_hits_are_what_replay_predicted(tmp_path_factory, short_dir,
     manifest = pack_synthetic(store, "granite-3.0-1b-a400m", scale=16)
     daemon = DaemonProcess(
         store, short_dir, "--host-size", "300 slots", "--device", "cpu", "--device-size", "80 slots",
-        "--device-policy", policy,
+        "--device-policy", policy, "--load-threads", "1",  # reads land in order, as in the simulator
     )  # fmt: skip
     try:
         client = RawClient(daemon.address)
