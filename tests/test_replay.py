@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -166,3 +167,19 @@ def test_live_replay_measures_a_real_daemon(tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     assert row["tokens"] == 8 and row["accesses"] == 8 * 24 * 8 and row["tokens_per_s"] > 0
     assert 0.0 <= row["hit_rate"] <= 1.0
+
+
+def test_timed_replay_of_a_recorded_trace_takes_the_expert_size_it_carries(tmp_path, capsys):
+    from expertd.traces.format import write_trace
+
+    granite = read_trace(traces.shipped())
+    meta = dataclasses.replace(granite.meta, model="my-own-moe", extra={"expert_bytes": 2_000_000})
+    recorded = Trace(
+        meta, granite.request, granite.token, granite.layer, granite.experts, phase=granite.phase
+    )
+    write_trace(tmp_path / "mine.etrace", recorded)
+    code = main(["replay", str(tmp_path / "mine.etrace"), "--timed", "--policy", "lru", "--capacity", "0.1",
+                 "--json", str(tmp_path / "rows.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["bytes_moved"] % 2_000_000 == 0 and row["bytes_moved"] > 0

@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
                 nvme_gbps=args.nvme_gbps,
                 layer_ms=args.layer_ms,
                 host_slots=host_slots,
+                recorded_expert_bytes=_int_or_none(meta.extra.get("expert_bytes")),
+                top_k=meta.top_k,
             )
         prefetch = None
         if args.predictor:
@@ -295,3 +297,7 @@ def run_live(args: argparse.Namespace, trace) -> int:
     if args.json:
         args.json.write_text(json.dumps([dict(row, trace=meta.model) for row in rows], indent=1))
     return 0
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

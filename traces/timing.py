@@ -143,8 +143,16 @@ def build_timing(
     nvme_gbps: float | None = None,
     layer_ms: float | None = None,
     host_slots: int | None = None,
+    recorded_expert_bytes: int | None = None,
+    top_k: int = 1,
 ) -> TimingModel:
-    """A `TimingModel` from a profile, the model's known sizes, and explicit overrides."""
+    """A `TimingModel` from a profile, the model's known sizes, and explicit overrides.
+
+    ``recorded_expert_bytes``: the expert size a recorded trace carries (``expertd.client.record``
+    writes it); for a model not in `MODEL_SIZES`, compute is then estimated from the experts
+    alone (``top_k`` experts' bytes per layer over memory bandwidth): a floor, since attention
+    and dense layers are not counted.
+    """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
     hw = PROFILES[profile]
@@ -153,6 +161,8 @@ def build_timing(
         expert_bytes = int(expert_mb * MB)
     elif size is not None:
         expert_bytes = size.expert_bytes
+    elif recorded_expert_bytes:
+        expert_bytes = recorded_expert_bytes
     else:
         raise ValueError(f"expert size of model {model!r} is unknown: pass --expert-mb")
     if layer_ms is not None:
@@ -160,6 +170,8 @@ def build_timing(
     elif size is not None:
         layer_s = size.active_bytes_per_token / num_layers / (hw.mem_gbps * GB)
         layer_s += hw.layer_overhead_ms / 1e3
+    elif recorded_expert_bytes:
+        layer_s = top_k * expert_bytes / (hw.mem_gbps * GB) + hw.layer_overhead_ms / 1e3
     else:
         raise ValueError(f"compute time of model {model!r} is unknown: pass --layer-ms")
     return TimingModel(
