@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 Key = int
 
@@ -131,6 +133,8 @@ class EvictionPolicy(ABC):
     Params: ClassVar[type] = NoParams
     #: An offline policy needs the future access sequence (`prepare`) before use.
     offline: ClassVar[bool] = False
+    #: The policy orders keys by predicted next use: the cache manager binds its estimator.
+    wants_estimates: ClassVar[bool] = False
 
     def __init__(
         self, capacity: int, geometry: Geometry, params: Mapping[str, Any] | Any | None = None
@@ -142,6 +146,14 @@ class EvictionPolicy(ABC):
         self.params = parse_params(self.Params, params, self.name)
 
     # --- what the cache tells the policy -------------------------------------------------
+
+    def bind_estimator(self, estimator: Callable[[], np.ndarray] | None) -> None:  # noqa: B027
+        """Read predicted next uses from ``estimator`` (for policies that set `wants_estimates`).
+
+        ``estimator()`` returns, for every key, the expected number of layer computations
+        until it is used next (``inf``: no use foreseen), as the routing predictors of the
+        tenants' active requests see it now. The cache manager binds its prefetcher's.
+        """
 
     def prepare(self, future: Sequence[Key]) -> None:  # noqa: B027 - optional hook
         """Give an offline policy the whole access sequence (key at each ``t``)."""

@@ -14,58 +14,46 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from expertd.policies.predictor import Prediction, Predictor, Request, register_predictor
+from expertd.policies.predictor import ProbabilityPredictor, Request, RowParams, register_predictor
 
 
 @dataclasses.dataclass(frozen=True)
-class TemporalParams:
-    """``decay``: weight of the past; ``width``: candidates per layer at most."""
+class TemporalParams(RowParams):
+    """``decay``: weight of the past (plus `RowParams`)."""
 
     decay: float = 0.6
-    width: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay!r}")
-        if self.width < 1:
-            raise ValueError(f"width must be >= 1, got {self.width!r}")
 
 
 @register_predictor("temporal")
-class Temporal(Predictor):
+class Temporal(ProbabilityPredictor):
     """Per request, per layer: decayed choice counts; predicts the largest."""
 
     Params = TemporalParams
 
     def __init__(self, geometry, params=None) -> None:
         super().__init__(geometry, params)
-        self._counts: dict[Request, np.ndarray] = {}  # request -> [L, E] float32
+        self._counts: dict[Request, np.ndarray] = {}  # request -> [L, E] float64
 
-    def observe(self, request: Request, layer: int, experts: Sequence[int]) -> None:
+    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
         counts = self._counts.get(request)
         if counts is None:
             shape = (self.geometry.num_layers, self.geometry.num_experts)
-            counts = self._counts[request] = np.zeros(shape, dtype=np.float32)
+            counts = self._counts[request] = np.zeros(shape)
         row = counts[layer]  # [E]
         row *= self.params.decay
         row[list(experts)] += 1.0
 
-    def predict(self, request: Request, layer: int, horizon: int) -> list[Prediction]:
+    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
         counts = self._counts.get(request)
         if counts is None:
-            return []
-        scale = 1.0 - self.params.decay
-        out: list[Prediction] = []
-        num_layers = self.geometry.num_layers
-        for ahead in range(1, min(horizon, num_layers) + 1):
-            target = (layer + ahead) % num_layers
-            row = counts[target]  # [E]
-            top = np.argsort(row)[::-1][: self.params.width]
-            for expert in top.tolist():
-                prob = min(1.0, float(row[expert]) * scale)
-                if prob > 0.0:
-                    out.append(Prediction(target, expert, prob, ahead))
-        return out
+            return np.zeros((n, self.geometry.num_experts))
+        return np.minimum(self.next_rows(counts, layer, n) * (1.0 - self.params.decay), 1.0)  # [n, E]
 
     def forget(self, request: Request) -> None:
+        super().forget(request)
         self._counts.pop(request, None)

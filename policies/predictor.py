@@ -3,20 +3,29 @@
 Predictors are hooks beside eviction, not inside it (libCacheSim's prefetcher: observe,
 predict, forget). The cache manager keeps one predictor per tenant, tells it every
 acquire (`observe`) and every client gate hint (`hint`), asks it what comes next
-(`predict`), and prefetches the likely experts; an eviction policy may read the same
-predictions (`EvictionPolicy.on_predictions`). Pure: no I/O, no clock, no threads.
+(`predict`), and prefetches the likely experts; a prediction-aware eviction policy
+reads `estimate` (every expert of every layer) through the manager's estimator hook
+(`EvictionPolicy.bind_estimator`). Pure: no I/O, no clock, no threads.
 
 A *request* is one generation (one prompt's tokens); ``request`` is any hashable id the
 caller keeps unique. Within a request, calls come in forward order: a token's layers
-ascending, then the next token's.
+ascending, then the next token's. "The next computation of layer j after layer l" is
+the same token's if ``j > l``, else the next token's.
+
+Most predictors derive from `ProbabilityPredictor`: they give every expert of a layer a
+probability (`rows`), and the base turns that into predictions, estimates and hint
+handling. Legend for shape comments: L layers, E experts per layer, R rows asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 from expertd.policies.base import Geometry, NoParams, PolicyError, parse_params
 
@@ -52,11 +61,35 @@ class Predictor(ABC):
         """``request``'s current token was routed to ``experts`` at ``layer`` (best first)."""
 
     def hint(self, request: Request, layer: int, experts: Sequence[int], scores: Sequence[float]) -> None:  # noqa: B027
-        """The client's own guess for ``layer`` (e.g. that layer's router on this hidden state)."""
+        """The client's own guess for ``layer``'s next computation (e.g. that layer's router now)."""
 
     @abstractmethod
     def predict(self, request: Request, layer: int, horizon: int) -> list[Prediction]:
         """After ``layer`` was observed: likely experts of the next ``horizon`` layers, best first."""
+
+    def likely(self, request: Request, layer: int, horizon: int, min_prob: float) -> list[Prediction]:
+        """`predict`, keeping only predictions at least ``min_prob`` likely."""
+        return [p for p in self.predict(request, layer, horizon) if p.prob >= min_prob]
+
+    def estimate(self, request: Request, layer: int) -> np.ndarray:
+        """[L, E] probability that each expert is chosen at its layer's next computation."""
+        out = np.zeros((self.geometry.num_layers, self.geometry.num_experts), dtype=np.float64)
+        for p in self.predict(request, layer, self.geometry.num_layers):
+            out[p.layer, p.expert] = max(out[p.layer, p.expert], p.prob)
+        return out
+
+    def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """`estimate` and `later` together (a predictor may share the work)."""
+        return self.estimate(request, layer), self.later(request, layer)
+
+    def later(self, request: Request, layer: int) -> np.ndarray:
+        """[L, E] probability that each expert is chosen at a computation of its layer after the next.
+
+        What the request's history says, without the evidence that bears on the next
+        computation only (the current token's cross-layer routing, hints). Default:
+        `estimate`.
+        """
+        return self.estimate(request, layer)
 
     def forget(self, request: Request) -> None:  # noqa: B027
         """``request`` ended: drop what is kept per request (learned statistics stay)."""
@@ -73,10 +106,197 @@ class Predictor(ABC):
         return (target - layer) % self.geometry.num_layers or self.geometry.num_layers
 
 
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """``width``: candidates per layer in `predict`; ``hint_prob``: floor of a hinted expert."""
+
+    width: int = 4
+    hint_prob: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width!r}")
+        if not 0.5 < self.hint_prob <= 1.0:
+            raise ValueError(f"hint_prob must be in (0.5, 1], got {self.hint_prob!r}")
+
+
+class ProbabilityPredictor(Predictor):
+    """A predictor that gives every expert of a layer a probability; hints rank above it.
+
+    Subclasses implement `learn` (what `observe` learns) and `rows` (probabilities for
+    the next computations); `predict`, `likely`, `estimate` and hints come from here.
+    A hint for layer j holds until j is next observed: its experts get at least
+    ``hint_prob`` and every other expert of j at most ``1 - hint_prob``, so hints always
+    rank above history.
+    """
+
+    Params: ClassVar[type] = RowParams
+    #: Hinted requests whose hints are kept at most (least recent dropped).
+    MAX_HINTED_REQUESTS: ClassVar[int] = 1024
+
+    def __init__(self, geometry: Geometry, params: Mapping[str, Any] | Any | None = None) -> None:
+        super().__init__(geometry, params)
+        # request -> layer -> hinted experts, for the layer's next computation.
+        self._hints: OrderedDict[Request, dict[int, list[int]]] = OrderedDict()
+        num_layers = geometry.num_layers
+        # _order[l]: the layers computed 1, 2, ..., L steps after layer l.
+        self._order = [
+            np.array([(l + a) % num_layers for a in range(1, num_layers + 1)]) for l in range(num_layers)
+        ]
+
+    @abstractmethod
+    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
+        """What `observe` learns from one routing decision."""
+
+    @abstractmethod
+    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
+        """[n, E] P(chosen) at each of the next ``n`` layer computations after ``layer``.
+
+        Row ``i`` is layer ``(layer + 1 + i) % L``; hints are not applied. Writable, owned
+        by the caller.
+        """
+
+    def next_rows(self, array: np.ndarray, layer: int, n: int) -> np.ndarray:
+        """``array``'s rows (one per layer) for the next ``n`` computations after ``layer``."""
+        first = layer + 1
+        if first + n <= self.geometry.num_layers:
+            return array[first : first + n]  # a view: most calls, and the cheapest
+        return array[self._order[layer][:n]]
+
+    def observe(self, request: Request, layer: int, experts: Sequence[int]) -> None:
+        if self._hints:
+            hints = self._hints.get(request)
+            if hints is not None:
+                hints.pop(layer, None)  # that computation happened: the hint is spent
+                if not hints:
+                    del self._hints[request]
+        self.learn(request, layer, experts)
+
+    def hint(self, request: Request, layer: int, experts: Sequence[int], scores: Sequence[float]) -> None:
+        num_experts = self.geometry.num_experts
+        valid = [e for e in experts if 0 <= e < num_experts]
+        if not 0 <= layer < self.geometry.num_layers or not valid:
+            return
+        hints = self._hints.setdefault(request, {})
+        self._hints.move_to_end(request)
+        hints[layer] = valid
+        while len(self._hints) > self.MAX_HINTED_REQUESTS:
+            self._hints.popitem(last=False)
+
+    def hinted(self, request: Request, layer: int, probs: np.ndarray) -> np.ndarray:
+        """``probs`` [n, E] (the next n computations after ``layer``) with hints applied, in place."""
+        hints = self._hints.get(request) if self._hints else None
+        if hints:
+            num_layers = self.geometry.num_layers
+            for target, experts in hints.items():
+                row = (target - layer - 1) % num_layers
+                if row < len(probs):
+                    self.hint_row(probs[row], experts)
+        return probs
+
+    def hint_row(self, row: np.ndarray, experts: list[int]) -> None:
+        """One layer's probabilities [E], in place, with ``experts`` hinted: at least ``hint_prob``."""
+        floor = self.params.hint_prob
+        hinted = row[experts]
+        row *= 1.0 - floor
+        row[experts] = floor + (1.0 - floor) * hinted
+
+    def predict(self, request: Request, layer: int, horizon: int) -> list[Prediction]:
+        return self.likely(request, layer, horizon, 0.0)
+
+    def likely(self, request: Request, layer: int, horizon: int, min_prob: float) -> list[Prediction]:
+        """`predict`, keeping only predictions at least ``min_prob`` likely (and above 0)."""
+        n = min(horizon, self.geometry.num_layers)
+        probs = self.hinted(request, layer, self.rows(request, layer, n))  # [n, E]
+        width = self.params.width
+        if min_prob > 0.0:
+            if probs.max() < min_prob:
+                return []  # the common case, answered at once
+            mask = probs >= min_prob
+        else:
+            mask = probs > 0.0
+            if width < probs.shape[1]:  # each row's `width` likeliest (ties trimmed below)
+                mask &= probs >= -np.partition(-probs, width - 1, axis=1)[:, width - 1 : width]
+        rows, experts = np.nonzero(mask)
+        if not len(rows):
+            return []
+        values = probs[rows, experts]
+        order = self._order[layer]
+        picked: dict[int, int] = {}
+        out: list[Prediction] = []
+        for i in np.lexsort((-values, rows)).tolist():  # by row (steps ahead), then likeliest first
+            row = int(rows[i])
+            if picked.get(row, 0) < width:
+                picked[row] = picked.get(row, 0) + 1
+                out.append(Prediction(int(order[row]), int(experts[i]), min(float(values[i]), 1.0), row + 1))
+        return out
+
+    def estimate(self, request: Request, layer: int) -> np.ndarray:
+        num_layers = self.geometry.num_layers
+        probs = self.hinted(request, layer, self.rows(request, layer, num_layers))  # [L, E], by steps ahead
+        out = np.empty_like(probs)
+        out[self._order[layer]] = probs
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def forget(self, request: Request) -> None:
+        self._hints.pop(request, None)
+
+
+# --- msgpack-able numpy arrays (warm-start state: never pickle) ------------------------------
+
+
+def pack_array(array: np.ndarray) -> dict[str, Any]:
+    """``array`` as a msgpack-able map: raw bytes, shape and dtype."""
+    array = np.ascontiguousarray(array)
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def unpack_array(packed: Mapping[str, Any], shape: Sequence[int] | None = None) -> np.ndarray:
+    """The array `pack_array` packed (a writable copy); ``shape`` checks what the caller expects."""
+    try:
+        dtype = np.dtype(packed["dtype"])
+        got = tuple(int(n) for n in packed["shape"])
+        data = packed["data"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PolicyError(f"bad array in predictor state: {exc}") from None
+    if dtype.kind not in "fiub" or dtype.hasobject:
+        raise PolicyError(f"bad array in predictor state: dtype {dtype} is not numeric")
+    if shape is not None and got != tuple(shape):
+        raise PolicyError(f"predictor state array has shape {list(got)}, expected {list(shape)}")
+    if len(data) != dtype.itemsize * int(np.prod(got, dtype=np.int64)):
+        raise PolicyError(f"predictor state array of shape {list(got)} has {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(got).copy()
+
+
+def check_state(state: Mapping[str, Any], name: str, geometry: Geometry) -> None:
+    """Raise PolicyError unless ``state`` was saved by predictor ``name`` for ``geometry``."""
+    if not isinstance(state, Mapping):
+        raise PolicyError(f"{name}: predictor state must be a map, got {type(state).__name__}")
+    saved = state.get("predictor")
+    if saved != name:
+        raise PolicyError(f"{name}: the state was saved by predictor {saved!r}")
+    shape = [geometry.num_layers, geometry.num_experts]
+    if list(state.get("geometry", [])) != shape:
+        raise PolicyError(
+            f"{name}: the state is for {state.get('geometry')} (layers, experts), this model is {shape}"
+        )
+
+
+def state_header(name: str, geometry: Geometry) -> dict[str, Any]:
+    """What every saved state starts with: the predictor's name and the geometry."""
+    return {"predictor": name, "geometry": [geometry.num_layers, geometry.num_experts]}
+
+
 # --- registry ------------------------------------------------------------------------------------
 
 _PREDICTORS: dict[str, type[Predictor]] = {}
-_BUILTIN_MODULES = ("predict_temporal",)
+_BUILTIN_MODULES = (
+    "predict_temporal",
+    "predict_cross_layer",
+    "predict_activation",
+    "predict_hints",
+    "predict_combined",
+)
 
 
 def register_predictor(name: str):
@@ -100,8 +320,15 @@ def _load_builtins() -> None:
 
 
 def available_predictors() -> list[str]:
+    """Names of every registered predictor, sorted (test doubles included once imported)."""
     _load_builtins()
     return sorted(_PREDICTORS)
+
+
+def builtin_predictors() -> list[str]:
+    """Names of the predictors expertd ships, sorted."""
+    _load_builtins()
+    return sorted(n for n, cls in _PREDICTORS.items() if cls.__module__.startswith("expertd.policies."))
 
 
 def make_predictor(spec: str, geometry: Geometry, params: Mapping[str, Any] | None = None) -> Predictor:

@@ -22,6 +22,7 @@ _BUILTIN_MODULES = (
     "lru_per_layer",
     "least_stale",
     "layer_distance",
+    "predictive",
 )
 
 
