@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from expertd.daemon import defaults
+
 
 class ConfigError(ValueError):
     """A configuration file or flag is wrong; the message names the key and the value."""
@@ -77,19 +79,55 @@ KEYS: tuple[Key, ...] = (
         "Device tier budget, as host_size. Ignored when device = off.",
     ),
     Key("tiers", "cuda_device", "int", 0, "CUDA device index for device = cuda."),
-    Key("policy", "host", "str", "lru", "Eviction policy of the host tier (see `expertd replay --help`)."),
-    Key("policy", "device", "str", "lru", "Eviction policy of the device tier."),
+    Key(
+        "policy",
+        "host",
+        "str",
+        defaults.HOST_POLICY,
+        "Eviction policy of the host tier (see `expertd replay --help`).",
+    ),
+    Key(
+        "policy",
+        "device",
+        "str",
+        defaults.DEVICE_POLICY,
+        "Eviction policy of the device tier; `predictive` evicts by the predictors' estimated next use.",
+    ),  # fmt: skip
     Key(
         "prefetch",
         "predictor",
         "str",
-        "none",
+        defaults.PREFETCH["predictor"],
         "Predictor that guesses the next layers' experts (`none`: "
         "no prefetching; see `expertd replay --help`). Each tenant gets its own.",
     ),  # fmt: skip
-    Key("prefetch", "depth", "int", 2, "Layers ahead to prefetch."),
-    Key("prefetch", "min_prob", "float", 0.2, "Guesses less likely than this are not fetched."),
-    Key("prefetch", "budget", "int", 8, "New prefetches per acquire at most."),
+    Key("prefetch", "depth", "int", defaults.PREFETCH["depth"], "Layers ahead to prefetch."),
+    Key(
+        "prefetch",
+        "min_prob",
+        "float",
+        defaults.PREFETCH["min_prob"],
+        "Guesses less likely than this are not fetched.",
+    ),
+    Key("prefetch", "budget", "int", defaults.PREFETCH["budget"], "New prefetches per acquire at most."),
+    Key("prefetch", "width", "int", defaults.PREFETCH["width"], "Prefetches per layer at most."),
+    Key(
+        "prefetch",
+        "share",
+        "float",
+        defaults.PREFETCH["share"],
+        "Most of a link's transfers prefetches may take, over any `window` consecutive ones "
+        "(demand transfers are never limited).",
+    ),  # fmt: skip
+    Key("prefetch", "window", "int", defaults.PREFETCH["window"], "Transfers `share` is counted over."),
+    Key(
+        "prefetch",
+        "state",
+        "path",
+        None,
+        "Predictor statistics every tenant starts from (a warm start): a file written by "
+        "`expertd replay TRACE --save-state FILE` for this model and predictor.",
+    ),  # fmt: skip
     Key("transfers", "load_threads", "int", 4, "Store reads in flight at once (reader threads)."),
     Key("transfers", "h2d_depth", "int", 1, "Host->device copies in flight at once."),
     Key("transfers", "max_queued_prefetches", "int", 256, "Prefetches queued per link; more are dropped."),

@@ -166,6 +166,15 @@ class CacheManager:
         self.link_failed = {LOAD: 0, H2D: 0}
         self.prefetch_cancelled = 0
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
+        if self.prefetcher is not None:
+            for table in self.tiers.values():
+                if table.policy.wants_estimates:  # e.g. `predictive`: next uses from the predictors
+                    table.policy.bind_estimator(self.prefetcher.waits)
+        # Per link: whether each of the last `window` transfers started was a prefetch.
+        window = config.prefetch.window
+        self._recent = {link: deque([False] * window, maxlen=window) for link in LINKS}
+        self._recent_prefetches = {LOAD: 0, H2D: 0}
+        self.prefetch_deferred = 0  # prefetch starts put off by the bandwidth share
 
     # --- events ---------------------------------------------------------------------------
 
@@ -447,7 +456,7 @@ class CacheManager:
             }
             for link in LINKS
         }
-        prefetch = {"cancelled": self.prefetch_cancelled}
+        prefetch = {"cancelled": self.prefetch_cancelled, "deferred": self.prefetch_deferred}
         if self.prefetcher is not None:
             prefetch.update(self.prefetcher.stats())
         return {
@@ -729,10 +738,14 @@ class CacheManager:
         committed = self._committed(tier_name)
         if transfer.key not in committed and tier.pinned_slots + len(committed) + 1 > tier.num_slots:
             return None  # the unpinned slots are promised to admitted acquires
+        prefetch = transfer.priority != Priority.DEMAND
+        if prefetch and not self._share_allows(transfer.link):
+            self.prefetch_deferred += 1
+            return None  # the link's prefetch share is spent: wait for demand transfers
         guard = None
         if transfer.priority == Priority.PREDICTED and self.prefetcher is not None:
-            probability, prob = self.prefetcher.probability, transfer.prob
-            guard = lambda victim: probability(victim) < prob  # noqa: E731 - never evict a likelier key
+            may_evict, key = self.prefetcher.may_evict(), transfer.key
+            guard = lambda victim: may_evict(victim, key)  # noqa: E731 - never evict a key used sooner
         protected = self.prefetcher.protected if self.prefetcher is not None else ()
         dst_slot = tier.reserve(transfer.key, transfer.t, guard, protected)
         if dst_slot is None:
@@ -746,9 +759,10 @@ class CacheManager:
             src_slot = host.slot_of[transfer.key]
             host.pin(src_slot)
             host.policy.on_hit(transfer.key, transfer.t)
-        if transfer.priority != Priority.DEMAND:
+        if prefetch:
             self._queued_prefetches[transfer.link] -= 1
             tier.prefetched.add(dst_slot)
+        self._count_start(transfer.link, prefetch)
         transfer.running = True
         transfer.src_slot, transfer.dst_slot = src_slot, dst_slot
         self._running[transfer.link] += 1
@@ -756,6 +770,16 @@ class CacheManager:
         return StartTransfer(
             transfer.transfer_id, transfer.link, transfer.key, src_slot, dst_slot, transfer.priority
         )
+
+    def _share_allows(self, link: str) -> bool:
+        """May one more prefetch start on ``link`` within its share of any `window` starts?"""
+        config = self.config.prefetch
+        return self._recent_prefetches[link] - self._recent[link][0] + 1 <= config.share * config.window
+
+    def _count_start(self, link: str, prefetch: bool) -> None:
+        recent = self._recent[link]
+        self._recent_prefetches[link] += prefetch - recent[0]
+        recent.append(prefetch)
 
     def _prefetch(self, plan: PrefetchPlan) -> list[Command]:
         """Cancel stale guesses still queued, queue the new ones, start what can start."""

@@ -60,6 +60,12 @@ class Partitions:
         self._transfers: dict[int, tuple[str, int]] = {}  # global id -> (partition, manager's id)
         self._ids = itertools.count(1)
 
+    def load_predictor_state(self, state: Mapping[str, Any]) -> None:
+        """Statistics every tenant's predictor, in every partition, starts from (a warm start)."""
+        for manager in self._managers.values():
+            if manager.prefetcher is not None:
+                manager.prefetcher.load_state(state)
+
     @property
     def partitioned(self) -> bool:
         return len(self._managers) > 1

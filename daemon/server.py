@@ -54,6 +54,19 @@ TICK_S = 0.1  # lease expiry and watchdog granularity
 STATUS_EVERY_S = 5.0
 
 
+def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
+    """The [prefetch] keys as the cache manager takes them (ValueError names a bad one)."""
+    return PrefetchConfig(
+        None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
+        depth=cfg.prefetch_depth,
+        min_prob=cfg.prefetch_min_prob,
+        budget=cfg.prefetch_budget,
+        width=cfg.prefetch_width,
+        share=cfg.prefetch_share,
+        window=cfg.prefetch_window,
+    )
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start (bad store, no memory, address in use); nothing was left behind."""
 
@@ -162,6 +175,10 @@ class Server:
             from expertd.policies.predictor import make_predictor
 
             make_predictor(cfg.prefetch_predictor, Geometry(manifest.num_layers, manifest.num_experts))
+        try:
+            prefetch = prefetch_settings(cfg)
+        except ValueError as exc:
+            raise StartupError(f"[prefetch]: {exc}") from None
         shares = {t: p.share for t, p in cfg.tenants.items() if p.isolation == "partitioned"}
         manager_config = ManagerConfig(
             Geometry(manifest.num_layers, manifest.num_experts),
@@ -175,17 +192,14 @@ class Server:
             max_pending_per_client=cfg.clients_max_pending or 1,
             max_queued_prefetches=cfg.transfers_max_queued_prefetches,
             expert_bytes=manifest.raw_bytes,
-            prefetch=PrefetchConfig(
-                None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
-                cfg.prefetch_depth,
-                cfg.prefetch_min_prob,
-                cfg.prefetch_budget,
-            ),
+            prefetch=prefetch,
         )
         try:
             self.manager = Partitions(manager_config, shares)
         except PartitionError as exc:
             raise StartupError(f"[tenants]: {exc}") from None
+        if cfg.prefetch_state is not None:
+            self._load_predictor_state(cfg.prefetch_state, manifest.model)
         self.timing = PrivateTiming(
             Geometry(manifest.num_layers, manifest.num_experts),
             {HOST: host_slots, DEVICE: self.device.num_slots if self.device else 0},
@@ -286,6 +300,19 @@ class Server:
         router.curve_server = True
         router.curve_publickey, router.curve_secretkey = public, secret
         log.info("tcp:// with CURVE: %d client keys allowed", len(self.authenticator.clients) - 1)
+
+    def _load_predictor_state(self, path: Path, model: str) -> None:
+        """[prefetch] state: the statistics every tenant's predictor starts from."""
+        from expertd.daemon.prefetch_state import StateError, read_state
+        from expertd.policies.base import PolicyError
+
+        if self.manager.config.prefetch.predictor is None:
+            raise StartupError(f"[prefetch] state = {str(path)!r} needs a predictor ([prefetch] predictor)")
+        try:
+            self.manager.load_predictor_state(read_state(path, model))
+        except (StateError, PolicyError) as exc:
+            raise StartupError(f"[prefetch] state: {exc}") from None
+        log.info("predictor statistics loaded from %s", path)
 
     def _share_slabs(self, group: str) -> None:
         """The group that may connect may also map the shared-memory slabs (read-only, 0640):

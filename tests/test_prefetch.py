@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from expertd.daemon.events import DEVICE, HOST, Priority, Reply, StartTransfer
+import random
+
+import numpy as np
+import pytest
+
+from expertd.daemon import defaults
+from expertd.daemon.events import DEVICE, H2D, HOST, Priority, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.prefetch import PrefetchConfig, Prefetcher, PrefetchPlan
 from expertd.policies.base import Geometry
@@ -76,18 +82,30 @@ def test_a_prefetch_never_evicts_a_leased_slot():
     assert started == [] and manager.resident(DEVICE) == leased
 
 
-def test_a_prefetch_never_evicts_a_key_more_likely_to_be_used():
+def test_a_prefetch_never_evicts_a_key_expected_to_be_used_sooner():
     manager = make(device=4, depth=1, min_prob=0.0, budget=2)
     prefetcher = manager.prefetcher
     lease, _ = token(manager, "a", ROUTING)
-    # Pretend every resident key is certain to be used: no guess may displace one.
-    for key in manager.resident(DEVICE):
-        prefetcher._prob[key] = 1.0
     resident_before = dict(manager.resident(DEVICE))
-    out = manager.acquire("a", 60, 0, [0, 1], DEVICE, 0.0, [lease], 2)  # new request: fresh guesses
+    # Pretend every resident key is needed next: no guess may displace one.
+    waits = np.full(GEOMETRY.num_keys, 100.0)
+    waits[list(resident_before)] = 1.0
+    prefetcher.waits = lambda: waits
+    out = manager.acquire("a", 60, 0, [0, 1], DEVICE, 0.0, [lease], 1)  # guesses layer 1: [2, 3]
     _, started = settle(manager, out)
-    evicted = set(resident_before) - set(manager.resident(DEVICE))
-    assert not evicted - {0, 1} or all(s.priority == Priority.DEMAND for s in started)
+    assert [s for s in started if s.priority == Priority.PREDICTED] == []
+
+
+def test_a_prefetch_may_evict_a_key_expected_to_be_used_later():
+    manager = make(device=4, depth=1, min_prob=0.0, budget=2)
+    prefetcher = manager.prefetcher
+    lease, _ = token(manager, "a", ROUTING)
+    waits = np.full(GEOMETRY.num_keys, 1.0)
+    waits[list(manager.resident(DEVICE))] = 100.0  # everything resident is needed much later
+    prefetcher.waits = lambda: waits
+    _, started = settle(manager, manager.acquire("a", 60, 0, [0, 1], DEVICE, 0.0, [lease], 1))
+    predicted = {s.key for s in started if s.priority == Priority.PREDICTED}
+    assert predicted == {GEOMETRY.key(1, 2), GEOMETRY.key(1, 3)}
 
 
 def test_guesses_that_stop_being_guessed_are_cancelled_while_queued():
@@ -123,8 +141,8 @@ def test_the_prefetcher_marks_guesses_it_no_longer_makes_as_stale():
     prefetcher = Prefetcher(PrefetchConfig("test-follow-last-expert", depth=2, min_prob=0.0), GEOMETRY)
     plan = prefetcher.on_acquire("t", 1, 0, [5])  # guesses expert 5 for layers 1 and 2
     assert {key for key, _ in plan.wanted} == {GEOMETRY.key(1, 5), GEOMETRY.key(2, 5)}
-    plan = prefetcher.on_acquire("t", 1, 1, [3])  # now expert 3 for layers 2 and 3
-    assert plan.stale == {GEOMETRY.key(2, 5)}
+    plan = prefetcher.on_acquire("t", 1, 1, [3])  # layer 1 chose 3; now expert 3 for layers 2 and 3
+    assert plan.stale == {GEOMETRY.key(1, 5), GEOMETRY.key(2, 5)}  # wrong, and no longer guessed
     assert prefetcher.probability(GEOMETRY.key(2, 5)) == 0.0
     assert prefetcher.probability(GEOMETRY.key(2, 3)) == 0.9
 
@@ -152,3 +170,99 @@ def test_tenants_get_separate_predictors():
     manager.set_tenant("a", "alice", 0.0)
     manager.set_tenant("b", "bob", 0.0)
     assert manager.prefetcher.predictor("alice") is not manager.prefetcher.predictor("bob")
+
+
+# --- bandwidth share, leases, prediction-aware eviction ------------------------------------
+
+
+def drive(manager, tokens: int, seed: int, hint_every: int = 0):
+    """Random sticky routing through every layer, holding each lease for one layer, with
+    transfers finishing one at a time in order; yields (commands started, leased slots) per step."""
+    rng = random.Random(seed)
+    lease, request_id, started = None, 0, []
+    queue: list = []
+    for _ in range(tokens):
+        for layer in range(GEOMETRY.num_layers):
+            experts = rng.sample([0, 1, 2] if rng.random() < 0.6 else range(8), 2)
+            request_id += 1
+            out = manager.acquire("a", request_id, layer, experts, DEVICE, 0.0, [lease] if lease else [], 1)
+            if hint_every and request_id % hint_every == 0:
+                out += manager.hint("a", (layer + 1) % 4, [rng.randrange(8)], 0.0)
+            queue.extend(out)
+            reply = None
+            while reply is None:
+                command = queue.pop(0)
+                if isinstance(command, StartTransfer):
+                    started.append(command)
+                    queue.extend(manager.transfer_done(command.transfer_id, True))
+                elif isinstance(command, Reply) and command.request_id == request_id:
+                    reply = command
+            lease = reply.lease_id
+            yield started, reply
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5])
+def test_prefetches_never_exceed_their_share_of_a_link(share):
+    window = 8
+    manager = make(device=5, depth=3, min_prob=0.0, budget=8, share=share, window=window)
+    started: list[StartTransfer] = []
+    for so_far, _ in drive(manager, 40, seed=3, hint_every=5):
+        started = so_far
+    flags = [s.priority != Priority.DEMAND for s in started if s.link == H2D]
+    assert len(flags) > 100
+    if share:
+        assert any(flags), "no prefetch ever started"
+    for i in range(len(flags)):
+        recent = flags[max(0, i - window + 1) : i + 1]
+        assert sum(recent) <= share * window, (i, recent)
+
+
+def test_a_leased_slot_is_never_evicted_by_anything():
+    manager = make(device=4, depth=3, min_prob=0.0, budget=8)
+    for _, reply in drive(manager, 30, seed=5, hint_every=3):
+        held = {slot: key for key, slot in manager.resident(DEVICE).items()}
+        for slot in reply.slots:
+            assert slot in held, "a leased slot lost its expert"
+
+
+def test_the_manager_binds_its_predictions_to_a_policy_that_wants_them():
+    config = ManagerConfig(
+        GEOMETRY, host_slots=32, device_slots=6, device_policy="predictive",
+        prefetch=PrefetchConfig("combined"),
+    )  # fmt: skip
+    manager = CacheManager(config)
+    manager.preload(HOST, range(GEOMETRY.num_keys))
+    token(manager, "a", ROUTING)
+    policy = manager.tiers[DEVICE].policy
+    assert np.array_equal(policy.waits(), manager.prefetcher.waits())
+    assert np.isfinite(policy.waits()).all()
+
+
+def test_waits_count_steps_to_the_next_computation_of_each_layer():
+    prefetcher = Prefetcher(PrefetchConfig("test-follow-last-expert", min_prob=0.0), GEOMETRY)
+    assert np.isinf(prefetcher.waits()).all()  # no active request: no use foreseen
+    prefetcher.on_acquire("t", 1, 0, [5])  # guesses expert 5 for every coming layer, p = 0.9
+    waits = prefetcher.waits()
+    layers = GEOMETRY.num_layers
+    for layer in range(layers):
+        d = (layer - 0 - 1) % layers + 1
+        assert waits[GEOMETRY.key(layer, 5)] == pytest.approx(d + layers * (1 / 0.9 - 1))
+    prefetcher.forget("t", 1)
+    assert np.isinf(prefetcher.waits()).all()
+
+
+def test_the_default_prefetch_settings_are_valid_and_used_by_replay_default():
+    assert defaults.resolve("default") == (defaults.DEVICE_POLICY, defaults.prefetch_config())
+    assert defaults.resolve("lru") == ("lru", None)
+    assert defaults.prefetch_config().predictor == defaults.PREFETCH["predictor"]
+
+
+def test_serve_without_flags_runs_exactly_replays_default():
+    from expertd.daemon.config import ServeConfig
+    from expertd.daemon.server import prefetch_settings
+
+    config = ServeConfig.from_mapping({})
+    policy, prefetch = defaults.resolve("default")
+    assert config.policy_device == policy and config.policy_host == defaults.HOST_POLICY
+    assert prefetch_settings(config) == prefetch
+    assert config.prefetch_state is None

@@ -15,10 +15,12 @@ import dataclasses
 import heapq
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
+from expertd.daemon.defaults import resolve as resolve_default
 from expertd.daemon.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.prefetch import PrefetchConfig
@@ -131,10 +133,12 @@ def replay_timed(
     host_policy: str = "lru",
     prefetch: PrefetchConfig | None = None,
     bound_loads: int | None = None,
+    predictor_state: Mapping[str, Any] | None = None,
 ) -> ReplayRow:
     """Timed mode: the cache manager, a virtual clock and the links of ``timing``.
 
-    ``prefetch``: the manager's predictor and prefetch settings (None: demand loads only).
+    ``prefetch``: the manager's predictor and prefetch settings (None: demand loads only);
+    ``predictor_state``: statistics its predictor starts from (a warm start).
     """
     prefetch = prefetch or PrefetchConfig()
     geometry = geometry_of(trace)
@@ -155,6 +159,8 @@ def replay_timed(
         )  # fmt: skip
     started = time.perf_counter()
     manager = CacheManager(config)
+    if predictor_state is not None and manager.prefetcher is not None:
+        manager.prefetcher.load_state(predictor_state)
     if timing.has_device and timing.host_slots is None:
         manager.preload(HOST, range(num_keys))  # warm host: RAM holds every expert
     cache = manager.tiers[tier].policy
@@ -272,10 +278,15 @@ def sweep(
     timing: TimingModel | None = None,
     prefetch: PrefetchConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    predictor_state: Mapping[str, Any] | None = None,
 ) -> list[ReplayRow]:
-    """Every policy at every capacity (slots), each row with its Belady bound."""
+    """Every policy at every capacity (slots), each row with its Belady bound.
+
+    ``default`` names expertd's default configuration (`expertd.daemon.defaults`): its
+    device policy with its own prefetch settings; ``prefetch`` applies to the others.
+    """
     for spec in policies:
-        policy_class(parse_spec(spec)[0])  # fail early on unknown names
+        policy_class(parse_spec(resolve_default(spec)[0])[0])  # fail early on unknown names
     keys = trace.keys()
     rows: list[ReplayRow] = []
     for slots in capacities:
@@ -284,11 +295,16 @@ def sweep(
             if progress:
                 progress(f"{spec} at {slots} slots")
             try:
+                policy, own_prefetch = resolve_default(spec)
                 if timing is None:
-                    row = bound if spec == BOUND_POLICY else replay_hits(trace, spec, slots, keys)
+                    row = bound if spec == BOUND_POLICY else replay_hits(trace, policy, slots, keys)
                 else:
                     loads = bound.accesses - bound.hits
-                    row = replay_timed(trace, spec, slots, timing, prefetch=prefetch, bound_loads=loads)
+                    row = replay_timed(
+                        trace, policy, slots, timing, prefetch=own_prefetch or prefetch, bound_loads=loads,
+                        predictor_state=predictor_state,
+                    )  # fmt: skip
+                row.policy = spec
             except PolicyError as exc:  # e.g. lru-per-layer with fewer slots than layers
                 fraction = slots / geometry_of(trace).num_keys
                 row = ReplayRow(spec, fraction, slots, len(keys), 0, 0.0, 0.0, error=str(exc))

@@ -36,7 +36,12 @@ def register(subparsers) -> None:
         metavar="TRACE",
         help="trace file, a shipped trace's name, or llama4 / mixtral (from ../shared)",
     )
-    parser.add_argument("--policy", default=None, help="comma-separated policies (default: all registered)")
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="comma-separated policies (default: all registered); `default` is what "
+        "`expertd serve` runs without flags: its device policy, predictor and prefetch settings",
+    )
     parser.add_argument(
         "--capacity",
         default=DEFAULT_CAPACITIES,
@@ -64,10 +69,35 @@ def register(subparsers) -> None:
     timed.add_argument("--h2d-gbps", type=float, default=None, help="host->device bandwidth, GB/s")
     timed.add_argument("--nvme-gbps", type=float, default=None, help="store->host bandwidth, GB/s")
     timed.add_argument("--layer-ms", type=float, default=None, help="compute time of one layer, ms")
-    timed.add_argument("--predictor", default=None, help="prefetch with this predictor (default: none)")
+    timed.add_argument(
+        "--predictor",
+        default=None,
+        help="prefetch with this predictor (default: none; `--policy default` brings its own)",
+    )
     timed.add_argument("--prefetch-depth", type=int, default=2, help="layers ahead to prefetch")
     timed.add_argument("--prefetch-min-prob", type=float, default=0.2, help="skip guesses below this")
     timed.add_argument("--prefetch-budget", type=int, default=8, help="new prefetches per acquire at most")
+    timed.add_argument("--prefetch-width", type=int, default=4, help="prefetches per layer at most")
+    timed.add_argument(
+        "--prefetch-share",
+        type=float,
+        default=1.0,
+        help="most of a link's transfers prefetches may take (over any 32 in a row)",
+    )
+    timed.add_argument(
+        "--save-state",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="write the statistics the predictor (--predictor, else the default's) learns from the trace",
+    )
+    timed.add_argument(
+        "--load-state",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="start every run's predictor from these statistics (a warm start; see --save-state)",
+    )
     timed.add_argument(
         "--host-capacity",
         default=None,
@@ -153,16 +183,32 @@ def run(args: argparse.Namespace) -> int:
                 top_k=meta.top_k,
             )
         prefetch = None
+        geometry = Geometry(meta.num_layers, meta.num_experts)
         if args.predictor:
             from expertd.daemon.prefetch import PrefetchConfig
             from expertd.policies.predictor import make_predictor
 
-            make_predictor(args.predictor, Geometry(meta.num_layers, meta.num_experts))  # fail early
+            make_predictor(args.predictor, geometry)  # fail early
             prefetch = PrefetchConfig(
-                args.predictor, args.prefetch_depth, args.prefetch_min_prob, args.prefetch_budget
+                args.predictor,
+                depth=args.prefetch_depth,
+                min_prob=args.prefetch_min_prob,
+                budget=args.prefetch_budget,
+                width=args.prefetch_width,
+                share=args.prefetch_share,
             )
             if not args.timed:
                 raise CliError("--predictor needs --timed (prefetching is a matter of time)")
+        predictor_state = None
+        if args.load_state is not None:
+            from expertd.daemon.prefetch_state import StateError, read_state
+
+            if not args.timed:
+                raise CliError("--load-state needs --timed (only timed runs predict)")
+            try:
+                predictor_state = read_state(args.load_state, meta.model)
+            except StateError as exc:
+                raise CliError(str(exc)) from None
         bar = tqdm(
             total=len(policies) * len(capacities),
             desc="replay",
@@ -171,9 +217,17 @@ def run(args: argparse.Namespace) -> int:
             leave=False,
         )
         rows = sweep(
-            trace, policies, capacities, timing=timing, prefetch=prefetch, progress=lambda _: bar.update()
+            trace,
+            policies,
+            capacities,
+            timing=timing,
+            prefetch=prefetch,
+            progress=lambda _: bar.update(),
+            predictor_state=predictor_state,
         )
         bar.close()
+        if args.save_state is not None:
+            save_state(trace, args.predictor, geometry, args.save_state)
     except (ReplayError, PolicyError, ValueError) as exc:
         raise CliError(str(exc)) from None
     print(describe_trace(trace))
@@ -183,6 +237,18 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_rows(rows, args.plot, title=meta.model, timed=timing is not None)
     return 0
+
+
+def save_state(trace, predictor: str | None, geometry, out: Path) -> None:
+    """Learn ``predictor``'s statistics (the default's if None) from ``trace`` and write them to ``out``."""
+    from expertd.daemon import defaults
+    from expertd.daemon.prefetch_state import learn_state, write_state
+
+    spec = predictor or defaults.PREFETCH["predictor"]
+    assert spec is not None
+    rows = zip(trace.request.tolist(), trace.layer.tolist(), trace.experts.tolist(), strict=True)
+    write_state(out, learn_state(spec, geometry, rows), trace.meta.model)
+    print(f"predictor {spec}: statistics of {trace.num_tokens():,} tokens written to {out}", file=sys.stderr)
 
 
 def describe_trace(trace) -> str:

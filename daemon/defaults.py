@@ -1,0 +1,49 @@
+"""expertd's default configuration, in one place: the device policy, the predictor, prefetching.
+
+`expertd serve` without flags runs exactly this (daemon/config.py takes its defaults from
+here) and `expertd replay --policy default` replays exactly this, so what the docs
+measure is what the daemon does. How it was chosen, on which part of which traces, and
+what it achieves on the rest: docs/prefetch.md. Plain values only: importing this module
+costs nothing (the serve configuration reads it before anything heavy is loaded).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from expertd.daemon.prefetch import PrefetchConfig
+
+#: The name `expertd replay --policy` knows this configuration by.
+DEFAULT_NAME = "default"
+
+#: Evict by predicted next use, from the tenants' predictors (policies/predictive.py).
+DEVICE_POLICY = "predictive"
+#: The host tier (RAM) usually holds most experts; recency is enough there.
+HOST_POLICY = "lru"
+#: Prefetch only likely guesses (a wrong one costs a whole expert transfer, a right one
+#: saves at most the compute it overlaps), at most two per layer for the next two layers,
+#: and never more than a quarter of any 32 consecutive transfers on a link.
+PREFETCH: dict[str, Any] = {
+    "predictor": "combined",
+    "depth": 2,
+    "min_prob": 0.7,
+    "budget": 4,
+    "width": 2,
+    "share": 0.25,
+    "window": 32,
+}
+
+
+def prefetch_config() -> PrefetchConfig:
+    """The default prefetch settings as the cache manager takes them."""
+    from expertd.daemon.prefetch import PrefetchConfig
+
+    return PrefetchConfig(**PREFETCH)
+
+
+def resolve(policy: str) -> tuple[str, PrefetchConfig | None]:
+    """``policy`` as a (device policy, prefetch settings) pair: ``default`` expands, others stand."""
+    if policy == DEFAULT_NAME:
+        return DEVICE_POLICY, prefetch_config()
+    return policy, None

@@ -1,0 +1,79 @@
+"""`expertd serve` with the prefetch keys: the default configuration, warm-start state, bad values."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from daemon_util import EXPERTD, DaemonProcess, RawClient
+
+from expertd.daemon.pack import pack_synthetic
+from expertd.daemon.prefetch_state import learn_state, write_state
+from expertd.daemon.store import load_manifest
+from expertd.policies.base import Geometry
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("store") / "mixtral"
+    pack_synthetic(path, "mixtral-8x7b", scale=64, layers=4)  # 4 layers x 8 experts
+    return path
+
+
+@pytest.fixture
+def short_dir():
+    path = Path(tempfile.mkdtemp(prefix="exd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def state_file(store: Path, where: Path, model: str | None = None) -> Path:
+    """Statistics the combined predictor learned from a few tokens, for the store's model."""
+    where.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(store)
+    geometry = Geometry(manifest.num_layers, manifest.num_experts)
+    rows = [("r", layer, [layer % 8, (layer + 3) % 8]) for _ in range(10) for layer in range(4)]
+    path = where / "combined.state"
+    write_state(path, learn_state("combined", geometry, rows), model or manifest.model)
+    return path
+
+
+def test_a_daemon_starts_from_saved_predictor_statistics(store, short_dir):
+    config = short_dir / "expertd.toml"
+    config.write_text(f"[prefetch]\nstate = '{state_file(store, short_dir)}'\n")
+    daemon = DaemonProcess(store, short_dir / "d", "--config", str(config), "--device", "cpu")
+    try:
+        client = RawClient(daemon.address)
+        assert client.hello()["model"]
+        client.close()
+        assert "predictor statistics loaded" in daemon.log()
+    finally:
+        daemon.terminate()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("[prefetch]\nstate = '{missing}'\n", "cannot read predictor state"),
+        ("[prefetch]\nstate = '{other}'\n", "the statistics are for model 'someone-else'"),
+        ("[prefetch]\npredictor = 'none'\nstate = '{good}'\n", "needs a predictor"),
+        ("[prefetch]\nshare = 1.5\n", "prefetch share must be in [0, 1]"),
+    ],
+)
+def test_bad_prefetch_configuration_is_a_one_line_error(store, short_dir, config, message):
+    paths = {
+        "missing": short_dir / "missing.state",
+        "other": state_file(store, short_dir / "other", "someone-else"),
+        "good": state_file(store, short_dir),
+    }
+    (short_dir / "expertd.toml").write_text(config.format(**paths))
+    out = subprocess.run(
+        [*EXPERTD, "serve", "--store", str(store), "--address", f"ipc://{short_dir / 'x.sock'}",
+         "--config", str(short_dir / "expertd.toml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode in (1, 2) and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
