@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     flags = [
         "--host-size", f"{num_keys} slots", "--device", "cpu", "--device-size", f"{device_slots} slots",
         "--device-policy", args.policy, "--load-threads", "1",
+        "--predictor", "none",  # demand loads only: prefetches land on the daemon's clock, not replay's
     ]  # fmt: skip
     daemon = PrivateDaemon(store, workdir, flags)
     try:

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     serve.add_argument("--device-size", help="device tier budget ([tiers] device_size)")
     serve.add_argument("--host-policy", help="host eviction policy ([policy] host)")
     serve.add_argument("--device-policy", help="device eviction policy ([policy] device)")
+    serve.add_argument("--predictor", help="prefetch predictor, or none ([prefetch] predictor)")
     serve.add_argument("--load-threads", type=int, help="store reads in flight ([transfers] load_threads)")
     serve.add_argument("--lease-timeout-s", type=float, help="([clients] lease_timeout_s)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port ([metrics] port)")
@@ -62,6 +63,7 @@ def load_config(args: argparse.Namespace):
             "tiers.device_size": args.device_size,
             "policy.host": args.host_policy,
             "policy.device": args.device_policy,
+            "prefetch.predictor": args.predictor,
             "transfers.load_threads": args.load_threads,
             "clients.lease_timeout_s": args.lease_timeout_s,
             "log_level": args.log_level,

@@ -353,6 +353,7 @@ def test_the_daemons_hits_are_what_replay_predicted(tmp_path_factory, short_dir,
     daemon = DaemonProcess(
         store, short_dir, "--host-size", "300 slots", "--device", "cpu", "--device-size", "80 slots",
         "--device-policy", policy, "--load-threads", "1",  # reads land in order, as in the simulator
+        "--predictor", "none",  # demand loads only: prefetches would land on the daemon's clock
     )  # fmt: skip
     try:
         client = RawClient(daemon.address)

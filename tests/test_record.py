@@ -88,6 +88,7 @@ def test_replaying_a_recorded_generation_predicts_the_daemons_hits(policy, workd
     daemon = DaemonProcess(
         store, run_dir, "--host-size", f"{total} slots", "--device", "cpu", "--device-size", f"{slots} slots",
         "--device-policy", policy, "--load-threads", "1", "--log-level", "warning",
+        "--predictor", "none",  # demand loads only, as the replay below
     )  # fmt: skip
     try:
         with ExpertClient(daemon.address) as client:
