@@ -179,11 +179,9 @@ class Prefetcher:
         layers = self.geometry.num_layers
         for (tenant, request), layer in self._active.items():
             if (tenant, request) not in self._waits:
-                predictor = self._predictors[tenant]
-                now = predictor.estimate(request, layer).reshape(-1)  # [L * E]
-                later = predictor.later(request, layer).reshape(-1)
+                now, later = self._predictors[tenant].outlook(request, layer)  # [L, E] each
                 self._waits[(tenant, request)] = expected_wait(
-                    now, later, self._distance[layer], layers, WAIT_FLOOR
+                    now.reshape(-1), later.reshape(-1), self._distance[layer], layers, WAIT_FLOOR
                 )
         arrays = list(self._waits.values())
         if not arrays:

@@ -151,9 +151,11 @@ class Predictive(EvictionPolicy):
         assert self._own is not None
         layers, observed = self.geometry.num_layers, self._observed
         if self._wait is None:
-            own, floor = self._own, self.params.floor
-            now, later = own.estimate(_STREAM, observed).reshape(-1), own.later(_STREAM, observed).reshape(-1)
-            self._wait = expected_wait(now, later, self._distance[observed], layers, floor)
+            now, later = self._own.outlook(_STREAM, observed)  # [L, E] each
+            distance = self._distance[observed]
+            self._wait = expected_wait(
+                now.reshape(-1), later.reshape(-1), distance, layers, self.params.floor
+            )
         step = self._step_layer
         if step < 0:
             return self._wait

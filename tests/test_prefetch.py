@@ -266,3 +266,49 @@ def test_serve_without_flags_runs_exactly_replays_default():
     assert config.policy_device == policy and config.policy_host == defaults.HOST_POLICY
     assert prefetch_settings(config) == prefetch
     assert config.prefetch_state is None
+
+
+def test_the_default_runs_on_a_trace_format_never_tuned_on(tmp_path):
+    """A moe-beyond-csv directory (DeepSeek-V2-Lite's 64 experts, top-6): default settings, no tuning."""
+    from expertd.traces.convert import ConvertOptions, convert
+    from expertd.traces.format import read_trace
+    from expertd.traces.replay import sweep
+    from expertd.traces.timing import build_timing
+
+    rng = random.Random(0)
+    src = tmp_path / "csv"
+    src.mkdir()
+    for request in range(2):
+        hot = {layer: rng.sample(range(64), 12) for layer in range(1, 5)}
+        lines = ["Layer ID,Batch Number,Token,Activated Expert IDs"]
+        for layer in range(1, 5):
+            for token in range(40):
+                ids = sorted(rng.sample(hot[layer] if rng.random() < 0.8 else range(64), 6))
+                lines.append(f'{layer},0,t{token},"{ids}"')
+        (src / f"r{request}.csv").write_text("\n".join(lines) + "\n")
+    convert("moe-beyond-csv", src, tmp_path / "t.etrace", ConvertOptions())
+    trace = read_trace(tmp_path / "t.etrace")
+    timing = build_timing(model=trace.meta.model, num_layers=4, expert_mb=17.3, layer_ms=0.25)
+    rows = sweep(trace, ["default", "layer-distance"], [26], timing=timing)
+    default = rows[0]
+    assert default.policy == "default" and default.error is None
+    assert default.prefetch is not None and default.prefetch["predictor"] == defaults.PREFETCH["predictor"]
+    assert default.bound_ratio >= 1.0 and 0.0 < default.hit_rate < 1.0
+
+
+def test_replay_saves_and_loads_predictor_statistics(tmp_path):
+    import subprocess
+    import sys
+
+    expertd = [sys.executable, "-m", "expertd.daemon"]
+    state = tmp_path / "granite.state"
+    base = ["replay", "granite", "--timed", "--capacity", "0.1", "--policy", "default", "--max-tokens", "20"]
+    saved = subprocess.run([*expertd, *base, "--save-state", str(state)], capture_output=True, text=True)
+    assert saved.returncode == 0, saved.stderr
+    assert state.exists() and "statistics of 20 tokens written" in saved.stderr
+    loaded = subprocess.run([*expertd, *base, "--load-state", str(state)], capture_output=True, text=True)
+    assert loaded.returncode == 0 and "default" in loaded.stdout, loaded.stderr
+    other = tmp_path / "other.state"
+    other.write_bytes(state.read_bytes().replace(b"granite-3.0-1b-a400m", b"granite-3.0-1b-a999m"))
+    wrong = subprocess.run([*expertd, *base, "--load-state", str(other)], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "the statistics are for model" in wrong.stderr
