@@ -183,3 +183,17 @@ def test_timed_replay_of_a_recorded_trace_takes_the_expert_size_it_carries(tmp_p
     assert code == 0, capsys.readouterr().err
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["bytes_moved"] % 2_000_000 == 0 and row["bytes_moved"] > 0
+
+
+def test_live_replay_of_the_default_runs_what_serve_runs_without_flags(tmp_path, capsys):
+    from expertd.daemon import defaults
+
+    out = tmp_path / "live.json"
+    args = ["granite", "--live", "--live-scale", "16", "--max-tokens", "6", "--capacity", "0.25"]
+    code = main(["replay", *args, "--policy", "default", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    (row,) = json.loads(out.read_text())
+    assert row["policy"] == "default" and row["prefetch"]["predictor"] == defaults.PREFETCH["predictor"]
+    assert row["prefetch"]["planned"] > 0
+    code = main(["replay", *args, "--policy", "default", "--predictor", "temporal"])
+    assert code == 2 and "brings its own prefetch settings" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from expertd.daemon.defaults import DEFAULT_NAME
 from expertd.traces.replay import forward_ids
 from expertd.traces.trace import Trace
 
@@ -250,8 +251,10 @@ def live_sweep(
             for policy in policies:
                 flags = [
                     "--config", str(config_path), "--host-size", f"{num_keys} slots", "--device", "cpu",
-                    "--device-size", f"{slots} slots", "--device-policy", policy, "--log-level", "warning",
+                    "--device-size", f"{slots} slots", "--log-level", "warning",
                 ]  # fmt: skip
+                if policy != DEFAULT_NAME:  # `default` is what serve runs without a policy flag
+                    flags += ["--device-policy", policy]
                 daemon = PrivateDaemon(store, Path(tmp) / f"run-{slots}-{len(rows)}", flags)
                 with daemon, daemon.connect(name="expertd-replay-live") as client:
                     result = drive(trace, ClientSource(client), progress=progress)

@@ -327,6 +327,7 @@ def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
 
 def run_live(args: argparse.Namespace, trace) -> int:
     """`replay --live`: a real daemon per policy and capacity; measured stalls and tokens/s."""
+    from expertd.daemon.defaults import DEFAULT_NAME
     from expertd.policies.base import PolicyError
     from expertd.policies.registry import available
     from expertd.traces.live import live_sweep
@@ -343,7 +344,9 @@ def run_live(args: argparse.Namespace, trace) -> int:
         )
     try:
         capacities = [parse_capacity(c, num_keys)[0] for c in args.capacity.split(",") if c.strip()]
-        unknown = [p for p in policies if p.split("(")[0] not in available()]
+        unknown = [p for p in policies if p.split("(")[0] not in available() and p != DEFAULT_NAME]
+        if config and DEFAULT_NAME in policies:
+            raise PolicyError(f"`--policy {DEFAULT_NAME}` brings its own prefetch settings; drop --predictor")
         if unknown:
             raise PolicyError(f"unknown policy {unknown[0]!r} (known: {', '.join(available())})")
         rows = live_sweep(trace, policies, capacities, scale=args.live_scale, config=config)
