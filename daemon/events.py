@@ -73,4 +73,20 @@ class ErrorReply:
     message: str
 
 
-Command = StartTransfer | Reply | ErrorReply
+@dataclasses.dataclass(frozen=True)
+class Predict:
+    """Learn from an acquire that was answered at once, and prefetch from what it teaches.
+
+    The hit path returns this after its `Reply`, so that a shell sends the reply first and
+    then hands this back (`CacheManager.predict`): the prediction work is off the critical
+    path, and the manager's state afterwards is what it would have been had the acquire
+    done the work itself.
+    """
+
+    client: ClientId
+    request: Hashable
+    layer: int
+    experts: tuple[int, ...]
+
+
+Command = StartTransfer | Reply | ErrorReply | Predict

@@ -41,6 +41,7 @@ from expertd.daemon.events import (
     Command,
     ErrorCode,
     ErrorReply,
+    Predict,
     Priority,
     Reply,
     StartTransfer,
@@ -218,17 +219,17 @@ class CacheManager:
         t0 = self.t
         self.t += len(keys)
         target = self.tiers[tier]
-        plan = None
-        if self.prefetcher is not None:
-            plan = self.prefetcher.on_acquire(state.tenant, (client, request), layer, experts)
         if not self._admission[tier] and not self._admitted[tier]:
             slot_of, filling = target.slot_of, target.filling
             slots = [slot_of.get(key, -1) for key in keys]
             if -1 not in slots and filling.isdisjoint(slots):
                 out.append(self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0))
-                if plan is not None:
-                    out.extend(self._prefetch(plan))
+                if self.prefetcher is not None:  # after the reply has gone out: see `Predict`
+                    out.append(Predict(client, request, layer, tuple(experts)))
                 return out
+        plan = None
+        if self.prefetcher is not None:  # a miss: what it evicts depends on what it teaches
+            plan = self.prefetcher.on_acquire(state.tenant, (client, request), layer, experts)
         pending = _Pending(client, request_id, tier, keys, t0, state.forward)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
@@ -239,6 +240,14 @@ class CacheManager:
         else:
             out.extend(self._dispatch())
         return out
+
+    def predict(self, command: Predict) -> list[Command]:
+        """The prediction work a hit put off until its reply was out: learn, then prefetch."""
+        state = self._clients.get(command.client)
+        if self.prefetcher is None or state is None:  # the client left in between
+            return []
+        key = (command.client, command.request)
+        return self._prefetch(self.prefetcher.on_acquire(state.tenant, key, command.layer, command.experts))
 
     def set_tenant(self, client: ClientId, tenant: str, now: float) -> None:
         """``client`` acts for ``tenant``: its routing feeds (only) that tenant's predictor."""

@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from expertd.daemon.events import TIER_OF_LINK, ClientId, Command, Reply, StartTransfer
+from expertd.daemon.events import TIER_OF_LINK, ClientId, Command, Predict, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
 
 SHARED_POOL = ""  # the partition of every tenant that has none of its own
@@ -130,6 +130,10 @@ class Partitions:
     ) -> list[Command]:
         partition, manager = self._route(client)
         return self._out(partition, manager.hint(client, layer, experts, now, **kw))
+
+    def predict(self, command: Predict) -> list[Command]:
+        partition, manager = self._route(command.client)
+        return self._out(partition, manager.predict(command))
 
     def end_request(self, client: ClientId, request: Hashable) -> None:
         self._route(client)[1].end_request(client, request)

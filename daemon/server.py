@@ -35,7 +35,7 @@ from expertd.daemon.auth import (
 )
 from expertd.daemon.config import ServeConfig, TenantPolicy
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
-from expertd.daemon.events import DEVICE, HOST, ErrorReply, Reply, StartTransfer
+from expertd.daemon.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
 from expertd.daemon.faults import read_errors_from_env
 from expertd.daemon.isolation import PrivateTiming
 from expertd.daemon.manager import ManagerConfig
@@ -474,8 +474,10 @@ class Server:
                     identity, request_id, request.layer, request.experts, request.tier, now, request.release,
                     request.request,
                 )  # fmt: skip
-                if len(commands) == 1 and type(commands[0]) is Reply:  # the hit path
-                    self._send_lease(commands[0])
+                if self._answered_at_once(commands, identity, request_id):
+                    self._send_lease(commands[0])  # the hit path
+                    for predict in commands[1:]:  # the reply is out: now the prediction work
+                        self._execute(manager.predict(predict), now)
                 else:
                     self._started[(identity, request_id)] = now
                     self._execute(commands, now)
@@ -598,6 +600,20 @@ class Server:
 
     # --- commands -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _answered_at_once(commands: list, identity: Any, request_id: int) -> bool:
+        """The hit path: the acquire's own reply, then at most the prediction work it put off
+        (a reply for someone else, freed by a piggy-backed release, goes the long way)."""
+        if not commands:
+            return False
+        first = commands[0]
+        return (
+            type(first) is Reply
+            and first.client == identity
+            and first.request_id == request_id
+            and all(type(c) is Predict for c in commands[1:])
+        )
+
     def _execute(self, commands: list, now: float) -> None:
         for command in commands:
             if isinstance(command, StartTransfer):
@@ -614,6 +630,8 @@ class Server:
                     counters.waited += 1
                     counters.stall_s += waited
                 self._send_lease(command)
+            elif isinstance(command, Predict):
+                self._execute(self.manager.predict(command), now)
             elif isinstance(command, ErrorReply):
                 self._started.pop((command.client, command.request_id), None)
                 self.timing.forget((command.client, command.request_id))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from expertd.daemon import defaults
-from expertd.daemon.events import DEVICE, H2D, HOST, Priority, Reply, StartTransfer
+from expertd.daemon.events import DEVICE, H2D, HOST, Predict, Priority, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.prefetch import PrefetchConfig, Prefetcher, PrefetchPlan
 from expertd.policies.base import Geometry
@@ -37,6 +37,8 @@ def settle(manager: CacheManager, commands) -> tuple[list[Reply], list[StartTran
             queue.extend(manager.transfer_done(command.transfer_id, True))
         elif isinstance(command, Reply):
             replies.append(command)
+        elif isinstance(command, Predict):  # a hit's prediction work, after its reply
+            queue.extend(manager.predict(command))
     return replies, started
 
 
@@ -54,6 +56,24 @@ def token(manager, client, routing, request=1, start_id=0, lease=None):
 
 
 ROUTING = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_a_hit_is_answered_before_its_prediction_work_and_that_work_still_happens():
+    manager = make(device=4, depth=1, min_prob=0.3)
+    lease, _ = token(manager, "a", ROUTING)  # leaves layers 0 and 3 resident
+    key = GEOMETRY.key
+    assert set(manager.resident(DEVICE)) == {key(0, 0), key(0, 1), key(3, 6), key(3, 7)}
+    seen = manager.prefetcher.counters["actual"]
+    out = manager.acquire("a", 10, 0, ROUTING[0], DEVICE, 0.0, [lease], 1)  # a hit; layer 1 comes next
+    reply, deferred = out
+    assert isinstance(reply, Reply) and reply.hits == 2 and isinstance(deferred, Predict)
+    assert manager.prefetcher.counters["actual"] == seen, "the prediction ran before the reply"
+    started = manager.predict(deferred)
+    assert manager.prefetcher.counters["actual"] == seen + 2
+    predicted = {s.key for s in started if isinstance(s, StartTransfer) and s.priority == Priority.PREDICTED}
+    assert predicted == {GEOMETRY.key(1, 2)}  # one h2d transfer at a time: (1, 3) waits in the queue
+    manager.client_gone("a")
+    assert manager.predict(deferred) == [], "the work of a client that left is dropped"
 
 
 def test_repeated_routing_is_prefetched_before_it_is_asked_for():
@@ -113,6 +133,9 @@ def test_guesses_that_stop_being_guessed_are_cancelled_while_queued():
     lease, _ = token(manager, "a", ROUTING)
     lease, _ = token(manager, "a", ROUTING, start_id=10, lease=lease)
     out = manager.acquire("a", 20, 0, [0, 1], DEVICE, 0.0, [lease], 1)  # leave every transfer queued
+    for command in out:
+        if isinstance(command, Predict):
+            manager.predict(command)
     queued = [
         t.key for t in manager._transfers.values() if t.priority == Priority.PREDICTED and not t.running
     ]
@@ -197,6 +220,8 @@ def drive(manager, tokens: int, seed: int, hint_every: int = 0):
                     queue.extend(manager.transfer_done(command.transfer_id, True))
                 elif isinstance(command, Reply) and command.request_id == request_id:
                     reply = command
+                elif isinstance(command, Predict):
+                    queue.extend(manager.predict(command))
             lease = reply.lease_id
             yield started, reply
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from expertd.daemon.defaults import resolve as resolve_default
-from expertd.daemon.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Reply, StartTransfer
+from expertd.daemon.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Predict, Reply, StartTransfer
 from expertd.daemon.manager import CacheManager, ManagerConfig
 from expertd.daemon.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry, PolicyError
@@ -180,6 +180,8 @@ def replay_timed(
                 heapq.heappush(events, (at + duration[command.link], seq, command.transfer_id))
             elif isinstance(command, Reply):
                 replies.append(command)
+            elif isinstance(command, Predict):
+                run(manager.predict(command), at)
             elif isinstance(command, ErrorReply):
                 raise ReplayError(f"replay acquire failed: {command.code}: {command.message}")
 
