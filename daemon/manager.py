@@ -22,7 +22,6 @@ acquires still wait for; the others wait, in order, without holding anything.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
@@ -48,6 +47,7 @@ from expertd.daemon.events import (
 )
 from expertd.daemon.prefetch import DEFAULT_TENANT, PrefetchConfig, Prefetcher, PrefetchPlan
 from expertd.daemon.slots import REJECTED, SlotTable
+from expertd.daemon.transfers import Transfer, Transfers
 from expertd.policies.base import Geometry
 from expertd.policies.registry import make_policy
 
@@ -80,20 +80,6 @@ class ManagerConfig:
 
 
 DROPPED = object()  # _start: the transfer was dropped, not started
-
-
-@dataclasses.dataclass
-class _Transfer:
-    transfer_id: int
-    link: str
-    key: int
-    priority: Priority
-    seq: int
-    t: int  # access time the policy sees at insert
-    prob: float = 1.0  # for a prediction: how likely it is used (a prefetch evicts only less likely keys)
-    running: bool = False
-    src_slot: int | None = None
-    dst_slot: int | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -143,12 +129,14 @@ class CacheManager:
         if config.device_slots:
             policy = make_policy(config.device_policy, config.device_slots, geometry)
             self.tiers[DEVICE] = SlotTable(DEVICE, config.device_slots, policy)
-        self._depth = {LOAD: config.load_depth, H2D: config.h2d_depth}
-        self._queues: dict[str, list[tuple[int, int, int]]] = {LOAD: [], H2D: []}
-        self._queued_prefetches = {LOAD: 0, H2D: 0}
-        self._running = {LOAD: 0, H2D: 0}
-        self._transfers: dict[int, _Transfer] = {}
-        self._inflight: dict[tuple[str, int], int] = {}  # (tier, key) -> transfer id
+        self._ids = itertools.count(1)  # leases and transfers
+        self.transfers = Transfers(
+            {LOAD: config.load_depth, H2D: config.h2d_depth},
+            config.max_queued_prefetches,
+            config.prefetch.share,
+            config.prefetch.window,
+            self._ids,
+        )
         self._wants_device: dict[int, tuple[Priority, int]] = {}  # key -> (priority, t) after load
         self._waiters: dict[tuple[str, int], list[_Pending]] = {}
         self._admission: dict[str, deque[_Pending]] = {name: deque() for name in self.tiers}
@@ -156,26 +144,17 @@ class CacheManager:
         self._pending: dict[tuple[ClientId, int], _Pending] = {}
         self._leases: dict[int, _Lease] = {}
         self._clients: dict[ClientId, _Client] = {}
-        self._ids = itertools.count(1)
-        self._seq = itertools.count()
         self._forwards = itertools.count()
         self.t = 0  # accesses so far: the policies' virtual clock
         layers = geometry.num_layers
         self.layer_accesses = {name: [0] * layers for name in self.tiers}
         self.layer_hits = {name: [0] * layers for name in self.tiers}
-        self.link_started = {LOAD: 0, H2D: 0}
-        self.link_failed = {LOAD: 0, H2D: 0}
         self.prefetch_cancelled = 0
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
         if self.prefetcher is not None:
             for table in self.tiers.values():
                 if table.policy.wants_estimates:  # e.g. `predictive`: next uses from the predictors
                     table.policy.bind_estimator(self.prefetcher.waits)
-        # Per link: whether each of the last `window` transfers started was a prefetch.
-        window = config.prefetch.window
-        self._recent = {link: deque([False] * window, maxlen=window) for link in LINKS}
-        self._recent_prefetches = {LOAD: 0, H2D: 0}
-        self.prefetch_deferred = 0  # prefetch starts put off by the bandwidth share
 
     # --- events ---------------------------------------------------------------------------
 
@@ -210,7 +189,7 @@ class CacheManager:
             if lease is not None and lease.client == client:  # others are gone already
                 self._release(lease_id)
                 released = True
-        if released and (self._queues[LOAD] or self._queues[H2D] or any(self._admission.values())):
+        if released and (self.transfers.any_queued() or any(self._admission.values())):
             out = self._settle()  # what waited for those slots goes first
         if layer <= state.last_layer:  # a new forward pass starts at the first layer again
             state.forward = next(self._forwards)
@@ -336,12 +315,10 @@ class CacheManager:
 
     def transfer_done(self, transfer_id: int, ok: bool, error: str = "") -> list[Command]:
         """A transfer the shell started has finished (or failed with ``error``)."""
-        transfer = self._transfers.pop(transfer_id)
+        transfer = self.transfers.finish(transfer_id)
         link, key = transfer.link, transfer.key
-        self._running[link] -= 1
         tier_name = TIER_OF_LINK[link]
         tier = self.tiers[tier_name]
-        del self._inflight[(tier_name, key)]
         assert transfer.dst_slot is not None
         if transfer.src_slot is not None:
             self.tiers[HOST].unpin(transfer.src_slot)
@@ -360,7 +337,7 @@ class CacheManager:
                 priority, t = self._wants_device.pop(key)
                 self._ensure(key, DEVICE, priority, t)
         else:
-            self.link_failed[link] += 1
+            self.transfers.failed[link] += 1
             layer, expert = divmod(key, self.geometry.num_experts)
             reason = f"loading layer {layer} expert {expert} failed: {error or 'unknown error'}"
             failed = [(tier_name, key)]
@@ -455,17 +432,18 @@ class CacheManager:
                 "layer_accesses": list(self.layer_accesses[name]),
                 "layer_hits": list(self.layer_hits[name]),
             }
+        transfers = self.transfers
         links = {
             link: {
-                "started": self.link_started[link],
-                "failed": self.link_failed[link],
-                "bytes": self.link_started[link] * self.config.expert_bytes,
-                "running": self._running[link],
-                "queued": sum(1 for t in self._transfers.values() if t.link == link and not t.running),
+                "started": transfers.started[link],
+                "failed": transfers.failed[link],
+                "bytes": transfers.started[link] * self.config.expert_bytes,
+                "running": transfers.running[link],
+                "queued": transfers.queued(link),
             }
             for link in LINKS
         }
-        prefetch = {"cancelled": self.prefetch_cancelled, "deferred": self.prefetch_deferred}
+        prefetch = {"cancelled": self.prefetch_cancelled, "deferred": transfers.deferred}
         if self.prefetcher is not None:
             prefetch.update(self.prefetcher.stats())
         return {
@@ -640,14 +618,13 @@ class CacheManager:
 
     def _ensure(self, key: int, tier: str, priority: Priority, t: int, prob: float = 1.0) -> None:
         """Make sure a transfer will bring ``key`` into ``tier`` at ``priority`` or better."""
-        transfer_id = self._inflight.get((tier, key))
-        if transfer_id is not None:
-            transfer = self._transfers[transfer_id]
+        transfer = self.transfers.of(tier, key)
+        if transfer is not None:
             if priority < transfer.priority:
-                self._reprioritize(transfer, priority)
+                self.transfers.reprioritize(transfer, priority)
             return
         if tier == HOST or self.tiers[HOST].ready(key):
-            self._enqueue(LINK_INTO[tier], key, priority, t, prob)
+            self.transfers.queue(LINK_INTO[tier], key, priority, t, prob)
             return
         # The device wants a key the host does not hold yet: load it, then copy it up.
         want = self._wants_device.get(key)
@@ -655,71 +632,38 @@ class CacheManager:
             self._wants_device[key] = (priority, t if want is None else want[1])
         self._ensure(key, HOST, priority, t, prob)
 
-    def _enqueue(self, link: str, key: int, priority: Priority, t: int, prob: float = 1.0) -> None:
-        if priority != Priority.DEMAND:
-            if self._queued_prefetches[link] >= self.config.max_queued_prefetches:
-                return  # bounded: a prefetch that cannot queue is dropped
-            self._queued_prefetches[link] += 1
-        transfer = _Transfer(next(self._ids), link, key, priority, next(self._seq), t, prob)
-        self._transfers[transfer.transfer_id] = transfer
-        self._inflight[(TIER_OF_LINK[link], key)] = transfer.transfer_id
-        heapq.heappush(self._queues[link], (priority, transfer.seq, transfer.transfer_id))
-
-    def _reprioritize(self, transfer: _Transfer, priority: Priority) -> None:
-        """Move a transfer to ``priority``, up or down (a queued one re-enters its queue)."""
-        if priority == transfer.priority:
-            return
-        if not transfer.running:
-            was_prefetch, is_prefetch = (
-                transfer.priority != Priority.DEMAND,
-                priority != Priority.DEMAND,
-            )
-            if was_prefetch != is_prefetch:
-                self._queued_prefetches[transfer.link] += 1 if is_prefetch else -1
-            transfer.seq = next(self._seq)
-            heapq.heappush(self._queues[transfer.link], (priority, transfer.seq, transfer.transfer_id))
-        transfer.priority = priority
-
     def _demote(self, tier: str, key: int) -> None:
         """No acquire waits for ``key`` any more: its transfers become mere prefetches."""
-        transfer_id = self._inflight.get((tier, key))
-        if transfer_id is not None:
-            self._reprioritize(self._transfers[transfer_id], Priority.PREDICTED)
+        transfer = self.transfers.of(tier, key)
+        if transfer is not None:
+            self.transfers.reprioritize(transfer, Priority.PREDICTED)
         if tier == DEVICE and key in self._wants_device:
             self._wants_device[key] = (Priority.PREDICTED, self._wants_device[key][1])
-            host_transfer = self._inflight.get((HOST, key))
+            host_transfer = self.transfers.of(HOST, key)
             if host_transfer is not None and not self._waiters.get((HOST, key)):
-                self._reprioritize(self._transfers[host_transfer], Priority.PREDICTED)
+                self.transfers.reprioritize(host_transfer, Priority.PREDICTED)
 
     def _dispatch(self) -> list[Command]:
         """Start queued transfers while links have room and slots can be reserved."""
         out: list[Command] = []
+        transfers = self.transfers
         for link in LINKS:
-            queue = self._queues[link]
-            while queue and self._running[link] < self._depth[link]:
-                priority, seq, transfer_id = queue[0]
-                transfer = self._transfers.get(transfer_id)
-                if (
-                    transfer is None
-                    or transfer.running
-                    or (priority, seq) != (transfer.priority, transfer.seq)
-                ):
-                    heapq.heappop(queue)  # stale entry: started, moved or gone
-                    continue
+            while (transfer := transfers.head(link)) is not None:
                 if link == H2D and not self.tiers[HOST].ready(transfer.key):
-                    heapq.heappop(queue)
-                    self._requeue_behind_load(transfer)
+                    transfers.pop_head(link)
+                    transfers.drop(transfer)  # the host copy it needed was evicted: load it again first
+                    self._ensure(transfer.key, DEVICE, transfer.priority, transfer.t)
                     continue
                 command = self._start(transfer)
                 if command is DROPPED:
-                    heapq.heappop(queue)
+                    transfers.pop_head(link)
                     continue
                 if command is None:
                     # The head must wait for pins to drop; what admitted acquires wait
                     # for may still start, wherever it sits in the queue.
                     out.extend(self._start_committed(link))
                     break
-                heapq.heappop(queue)
+                transfers.pop_head(link)
                 out.append(command)
         return out
 
@@ -727,12 +671,11 @@ class CacheManager:
         tier = TIER_OF_LINK[link]
         out: list[Command] = []
         for key in sorted(self._committed(tier)):
-            if self._running[link] >= self._depth[link]:
+            if not self.transfers.has_room(link):
                 break
-            transfer_id = self._inflight.get((tier, key))
-            if transfer_id is None:
+            transfer = self.transfers.of(tier, key)
+            if transfer is None:
                 continue  # a device key still loading into the host
-            transfer = self._transfers[transfer_id]
             if transfer.running or (link == H2D and not self.tiers[HOST].ready(key)):
                 continue
             command = self._start(transfer)
@@ -740,16 +683,15 @@ class CacheManager:
                 out.append(command)
         return out
 
-    def _start(self, transfer: _Transfer) -> StartTransfer | None:
-        """Reserve the destination slot and mark ``transfer`` running; None if it must wait."""
+    def _start(self, transfer: Transfer) -> StartTransfer | None:
+        """Reserve the destination slot and start ``transfer``; None if it must wait."""
         tier_name = TIER_OF_LINK[transfer.link]
         tier = self.tiers[tier_name]
         committed = self._committed(tier_name)
         if transfer.key not in committed and tier.pinned_slots + len(committed) + 1 > tier.num_slots:
             return None  # the unpinned slots are promised to admitted acquires
-        prefetch = transfer.priority != Priority.DEMAND
-        if prefetch and not self._share_allows(transfer.link):
-            self.prefetch_deferred += 1
+        if transfer.prefetch and not self.transfers.share_allows(transfer.link):
+            self.transfers.deferred += 1
             return None  # the link's prefetch share is spent: wait for demand transfers
         guard = None
         if transfer.priority == Priority.PREDICTED and self.prefetcher is not None:
@@ -760,7 +702,7 @@ class CacheManager:
         if dst_slot is None:
             return None
         if dst_slot == REJECTED:
-            self._drop_queued(transfer)
+            self.transfers.drop(transfer)
             return DROPPED
         src_slot = None
         if transfer.link == H2D:
@@ -768,27 +710,9 @@ class CacheManager:
             src_slot = host.slot_of[transfer.key]
             host.pin(src_slot)
             host.policy.on_hit(transfer.key, transfer.t)
-        if prefetch:
-            self._queued_prefetches[transfer.link] -= 1
+        if transfer.prefetch:
             tier.prefetched.add(dst_slot)
-        self._count_start(transfer.link, prefetch)
-        transfer.running = True
-        transfer.src_slot, transfer.dst_slot = src_slot, dst_slot
-        self._running[transfer.link] += 1
-        self.link_started[transfer.link] += 1
-        return StartTransfer(
-            transfer.transfer_id, transfer.link, transfer.key, src_slot, dst_slot, transfer.priority
-        )
-
-    def _share_allows(self, link: str) -> bool:
-        """May one more prefetch start on ``link`` within its share of any `window` starts?"""
-        config = self.config.prefetch
-        return self._recent_prefetches[link] - self._recent[link][0] + 1 <= config.share * config.window
-
-    def _count_start(self, link: str, prefetch: bool) -> None:
-        recent = self._recent[link]
-        self._recent_prefetches[link] += prefetch - recent[0]
-        recent.append(prefetch)
+        return self.transfers.start(transfer, src_slot, dst_slot)
 
     def _prefetch(self, plan: PrefetchPlan) -> list[Command]:
         """Cancel stale guesses still queued, queue the new ones, start what can start."""
@@ -805,28 +729,11 @@ class CacheManager:
         """A queued prediction for ``key`` lost its purpose: drop it (a running one finishes)."""
         if self._waiters.get((tier, key)):
             return
-        transfer_id = self._inflight.get((tier, key))
-        if transfer_id is not None:
-            transfer = self._transfers[transfer_id]
+        transfer = self.transfers.of(tier, key)
+        if transfer is not None:
             if not transfer.running and transfer.priority == Priority.PREDICTED:
-                self._drop_queued(transfer)
+                self.transfers.drop(transfer)
                 self.prefetch_cancelled += 1
         elif tier == DEVICE and self._wants_device.get(key, (None,))[0] == Priority.PREDICTED:
             del self._wants_device[key]
             self._cancel_prefetch(HOST, key)
-
-    def _drop_queued(self, transfer: _Transfer) -> None:
-        """Forget a transfer that never started (its heap entry goes stale)."""
-        assert not transfer.running
-        del self._transfers[transfer.transfer_id]
-        del self._inflight[(TIER_OF_LINK[transfer.link], transfer.key)]
-        if transfer.priority != Priority.DEMAND:
-            self._queued_prefetches[transfer.link] -= 1
-
-    def _requeue_behind_load(self, transfer: _Transfer) -> None:
-        """The host copy a queued h2d needed was evicted: load it again first."""
-        del self._transfers[transfer.transfer_id]
-        del self._inflight[(DEVICE, transfer.key)]
-        if transfer.priority != Priority.DEMAND:
-            self._queued_prefetches[H2D] -= 1
-        self._ensure(transfer.key, DEVICE, transfer.priority, transfer.t)

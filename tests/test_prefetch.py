@@ -137,11 +137,12 @@ def test_guesses_that_stop_being_guessed_are_cancelled_while_queued():
         if isinstance(command, Predict):
             manager.predict(command)
     queued = [
-        t.key for t in manager._transfers.values() if t.priority == Priority.PREDICTED and not t.running
+        t.key for t in manager.transfers.by_id.values() if t.priority == Priority.PREDICTED and not t.running
     ]
     assert queued, out
     manager._prefetch(PrefetchPlan([], set(queued)))
-    assert not [t for t in manager._transfers.values() if t.priority == Priority.PREDICTED and not t.running]
+    transfers = manager.transfers.by_id.values()
+    assert not [t for t in transfers if t.priority == Priority.PREDICTED and not t.running]
     assert manager.stats()["prefetch"]["cancelled"] == len(queued)
 
 
