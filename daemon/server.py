@@ -25,19 +25,13 @@ from typing import Any
 import zmq
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.auth import (
-    AuthError,
-    ClientKey,
-    CurveAuthenticator,
-    new_admin_token,
-    parse_user_id,
-    server_keys,
-)
+from expertd.daemon.auth import parse_user_id
 from expertd.daemon.config import ServeConfig, TenantPolicy
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
 from expertd.daemon.faults import read_errors_from_env
 from expertd.daemon.isolation import PrivateTiming
+from expertd.daemon.listener import StartupError, listen, share_slabs
 from expertd.daemon.manager import ManagerConfig
 from expertd.daemon.partitions import PartitionError, Partitions
 from expertd.daemon.prefetch import PrefetchConfig
@@ -65,10 +59,6 @@ def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
         share=cfg.prefetch_share,
         window=cfg.prefetch_window,
     )
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start (bad store, no memory, address in use); nothing was left behind."""
 
 
 @dataclasses.dataclass
@@ -163,7 +153,7 @@ class Server:
                     self.host.pin_for_cuda()
                 self._closers.append(self.device)
             if cfg.auth_socket_group:
-                self._share_slabs(cfg.auth_socket_group)
+                share_slabs(cfg.auth_socket_group, (self.host, self.device))
         except SlabError as exc:
             raise StartupError(str(exc)) from None
         from expertd.policies.registry import parse_spec, policy_class
@@ -207,7 +197,9 @@ class Server:
         )
         self.context = zmq.Context()
         self._closers.append(self.context)
-        self._bind()
+        self.listener = listen(self.context, self.address, cfg, self._closers, TICK_S)
+        self.router, self.curve = self.listener.router, self.listener.curve
+        self.admin_token = self.listener.admin_token
         copier = None
         if isinstance(self.device, CpuDeviceSlab):
             copier = cpu_copier(self.host.slot, self.device.slot)
@@ -215,7 +207,7 @@ class Server:
             copier = cuda_copier(self.host, self.device)
         self.engine = TransferEngine(
             self.context,
-            self._completion_address,
+            self.listener.completion_address,
             read_expert=self._read_expert(),
             num_experts=manifest.num_experts,
             host_slot=self.host.slot,
@@ -224,7 +216,7 @@ class Server:
             load_threads=cfg.transfers_load_threads or 1,
             h2d_depth=cfg.transfers_h2d_depth or 1,
             prepare_thread=self.reader.prepare_thread,
-            curve=self._engine_curve,
+            curve=self.listener.engine_curve,
         )
         self.engine.start()
         self._closers.append(self.engine)
@@ -244,63 +236,6 @@ class Server:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 
-    def _bind(self) -> None:
-        router = self.router = self.context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Frames up to 16x the protocol limit get an error reply; larger ones make ZeroMQ
-        # drop the connection before anything is buffered.
-        router.setsockopt(zmq.MAXMSGSIZE, 16 * proto.MAX_MESSAGE_BYTES)
-        router.setsockopt(zmq.SNDHWM, 10_000)
-        router.setsockopt(zmq.RCVHWM, 10_000)
-        self._ipc_path = None
-        self._engine_curve = None
-        self.curve = self.address.startswith("tcp://")
-        if self.curve:
-            self._enable_curve(router)
-        else:
-            path = Path(self.address[len("ipc://") :])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                if _answers(self.context, self.address):
-                    raise StartupError(f"another expertd is serving at {self.address}")
-                path.unlink()  # left behind by a daemon that died
-            self._ipc_path = path
-        # Owner only (0600), or owner and one group (0660): the socket file's mode is the
-        # ipc:// access control, so it is right from the moment the file exists.
-        group = self.config.auth_socket_group
-        old_umask = os.umask(0o117 if group else 0o177)
-        try:
-            router.bind(self.address)
-        except zmq.ZMQError as exc:
-            raise StartupError(f"cannot bind {self.address}: {exc}") from None
-        finally:
-            os.umask(old_umask)
-        if self._ipc_path is not None:
-            self._secure_ipc(self._ipc_path, group)
-        # Engine workers report completions to this same socket over inproc, each frame
-        # prefixed with a secret of this run, so no client can forge one.
-        self._completion_address = f"inproc://expertd-completions-{id(self)}"
-        router.bind(self._completion_address)
-        router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
-
-    def _enable_curve(self, router: zmq.Socket) -> None:
-        """tcp://: only listed CURVE keys connect; each message carries its key's tenant/role."""
-        keys_dir = self.config.auth_keys_dir
-        try:
-            public, secret = server_keys(keys_dir)
-            self.authenticator = CurveAuthenticator(self.context, keys_dir)
-        except AuthError as exc:
-            raise StartupError(str(exc)) from None
-        self._closers.append(self.authenticator)
-        # The engine's workers reach this socket over inproc with a key of their own.
-        engine_public, engine_secret = zmq.curve_keypair()
-        self.authenticator.allow_key(ClientKey("engine", engine_public.decode(), "-", "engine"))
-        self._engine_curve = (public, engine_public, engine_secret)
-        router.curve_server = True
-        router.curve_publickey, router.curve_secretkey = public, secret
-        log.info("tcp:// with CURVE: %d client keys allowed", len(self.authenticator.clients) - 1)
-
     def _load_predictor_state(self, path: Path, model: str) -> None:
         """[prefetch] state: the statistics every tenant's predictor starts from."""
         from expertd.daemon.prefetch_state import StateError, read_state
@@ -313,34 +248,6 @@ class Server:
         except (StateError, PolicyError) as exc:
             raise StartupError(f"[prefetch] state: {exc}") from None
         log.info("predictor statistics loaded from %s", path)
-
-    def _share_slabs(self, group: str) -> None:
-        """The group that may connect may also map the shared-memory slabs (read-only, 0640):
-        a client of another user could not read a single weight otherwise."""
-        import grp
-
-        try:
-            gid = grp.getgrnam(group).gr_gid
-            for slab in (self.host, self.device):
-                path = getattr(slab, "path", None)  # a CUDA slab is shared by IPC handle, not a file
-                if path is not None:
-                    os.chown(path, -1, gid)
-                    os.chmod(path, 0o640)
-        except (KeyError, PermissionError) as exc:
-            raise StartupError(f"[auth] socket_group {group!r}: {exc}") from None
-
-    def _secure_ipc(self, path: Path, group: str | None) -> None:
-        if group:
-            import grp
-
-            try:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
-            except (KeyError, PermissionError) as exc:
-                raise StartupError(f"[auth] socket_group {group!r}: {exc}") from None
-        self.admin_token = None
-        if self.config.auth_ipc_admin == "token":
-            self.admin_token_path = path.with_name(path.name + ".admin-token")
-            self.admin_token = new_admin_token(self.admin_token_path)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -771,25 +678,10 @@ class Server:
             except Exception:  # keep closing the rest
                 log.exception("while closing %s", type(closer).__name__)
         self._closers.clear()
-        ipc_path = getattr(self, "_ipc_path", None)
-        if ipc_path is not None:
-            ipc_path.unlink(missing_ok=True)
-        token_path = getattr(self, "admin_token_path", None)
-        if token_path is not None:
-            token_path.unlink(missing_ok=True)
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            listener.remove_files()
         self.notifier.close()
-
-
-def _answers(context: zmq.Context, address: str, timeout_ms: int = 300) -> bool:
-    """Is a live expertd at ``address``? (a ping with reply)"""
-    probe = context.socket(zmq.DEALER)
-    probe.setsockopt(zmq.LINGER, 0)
-    try:
-        probe.connect(address)
-        probe.send(proto.encode_request(0, proto.Ping(reply=True)))
-        return bool(probe.poll(timeout_ms))
-    finally:
-        probe.close()
 
 
 def _in_main_thread() -> bool:
