@@ -42,6 +42,7 @@ from expertd.daemon.protocol import (
     ExpertdError,
     Hello,
     Hint,
+    LoadState,
     Ping,
     ProtocolError,
     Release,
@@ -236,6 +237,11 @@ class ExpertClient:
     def shutdown(self) -> None:
         """Ask the daemon to stop (an admin operation: `PermissionDenied` otherwise)."""
         self._call(Shutdown())
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Start every tenant's predictor from the statistics in ``path``, a file on the
+        daemon's machine (`expertd replay --save-state`): an admin operation."""
+        self._call(LoadState(os.path.abspath(path)))
 
     def close(self) -> None:
         """Say bye (the daemon releases this client's leases at once) and close the socket."""

@@ -150,8 +150,9 @@ KEYS: tuple[Key, ...] = (
         "ipc_admin",
         "choice:all|token",
         "all",
-        "ipc:// only: who may shutdown and see every "
-        "tenant's stats: all local clients, or holders of the admin token (a 0600 file beside the socket).",
+        "ipc:// only: who may shutdown, see every "
+        "tenant's stats and load predictor statistics: all local clients, "
+        "or holders of the admin token (a 0600 file beside the socket).",
     ),  # fmt: skip
     Key(
         "auth",

@@ -9,6 +9,7 @@ maps, numbers, and numpy arrays as raw bytes with shape and dtype). `expertd rep
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from expertd.policies.predictor import make_predictor
 
 STATE_FORMAT = "expertd-predictor-state"
 STATE_VERSION = 1
-MAX_STATE_BYTES = 1 << 30  # a state is a few MB per model; refuse anything absurd
+MAX_STATE_BYTES = 256 << 20  # a state is MBs (tens for DeepSeek-V3's 58 x 256); refuse absurd ones
 
 
 class StateError(ValueError):
@@ -39,14 +40,22 @@ def write_state(path: str | os.PathLike, state: Mapping[str, Any], model: str) -
     os.replace(partial, path)
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+
+
 def read_state(path: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
     """The predictor state in ``path``; with ``model``, it must have been learned on that model."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_STATE_BYTES:
-            raise StateError(f"{path}: {size} bytes is too large for a predictor state")
-        payload = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
+        # A regular file only, read with a bound: a device or a FIFO would block the daemon's loop.
+        with open(path, "rb", opener=_open_nonblocking) as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise StateError(f"{path}: not a regular file")
+            data = file.read(MAX_STATE_BYTES + 1)
+        if len(data) > MAX_STATE_BYTES:
+            raise StateError(f"{path}: too large for a predictor state (at most {MAX_STATE_BYTES} bytes)")
+        payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except OSError as exc:
         raise StateError(f"{path}: cannot read predictor state: {exc.strerror or exc}") from None
     except (ValueError, msgpack.UnpackException) as exc:

@@ -26,6 +26,7 @@ MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this
 MAX_EXPERTS_PER_MESSAGE = 1024
 MAX_RELEASES_PER_ACQUIRE = 64
 MAX_NAME_CHARS = 128
+MAX_PATH_CHARS = 4096  # load_state: a file on the daemon's machine
 MAX_REQUEST_ID = 2**63 - 1
 MAX_INDEX = 2**31 - 1
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # replies come from the daemon; bounded all the same
@@ -41,6 +42,7 @@ class Op(StrEnum):
     BYE = "bye"
     END = "end"
     SHUTDOWN = "shutdown"
+    LOAD_STATE = "load_state"
 
 
 # --- errors: one code per class, shared by the daemon and the client -------------------------
@@ -216,9 +218,19 @@ class Shutdown:
     op: ClassVar[Op] = Op.SHUTDOWN
 
 
-Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | End | Shutdown
+@dataclasses.dataclass(frozen=True)
+class LoadState:
+    """Admin: every tenant's predictor starts from the statistics in ``path`` (a file on the
+    daemon's machine, written by `expertd replay --save-state`), as ``[prefetch] state`` does
+    at start. Replaces the statistics loaded before; history learned since stays."""
+
+    op: ClassVar[Op] = Op.LOAD_STATE
+    path: str
+
+
+Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | End | Shutdown | LoadState
 REQUEST_TYPES: dict[str, type] = {
-    cls.op.value: cls for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, End, Shutdown)
+    cls.op.value: cls for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, End, Shutdown, LoadState)
 }
 #: Ops the daemon does not answer (fire and forget).
 NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT, Op.END})
@@ -369,6 +381,14 @@ def _name(op: str, name: str, value: object) -> str:
     return value
 
 
+def _path(op: str, name: str, value: object) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PATH_CHARS or not value.isprintable():
+        raise ProtocolError(f"{op}: {name} must be 1-{MAX_PATH_CHARS} printable characters")
+    if not value.startswith("/"):
+        raise ProtocolError(f"{op}: {name} must be an absolute path, got {value!r:.80}")
+    return value
+
+
 def _scores(op: str, name: str, value: object) -> list[float] | None:
     if value is None:
         return None
@@ -414,6 +434,7 @@ _CHECKS = {
     ("hint", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
     ("hint", "scores"): _scores,
     ("ping", "reply"): _flag,
+    ("load_state", "path"): _path,
 }
 
 

@@ -1,4 +1,4 @@
-"""`expertd serve`, `expertd status` and `expertd shutdown`."""
+"""`expertd serve`, `expertd status`, `expertd shutdown` and `expertd load-state`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def register(subparsers) -> None:
     shutdown.add_argument("--address", help="daemon address")
     shutdown.add_argument("--timeout-s", type=float, default=5.0)
     shutdown.set_defaults(func=run_shutdown)
+
+    load = subparsers.add_parser(
+        "load-state",
+        help="start every tenant's predictor from saved statistics (admin)",
+        description="Load predictor statistics (written by `expertd replay --save-state`) into a "
+        "running daemon, as [prefetch] state does at start. The file is read by the daemon: "
+        "give a path on its machine.",
+    )
+    load.add_argument("file", type=Path, help="statistics file")
+    load.add_argument("--address", help="daemon address")
+    load.add_argument("--timeout-s", type=float, default=30.0)
+    load.set_defaults(func=run_load_state)
 
 
 def load_config(args: argparse.Namespace):
@@ -164,6 +176,15 @@ def run_shutdown(args: argparse.Namespace) -> int:
 
     admin_request(args.address, proto.Shutdown(), args.timeout_s)
     print("expertd is stopping")
+    return 0
+
+
+def run_load_state(args: argparse.Namespace) -> int:
+    from expertd.daemon import protocol as proto
+
+    path = str(args.file.resolve())
+    admin_request(args.address, proto.LoadState(path), args.timeout_s)
+    print(f"expertd loaded predictor statistics from {path}")
     return 0
 
 

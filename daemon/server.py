@@ -189,7 +189,12 @@ class Server:
         except PartitionError as exc:
             raise StartupError(f"[tenants]: {exc}") from None
         if cfg.prefetch_state is not None:
-            self._load_predictor_state(cfg.prefetch_state, manifest.model)
+            from expertd.daemon.prefetch_state import StateError
+
+            try:
+                self._load_predictor_state(cfg.prefetch_state)
+            except StateError as exc:
+                raise StartupError(f"[prefetch] state: {exc}") from None
         self.timing = PrivateTiming(
             Geometry(manifest.num_layers, manifest.num_experts),
             {HOST: host_slots, DEVICE: self.device.num_slots if self.device else 0},
@@ -236,17 +241,17 @@ class Server:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
 
-    def _load_predictor_state(self, path: Path, model: str) -> None:
-        """[prefetch] state: the statistics every tenant's predictor starts from."""
+    def _load_predictor_state(self, path: Path) -> None:
+        """The statistics every tenant's predictor starts from; `StateError` naming the problem."""
         from expertd.daemon.prefetch_state import StateError, read_state
         from expertd.policies.base import PolicyError
 
         if self.manager.config.prefetch.predictor is None:
-            raise StartupError(f"[prefetch] state = {str(path)!r} needs a predictor ([prefetch] predictor)")
+            raise StateError(f"{path}: loading statistics needs a predictor ([prefetch] predictor)")
         try:
-            self.manager.load_predictor_state(read_state(path, model))
-        except (StateError, PolicyError) as exc:
-            raise StartupError(f"[prefetch] state: {exc}") from None
+            self.manager.load_predictor_state(read_state(path, self.manifest.model))
+        except PolicyError as exc:
+            raise StateError(f"{path}: {exc}") from None
         log.info("predictor statistics loaded from %s", path)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -416,15 +421,33 @@ class Server:
             case proto.Bye():
                 self._forget(identity)
             case proto.Shutdown():
-                if session.role != "admin":
-                    log.warning(
-                        "refused shutdown from %s (tenant %s): not admin", session.name, session.tenant
-                    )
-                    self._send_error(identity, request_id, "forbidden", "shutdown needs the admin role")
-                    return
-                log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
-                self._send_ok(identity, request_id, {})
-                self._stopping = True
+                if self._admin(identity, request_id, session, "shutdown"):
+                    log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
+                    self._send_ok(identity, request_id, {})
+                    self._stopping = True
+            case proto.LoadState():
+                if self._admin(identity, request_id, session, "load_state"):
+                    self._load_state_now(identity, request_id, Path(request.path))
+
+    def _admin(self, identity: bytes, request_id: int, session: Session, op: str) -> bool:
+        """May this session do admin operation ``op``? Refused (and logged) otherwise."""
+        if session.role == "admin":
+            return True
+        log.warning("refused %s from %s (tenant %s): not admin", op, session.name, session.tenant)
+        self._send_error(identity, request_id, "forbidden", f"{op} needs the admin role")
+        return False
+
+    def _load_state_now(self, identity: bytes, request_id: int, path: Path) -> None:
+        """Admin `load_state`: as ``[prefetch] state``, while serving (the loop pauses to read it)."""
+        from expertd.daemon.prefetch_state import StateError
+
+        try:
+            self._load_predictor_state(path)
+        except StateError as exc:
+            log.warning("load_state refused: %s", exc)
+            self._send_error(identity, request_id, "bad_request", str(exc))
+            return
+        self._send_ok(identity, request_id, {"path": str(path)})
 
     def _hello(self, identity: bytes, request_id: int, hello: proto.Hello, now: float) -> None:
         if hello.version != proto.PROTOCOL_VERSION:

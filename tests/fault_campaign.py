@@ -29,9 +29,9 @@ from daemon_util import EXPERTD, DaemonProcess, RawClient
 from expertd.daemon import protocol as proto
 from expertd.daemon.store import load_manifest
 
-OPS = ["hello", "acquire", "release", "hint", "stats", "ping", "end", "bye", "nonsense", ""]
+OPS = ["hello", "acquire", "release", "hint", "stats", "ping", "end", "bye", "load_state", "nonsense", ""]
 FIELDS = ["layer", "experts", "tier", "release", "request", "lease", "leases", "scores", "client", "tenant",
-          "version", "pid", "token", "reply", "id", "op", "zzz"]  # fmt: skip
+          "version", "pid", "token", "reply", "path", "id", "op", "zzz"]  # fmt: skip
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -45,7 +45,8 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 1:
         return rng.random() * rng.choice([1, -1e300, 1e300]) if rng.random() < 0.9 else float("nan")
     if kind == 2:
-        return rng.choice(["", "device", "host", "x" * rng.randrange(300), "\x00\n", "acquire", "é"])
+        return rng.choice(["", "device", "host", "x" * rng.randrange(300), "\x00\n", "acquire", "é",
+                           "/dev/zero", "/", "/proc/self/mem", "/nonexistent/state"])  # fmt: skip
     if kind == 3:
         return os.urandom(rng.randrange(64))
     if kind == 4:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +172,23 @@ def test_state_file_of_another_model_or_garbage_is_refused(tmp_path):
         read_state(path)
     with pytest.raises(StateError, match="cannot read predictor state"):
         read_state(tmp_path / "missing")
+
+
+def test_a_state_path_that_is_no_regular_file_is_refused_without_blocking(tmp_path, monkeypatch):
+    import os
+
+    from expertd.daemon import prefetch_state
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: a blocking open or read would hang the daemon's loop
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(StateError, match="not a regular file|cannot read"):
+            read_state(path)
+    monkeypatch.setattr(prefetch_state, "MAX_STATE_BYTES", 1000)
+    big = tmp_path / "big"
+    big.write_bytes(bytes(1001))
+    with pytest.raises(StateError, match="too large"):
+        read_state(big)
 
 
 def test_packed_arrays_round_trip_and_reject_bad_shapes():

@@ -77,3 +77,45 @@ def test_bad_prefetch_configuration_is_a_one_line_error(store, short_dir, config
     )  # fmt: skip
     assert out.returncode in (1, 2) and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_an_admin_loads_statistics_into_a_running_daemon(store, short_dir):
+    from expertd.daemon import protocol as proto
+
+    state = state_file(store, short_dir)
+    other = state_file(store, short_dir / "other", model="someone-else")
+    config = short_dir / "expertd.toml"
+    config.write_text('[auth]\nipc_admin = "token"\n')
+    daemon = DaemonProcess(store, short_dir / "d", "--config", str(config), "--device", "cpu")
+    token_file = Path(daemon.address[len("ipc://") :] + ".admin-token")
+    load = [*EXPERTD, "load-state", "--address", daemon.address]
+    try:
+        stranger = RawClient(daemon.address)
+        stranger.hello()
+        refused = stranger.request(2, proto.LoadState(str(state)))
+        assert isinstance(refused, proto.PermissionDenied), refused
+        assert isinstance(stranger.request(3, proto.LoadState("combined.state")), proto.ProtocolError)
+        admin = RawClient(daemon.address)
+        hello = proto.Hello(proto.PROTOCOL_VERSION, "ops", "default", 0, token_file.read_text().strip())
+        assert isinstance(admin.request(1, hello), dict)
+
+        def planned_after_acquire(request_id: int, request: int) -> int:
+            reply = stranger.request(request_id, proto.Acquire(0, [0, 3], "device", request=request))
+            assert isinstance(reply, dict), reply
+            stranger.request(request_id + 1, proto.Release([reply["lease"]]))
+            stats = admin.request(request_id + 2, proto.Stats())
+            assert isinstance(stats, dict)
+            return stats["prefetch"]["planned"]
+
+        cold = planned_after_acquire(10, request=1)
+        wrong = subprocess.run([*load, str(other)], capture_output=True, text=True)
+        assert wrong.returncode != 0 and "the statistics are for model 'someone-else'" in wrong.stderr
+        loaded = subprocess.run([*load, str(state)], capture_output=True, text=True)
+        assert loaded.returncode == 0, loaded.stderr
+        # The statistics say layer 0's experts 0 and 3 are followed by 1 and 4: prefetched now.
+        assert planned_after_acquire(20, request=2) > cold
+        assert "predictor statistics loaded" in daemon.log()
+        stranger.close()
+        admin.close()
+    finally:
+        daemon.terminate()
