@@ -1,6 +1,7 @@
 """Acquire latency on the hit path, against a raw pyzmq REQ/REP msgpack echo, in one run.
 
     .venv/bin/python bench/acquire_latency.py [--rounds 5] [--per-round 2000] [--clients 4]
+        [--predictor NAME|none] [--device-policy NAME]
 
 Starts a real daemon (CPU device tier) on a small synthetic store and a Python echo
 server (REP: unpack, pack, reply) on ipc:// sockets. Then, in interleaved rounds
@@ -8,7 +9,9 @@ server (REP: unpack, pack, reply) on ipc:// sockets. Then, in interleaved rounds
 request (REQ), an acquire + piggy-backed release through `ExpertClient` (the API
 users call), and the same acquire on a raw DEALER socket (no client library).
 Every acquire hits: the experts stay resident. Finally, ``--clients`` processes
-acquire in a loop at once for aggregate throughput. Last line: one JSON object.
+acquire in a loop at once for aggregate throughput. The daemon runs what `expertd serve`
+runs without flags (prefetching included: a hit's prediction work runs after its reply)
+unless ``--predictor`` / ``--device-policy`` say otherwise. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput phase length")
+    parser.add_argument(
+        "--predictor", default=None, help="the daemon's predictor (default: serve's; none: no prefetch)"
+    )
+    parser.add_argument("--device-policy", default=None, help="the daemon's device policy (default: serve's)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="exd-bench-", dir="/tmp"))
@@ -80,7 +87,8 @@ def main() -> int:
     pack_synthetic(store, "mixtral-8x7b", scale=64, layers=4)
     daemon = DaemonProcess(
         store, work, "--host-size", "32 slots", "--device", "cpu", "--device-size", "16 slots",
-        "--log-level", "warning",
+        "--log-level", "warning", *(["--predictor", args.predictor] if args.predictor else []),
+        *(["--device-policy", args.device_policy] if args.device_policy else []),
     )  # fmt: skip
     echo_address = f"ipc://{work / 'echo.sock'}"
     echo = subprocess.Popen([sys.executable, "-c", ECHO, echo_address])
@@ -102,6 +110,7 @@ def main() -> int:
     print(f"p50 ratio, ExpertClient / echo: {ratio:.2f} (goal <= 1.3); raw DEALER / echo: {raw_ratio:.2f}")
     print(f"{args.clients} clients at once: {results['aggregate_acquires_per_s']:,.0f} acquires/s in all")
     results.update(bench="acquire_latency", p50_ratio=ratio, raw_p50_ratio=raw_ratio, goal_ratio=1.3)
+    results.update(predictor=args.predictor or "default", device_policy=args.device_policy or "default")
     print(json.dumps(results))
     return 0
 

@@ -1,0 +1,84 @@
+"""Hit rates of caches that know more than any online policy can, for docs/prefetch.md.
+
+    .venv/bin/python bench/oracles.py [--traces mixtral,llama4] [--capacity 0.1]
+
+Per trace (Llama-4 and Mixtral from ../shared, whole and held-out part) at one capacity:
+
+- **per-request static oracle**: each request's own most used experts, as many as the
+  cache holds, known before the request starts and pinned for all of it (no load counted);
+- **Belady's MIN**: the fewest loads of any cache (the demand bound);
+- the default configuration's hit rate without prefetching (`predictive` alone, online).
+
+The static oracle knows each request's whole routing and still misses what Belady hits:
+what separates an online policy from the bound is *which* of a layer's experts the next
+token picks, not which experts a request uses. Prints a markdown table; last line JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefetch_table import select_part  # noqa: E402
+
+from expertd.traces import corpus  # noqa: E402
+from expertd.traces.replay import geometry_of, parse_capacity, replay_hits  # noqa: E402
+
+
+def static_oracle(trace, slots: int) -> float:
+    """Hit rate when each request pins its own ``slots`` most used keys for all of it."""
+    geometry = geometry_of(trace)
+    k = trace.experts.shape[1]
+    keys = (trace.layer.astype(np.int64)[:, None] * geometry.num_experts + trace.experts).reshape(-1)  # [N*k]
+    requests = np.repeat(trace.request, k)  # [N*k]
+    hits = 0
+    for request in np.unique(requests):
+        counts = np.bincount(keys[requests == request], minlength=geometry.num_keys)
+        hits += int(np.sort(counts)[::-1][:slots].sum())
+    return hits / len(keys)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", default="mixtral,llama4")
+    parser.add_argument("--capacity", default="0.1")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = []
+    for name in args.traces.split(","):
+        whole = corpus.load(name)
+        for part, trace in (("whole", whole), ("held-out", select_part(whole, name, "held-out"))):
+            slots, _ = parse_capacity(args.capacity, geometry_of(trace).num_keys)
+            rows.append(
+                {
+                    "trace": name,
+                    "part": part,
+                    "slots": slots,
+                    "static_oracle": round(static_oracle(trace, slots), 3),
+                    "belady": round(replay_hits(trace, "belady", slots).hit_rate, 3),
+                    "predictive": round(replay_hits(trace, "predictive", slots).hit_rate, 3),
+                }
+            )
+            print(f"  {name} {part}: done", file=sys.stderr)
+    print(f"capacity {args.capacity} of all experts; hit rates")
+    print()
+    print("| trace | part | slots | per-request static oracle | predictive (online, no prefetch) | Belady |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['trace']} | {r['part']} | {r['slots']} | {r['static_oracle']:.3f} "
+            f"| {r['predictive']:.3f} | {r['belady']:.3f} |"
+        )
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    print(json.dumps({"bench": "oracles", "capacity": args.capacity, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
