@@ -39,6 +39,7 @@ from expertd.traces.format import read_trace  # noqa: E402
 from expertd.traces.replay import forward_ids  # noqa: E402
 
 MODES = ("shared", "partitioned", "private")
+FRESH_TOKENS = 24  # an expert probed within this many tokens is not probed again
 
 
 def auc(used: list[float], unused: list[float]) -> float:
@@ -71,11 +72,13 @@ def cross_validated_accuracy(used: list[float], unused: list[float]) -> float:
     return sum(scores) / 2
 
 
-def run_mode(mode: str, store: Path, work: Path, trace, slots: int, host_slots: int, seed: int) -> dict:
+def run_mode(
+    mode: str, store: Path, work: Path, trace, slots: int, host_slots: int, seed: int, extra: list[str]
+) -> dict:
     text = f'[auth]\nipc_admin = "all"\n[tenants.eve]\nisolation = "{mode}"\nshare = 0.25\n'
     (work / f"{mode}.toml").write_text(text)
     flags = ["--device", "cpu", "--device-size", f"{slots} slots", "--host-size", f"{host_slots} slots",
-             "--config", str(work / f"{mode}.toml"), "--log-level", "warning"]  # fmt: skip
+             "--config", str(work / f"{mode}.toml"), "--log-level", "warning", *extra]  # fmt: skip
     daemon = DaemonProcess(store, work / mode, *flags)
     rng = random.Random(seed)
     used_times: list[float] = []
@@ -105,7 +108,10 @@ def run_mode(mode: str, store: Path, work: Path, trace, slots: int, host_slots: 
             victim_s += time.perf_counter() - started
             recent = [routing, *recent][:2]
             layer = rng.choice(sorted(routing))
-            fresh = [e for e in range(num_experts) if token - probed.get((layer, e), -99) > 8]
+            # Not probed lately: the attacker's own caches (its 32 host slots hold 16 tokens of
+            # probes) must not remember it, or its probe choices -- which know the victim's routing
+            # -- would score without any leak.
+            fresh = [e for e in range(num_experts) if token - probed.get((layer, e), -99) > FRESH_TOKENS]
             used = [e for e in fresh if e in routing[layer]]
             unused = [e for e in fresh if all(e not in r.get(layer, ()) for r in recent)]
             if not used or not unused:
@@ -145,7 +151,10 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4, help="the trace's first N MoE layers")
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode (different probe choices)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated isolation modes")
+    parser.add_argument("--predictor", default=None, help="the daemon's predictor (default: serve's; none)")
     args = parser.parse_args()
+    extra = ["--predictor", args.predictor] if args.predictor else []
 
     trace = read_trace(traces.shipped())
     trace = trace.select((trace.layer < args.layers) & (forward_ids(trace) < args.tokens))
@@ -154,9 +163,10 @@ def main() -> int:
         store = work / "store"
         pack_synthetic(store, "granite-3.0-1b-a400m", layers=args.layers)  # real expert size: 3 MiB
         keys = args.layers * trace.meta.num_experts
+        seeds = range(args.repeats)
         runs = {
-            mode: [run_mode(mode, store, work, trace, keys // 4, keys, seed) for seed in range(args.repeats)]
-            for mode in MODES
+            mode: [run_mode(mode, store, work, trace, keys // 4, keys, seed, extra) for seed in seeds]
+            for mode in args.modes.split(",")
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
