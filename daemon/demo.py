@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from expertd.daemon import defaults
 from expertd.daemon.cli import CliError
 
 
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--trace", default=None, help="instead drive the daemon with this shipped trace")
     parser.add_argument("--capacity", type=float, default=0.25, help="device tier, fraction of experts")
     parser.add_argument(
-        "--policy", default=None, help="device tier eviction policy (default: lru; --trace: layer-distance)"
+        "--policy", default=None, help="device eviction policy (default: serve's; --trace: layer-distance)"
     )
     parser.add_argument("--scale", type=float, default=4.0, help="--trace: divide the expert dims by this")
     parser.add_argument("--max-tokens", type=int, default=None, help="--trace: stop after this many tokens")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
         args.policy = args.policy or "layer-distance"
         return demo_trace.run(args)
-    args.policy = args.policy or "lru"
+    args.policy = args.policy or defaults.DEVICE_POLICY  # what serve runs without flags
     from expertd.daemon import demo_hf
 
     return demo_hf.run(args)

@@ -32,7 +32,7 @@ DEMO_ARGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 INIT_STD = 0.3
 DEMO_LAYERS = 12
-SWEEP_POLICIES = ("lru", "lfu", "s3fifo", "layer-distance", "belady")
+SWEEP_POLICIES = ("lru", "lfu", "s3fifo", "layer-distance", "predictive", "belady")
 # Greedy, but no token twice: a random-weight model otherwise repeats one byte forever, and
 # its routing with it. The vocabulary is 256 bytes, so that bounds the tokens.
 GENERATE = {"do_sample": False, "no_repeat_ngram_size": 1}

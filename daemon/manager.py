@@ -694,7 +694,7 @@ class CacheManager:
             self.transfers.deferred += 1
             return None  # the link's prefetch share is spent: wait for demand transfers
         guard = None
-        if transfer.priority == Priority.PREDICTED and self.prefetcher is not None:
+        if transfer.prefetch and self.prefetcher is not None:  # predicted or hinted
             may_evict, key = self.prefetcher.may_evict(), transfer.key
             guard = lambda victim: may_evict(victim, key)  # noqa: E731 - never evict a key used sooner
         protected = self.prefetcher.protected if self.prefetcher is not None else ()

@@ -116,6 +116,22 @@ def test_a_prefetch_never_evicts_a_key_expected_to_be_used_sooner():
     assert [s for s in started if s.priority == Priority.PREDICTED] == []
 
 
+def test_a_hinted_prefetch_never_evicts_a_key_expected_to_be_used_sooner():
+    manager = make(device=4, depth=1, min_prob=0.0, budget=2)
+    lease, _ = token(manager, "a", ROUTING)
+    resident = list(manager.resident(DEVICE))
+    waits = np.full(GEOMETRY.num_keys, 100.0)
+    waits[resident] = 1.0  # every resident key is needed before the hinted one
+    manager.prefetcher.waits = lambda: waits
+    _, started = settle(manager, manager.hint("a", 2, [0, 7], 0.0, request=1))
+    assert [s for s in started if s.priority == Priority.HINT] == []
+    assert set(manager.resident(DEVICE)) == set(resident)
+    waits[resident] = 1000.0  # now every resident key is needed much later: the hint may take a slot
+    _, started = settle(manager, manager.hint("a", 2, [0, 7], 0.0, request=1))
+    assert {s.key for s in started if s.priority == Priority.HINT} <= {GEOMETRY.key(2, 0), GEOMETRY.key(2, 7)}
+    assert [s for s in started if s.priority == Priority.HINT]
+
+
 def test_a_prefetch_may_evict_a_key_expected_to_be_used_later():
     manager = make(device=4, depth=1, min_prob=0.0, budget=2)
     prefetcher = manager.prefetcher
