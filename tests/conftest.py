@@ -1,6 +1,11 @@
-"""Suite-wide switches: GPU tests skip cleanly where CUDA is absent; torch stays single-threaded."""
+"""Suite-wide switches and fixtures: GPU tests skip cleanly where CUDA is absent; torch stays
+single-threaded; daemons get socket directories short enough for ipc://."""
 
 from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +21,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def short_dir():
+    """ipc:// paths must stay short (sun_path is 108 bytes): a directory right under /tmp."""
+    path = Path(tempfile.mkdtemp(prefix="exd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -78,15 +78,10 @@ class DaemonProcess:
 
 
 def ping(address: str, timeout_ms: int = 1000) -> bool:
-    """Does a daemon answer at ``address``?"""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(address)
-        sock.send(proto.encode_request(0, proto.Ping(reply=True)))
-        return bool(sock.poll(timeout_ms))
-    finally:
-        sock.close()
+    """Does a daemon answer at ``address``? (the probe the daemon itself uses at start)"""
+    from expertd.daemon.listener import answers
+
+    return answers(zmq.Context.instance(), address, timeout_ms)
 
 
 class RawClient:

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import grp
 import os
-import shutil
 import stat
-import tempfile
-from pathlib import Path
 
-import pytest
 from daemon_util import DaemonProcess
 
 from expertd.daemon.pack import pack_synthetic
-
-
-@pytest.fixture
-def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="exd-a-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_the_socket_group_may_map_the_shared_memory_slabs_read_only(short_dir):

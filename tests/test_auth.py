@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,13 +24,6 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("auth-store") / "mixtral"
     pack_synthetic(path, "mixtral-8x7b", scale=64, layers=2)
     return path
-
-
-@pytest.fixture
-def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="exd-auth-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def config(directory: Path, text: str) -> list[str]:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,14 +30,6 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store") / "mixtral"
     pack_synthetic(path, "mixtral-8x7b", scale=64, layers=4)  # 4 layers x 8 experts, 84 KiB each
     return path
-
-
-@pytest.fixture
-def short_dir():
-    """ipc:// paths must stay short (sun_path is 108 bytes): a directory right under /tmp."""
-    path = Path(tempfile.mkdtemp(prefix="exd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import fault_campaign as fc
@@ -22,13 +20,6 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fault-store") / "mixtral"
     pack_synthetic(path, "mixtral-8x7b", scale=64, layers=4)
     return path
-
-
-@pytest.fixture
-def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="exd-fault-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

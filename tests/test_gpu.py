@@ -5,8 +5,6 @@ Marked ``gpu``: skipped without CUDA (tests/conftest.py); `make gpu-check` runs 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +27,6 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gpu-store") / "olmoe"
     pack_synthetic(path, "olmoe-1b-7b", scale=16, layers=3)  # 3 layers x 64 experts
     return path
-
-
-@pytest.fixture
-def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="exd-gpu-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_pinned_host_slab_copies_to_device_slots_exactly():

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import shutil
 import socket
-import tempfile
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -22,13 +19,6 @@ from expertd.daemon.config import ConfigError, ServeConfig  # noqa: E402
 from expertd.daemon.pack import pack_synthetic  # noqa: E402
 from expertd.daemon.serve_cli import format_status  # noqa: E402
 from expertd.daemon.status_view import CLEAR, watch  # noqa: E402
-
-
-@pytest.fixture
-def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="exd-m-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,13 +19,6 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store") / "mixtral"
     pack_synthetic(path, "mixtral-8x7b", scale=64, layers=4)  # 4 layers x 8 experts
     return path
-
-
-@pytest.fixture
-def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="exd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def state_file(store: Path, where: Path, model: str | None = None) -> Path:
