@@ -84,7 +84,11 @@ def listen(
     finally:
         os.umask(old_umask)
     if listener.ipc_path is not None:
-        _secure_ipc(listener, group, config.auth_ipc_admin == "token")
+        try:
+            _secure_ipc(listener, group, config.auth_ipc_admin == "token")
+        except StartupError:
+            listener.remove_files()  # a failed start leaves nothing behind
+            raise
     # Engine workers report completions to this same socket over inproc, each frame
     # prefixed with a secret of this run, so no client can forge one.
     router.bind(listener.completion_address)

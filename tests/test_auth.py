@@ -223,3 +223,19 @@ def test_partition_shares_that_leave_nothing_for_the_others_are_refused(store, s
     flags = config(short_dir, text)
     out = subprocess.run([*EXPERTD, "serve", "--store", str(store), *flags], capture_output=True, text=True)
     assert out.returncode == 1 and "leave no host slot" in out.stderr, out.stderr
+
+
+def test_a_start_that_fails_after_binding_leaves_no_socket_file(short_dir):
+    import zmq
+
+    from expertd.daemon.config import ServeConfig
+    from expertd.daemon.listener import StartupError, listen
+
+    config = ServeConfig.from_mapping({"auth": {"socket_group": "no-such-group-expertd"}}, "test")
+    context, closers = zmq.Context(), []
+    try:
+        with pytest.raises(StartupError, match="socket_group 'no-such-group-expertd'"):
+            listen(context, f"ipc://{short_dir / 'x.sock'}", config, closers, 0.1)
+        assert not (short_dir / "x.sock").exists()
+    finally:
+        context.destroy(linger=0)
