@@ -92,9 +92,9 @@ class PrivateTiming:
         average one-miss answer time, or the 98th percentile of its last 256 one-miss answers
         if that is longer: a real miss and a held-back hit (held to that average) then both
         leave at the first grid point unless the miss was slower than 98% of recent ones.
-        (Twice the average alone let ~6% of misses through late once prefetches made the
-        link's queue, and so its tail, longer: a measured 0.53 attacker accuracy.) That at
-        least doubles the private tenant's miss latency; it is what closing the channel costs.
+        (Twice the average alone lets every miss slower than that land a grid point after a
+        held-back hit, and prefetch queues make the link's tail longer.) That at least
+        doubles the private tenant's miss latency; it is what closing the channel costs.
         """
         pending = self._pending.pop(key, None)
         if pending is None:
