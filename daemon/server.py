@@ -159,8 +159,16 @@ class Server:
         from expertd.policies.registry import parse_spec, policy_class
 
         for key, spec in (("host", cfg.policy_host), ("device", cfg.policy_device)):
-            if policy_class(parse_spec(spec)[0]).offline:
+            policy = policy_class(parse_spec(spec)[0])
+            if policy.offline:
                 raise StartupError(f"[policy] {key} = {spec!r} needs the future: it is for replay only")
+            if policy.wants_estimates and cfg.prefetch_predictor == "none":
+                log.warning(
+                    "[policy] %s = %r with [prefetch] predictor = 'none': the policy learns with a "
+                    "predictor of its own inside every acquire (slower hits); without prediction, choose lru",
+                    key,
+                    spec,
+                )
         if cfg.prefetch_predictor != "none":
             from expertd.policies.predictor import make_predictor
 

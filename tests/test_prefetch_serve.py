@@ -110,3 +110,17 @@ def test_an_admin_loads_statistics_into_a_running_daemon(store, short_dir):
         admin.close()
     finally:
         daemon.terminate()
+
+
+def test_a_prediction_aware_policy_without_a_predictor_is_warned_about(store, short_dir):
+    daemon = DaemonProcess(store, short_dir / "d", "--device", "cpu", "--predictor", "none")
+    try:
+        assert "learns with a predictor of its own inside every acquire" in daemon.log()
+    finally:
+        daemon.terminate()
+    lru = ("--device-policy", "lru")
+    quiet = DaemonProcess(store, short_dir / "q", "--device", "cpu", "--predictor", "none", *lru)
+    try:
+        assert "inside every acquire" not in quiet.log()
+    finally:
+        quiet.terminate()
