@@ -108,7 +108,14 @@ class SlotTable:
         try:
             return self.policy.victim(t, self.pinned_keys, None)
         except NoVictimError:
-            return None
+            pass
+        # The policy's own shares leave it no victim (lru-per-layer: every full layer pinned)
+        # while other keys are unpinned: the tier's capacity is the hard limit, not its shares,
+        # and an admitted acquire must not wait for a slot nothing will ever free.
+        for slot, key in enumerate(self.key_of):
+            if key is not None and not self.pins[slot]:
+                return key
+        return None
 
     def used(self, slot: int) -> None:
         """An acquire used ``slot``: a prefetch that filled it paid off."""

@@ -61,6 +61,24 @@ def test_miss_loads_then_replies_and_second_acquire_hits():
     assert again.slots == (reply.slots[1], reply.slots[0])
 
 
+def test_a_policy_whose_shares_name_no_victim_does_not_strand_an_admitted_acquire():
+    """lru-per-layer, 5 slots over 4 layers (shares 2, 1, 1, 1): layer 1 went over its share
+    through a free slot, and every layer at or over its share is pinned. The only unpinned
+    key is in layer 0, under its share, so the policy names no victim; the slot must still
+    be found, or the acquire waits for something nothing will ever free (hypothesis found it)."""
+    mgr = make(host=5, host_policy="lru-per-layer")
+    (first,) = finish_all(mgr, mgr.acquire("a", 1, 0, [0], HOST, now=0))
+    mgr.release("a", 2, first.lease_id, now=0)  # layer 0: one unpinned key
+    for request_id, (layer, expert) in enumerate([(1, 0), (1, 1), (2, 0), (3, 0)], start=3):
+        (held,) = finish_all(mgr, mgr.acquire("a", request_id, layer, [expert], HOST, now=0))
+    assert mgr.tiers[HOST].pinned_slots == 4 and not mgr.tiers[HOST].free
+    (load,) = of(mgr.acquire("b", 1, 1, [2], HOST, now=0), StartTransfer)
+    assert load.key == GEOMETRY.key(1, 2)
+    (reply,) = finish_all(mgr, [load])
+    assert isinstance(reply, Reply) and reply.client == "b"
+    assert GEOMETRY.key(0, 0) not in mgr.resident(HOST)
+
+
 def test_device_miss_loads_into_host_then_copies_to_device():
     mgr = make(host=4, device=2)
     out = mgr.acquire("a", 1, 1, [2], DEVICE, now=0)
