@@ -222,7 +222,8 @@ class Shutdown:
 class LoadState:
     """Admin: every tenant's predictor starts from the statistics in ``path`` (a file on the
     daemon's machine, written by `expertd replay --save-state`), as ``[prefetch] state`` does
-    at start. Replaces the statistics loaded before; history learned since stays."""
+    at start: the learned statistics of existing tenants are replaced, and tenants that come
+    later start from them too."""
 
     op: ClassVar[Op] = Op.LOAD_STATE
     path: str
