@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from expertd.policies.base import Geometry, NoParams, PolicyError, parse_params
+from expertd.policies.registry import Registry, parse_spec
 
 Request = Hashable
 
@@ -289,57 +290,27 @@ def state_header(name: str, geometry: Geometry) -> dict[str, Any]:
 
 # --- registry ------------------------------------------------------------------------------------
 
-_PREDICTORS: dict[str, type[Predictor]] = {}
-_BUILTIN_MODULES = (
-    "predict_temporal",
-    "predict_cross_layer",
-    "predict_activation",
-    "predict_hints",
-    "predict_combined",
+PREDICTORS: Registry[type[Predictor]] = Registry(
+    "predictor",
+    "expertd.policies",
+    ("predict_temporal", "predict_cross_layer", "predict_activation", "predict_hints", "predict_combined"),
 )
-
-
-def register_predictor(name: str):
-    """Class decorator: make a predictor constructible by ``name``."""
-
-    def wrap(cls: type[Predictor]) -> type[Predictor]:
-        if name in _PREDICTORS and _PREDICTORS[name] is not cls:
-            raise PolicyError(f"predictor name {name!r} registered twice")
-        cls.name = name
-        _PREDICTORS[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_builtins() -> None:
-    import importlib
-
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"expertd.policies.{module}")
+register_predictor = PREDICTORS.register
 
 
 def available_predictors() -> list[str]:
     """Names of every registered predictor, sorted (test doubles included once imported)."""
-    _load_builtins()
-    return sorted(_PREDICTORS)
+    return PREDICTORS.names()
 
 
 def builtin_predictors() -> list[str]:
     """Names of the predictors expertd ships, sorted."""
-    _load_builtins()
-    return sorted(n for n, cls in _PREDICTORS.items() if cls.__module__.startswith("expertd.policies."))
+    classes = PREDICTORS.classes()
+    return sorted(n for n, cls in classes.items() if cls.__module__.startswith("expertd.policies."))
 
 
 def make_predictor(spec: str, geometry: Geometry, params: Mapping[str, Any] | None = None) -> Predictor:
     """A predictor from a name or spec string (``"temporal(decay=0.5)"``)."""
-    from expertd.policies.registry import parse_spec
-
-    _load_builtins()
     name, spec_params = parse_spec(spec)
-    try:
-        cls = _PREDICTORS[name]
-    except KeyError:
-        raise PolicyError(f"unknown predictor {name!r} (known: {', '.join(sorted(_PREDICTORS))})") from None
     merged = {**spec_params, **(params or {})}
-    return cls(geometry, merged or None)
+    return PREDICTORS.get(name)(geometry, merged or None)

@@ -1,61 +1,86 @@
-"""Policy names -> classes. Policies register themselves with `@register`."""
+"""Names -> classes: eviction policies (`@register`) and, through the same `Registry`,
+predictors (policies/predictor.py). Built-ins register themselves when their module is
+imported, which happens on first use."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from expertd.policies.base import EvictionPolicy, Geometry, PolicyError
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {}
+T = TypeVar("T", bound=type)
+
+
+class Registry(Generic[T]):
+    """Classes by name; ``modules`` of ``package`` hold the built-ins (one per file)."""
+
+    def __init__(self, kind: str, package: str, modules: tuple[str, ...]) -> None:
+        self.kind = kind
+        self._package, self._modules = package, modules
+        self._classes: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator: make the class constructible by ``name`` (and set its ``name``)."""
+
+        def wrap(cls: T) -> T:
+            if name in self._classes and self._classes[name] is not cls:
+                raise PolicyError(f"{self.kind} name {name!r} registered twice")
+            cls.name = name  # type: ignore[attr-defined]
+            self._classes[name] = cls
+            return cls
+
+        return wrap
+
+    def classes(self) -> dict[str, T]:
+        """Every registered class by name (test doubles included once imported)."""
+        if not self._loaded:
+            for module in self._modules:
+                importlib.import_module(f"{self._package}.{module}")
+            self._loaded = True
+        return self._classes
+
+    def names(self) -> list[str]:
+        return sorted(self.classes())
+
+    def get(self, name: str) -> T:
+        classes = self.classes()
+        try:
+            return classes[name]
+        except KeyError:
+            raise PolicyError(f"unknown {self.kind} {name!r} (known: {', '.join(sorted(classes))})") from None
+
 
 # Modules whose import registers the built-in policies (one policy per file).
-_BUILTIN_MODULES = (
-    "lru",
-    "fifo",
-    "lfu",
-    "sieve",
-    "s3fifo",
-    "arc",
-    "belady",
-    "lru_per_layer",
-    "least_stale",
-    "layer_distance",
-    "predictive",
+POLICIES: Registry[type[EvictionPolicy]] = Registry(
+    "policy",
+    "expertd.policies",
+    (
+        "lru",
+        "fifo",
+        "lfu",
+        "sieve",
+        "s3fifo",
+        "arc",
+        "belady",
+        "lru_per_layer",
+        "least_stale",
+        "layer_distance",
+        "predictive",
+    ),
 )
-
-
-def register(name: str):
-    """Class decorator: make a policy constructible by ``name``."""
-
-    def wrap(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-        if name in _POLICIES and _POLICIES[name] is not cls:
-            raise PolicyError(f"policy name {name!r} registered twice")
-        cls.name = name
-        _POLICIES[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"expertd.policies.{module}")
+register = POLICIES.register
 
 
 def available() -> list[str]:
     """Names of every registered policy, sorted."""
-    _load_builtins()
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 def policy_class(name: str) -> type[EvictionPolicy]:
-    _load_builtins()
-    try:
-        return _POLICIES[name]
-    except KeyError:
-        raise PolicyError(f"unknown policy {name!r} (known: {', '.join(sorted(_POLICIES))})") from None
+    return POLICIES.get(name)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
