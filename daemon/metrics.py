@@ -127,6 +127,13 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
             return CounterMetricFamily(f"expertd_{name}", doc, value=value)
         return CounterMetricFamily(f"expertd_{name}", doc, labels=list(labels))
 
+    def per(make: Any, name: str, doc: str, label: str, rows: dict[str, Any], key: str) -> Any:
+        """One family, a sample per row (tier or link) of ``rows[...][key]``."""
+        family = make(name, doc, (label,))
+        for row_name, row in rows.items():
+            family.add_metric([row_name], row.get(key, 0))
+        return family
+
     daemon = stats.get("daemon", {})
     if daemon:
         info = gauge(
@@ -138,15 +145,9 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
     tiers = stats.get("tiers", {})
     for key, doc in _TIER_GAUGES.items():
         name = {"slots": "slots", "waiting_admission": "waiting_acquires"}.get(key, f"{key}_slots")
-        family = gauge(f"tier_{name}", doc, ("tier",))
-        for tier, t in tiers.items():
-            family.add_metric([tier], t.get(key, 0))
-        yield family
+        yield per(gauge, f"tier_{name}", doc, "tier", tiers, key)
     for key, doc in _TIER_COUNTERS.items():
-        family = counter(f"tier_{key}", doc, ("tier",))
-        for tier, t in tiers.items():
-            family.add_metric([tier], t.get(key, 0))
-        yield family
+        yield per(counter, f"tier_{key}", doc, "tier", tiers, key)
     ratio = gauge("tier_hit_ratio", "Hits / accesses since start.", ("tier",))
     layer_accesses = counter("layer_accesses", "Experts acquired, per MoE layer.", ("tier", "layer"))
     layer_hits = counter("layer_hits", "Experts already resident, per MoE layer.", ("tier", "layer"))
@@ -158,15 +159,9 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
     yield from (ratio, layer_accesses, layer_hits)
     links = stats.get("links", {})
     for key, doc in _LINK_COUNTERS.items():
-        family = counter("link_transfers" if key == "started" else f"link_{key}", doc, ("link",))
-        for link, info_ in links.items():
-            family.add_metric([link], info_.get(key, 0))
-        yield family
+        yield per(counter, "link_transfers" if key == "started" else f"link_{key}", doc, "link", links, key)
     for key, doc in _LINK_GAUGES.items():
-        family = gauge(f"link_{key}", doc, ("link",))
-        for link, info_ in links.items():
-            family.add_metric([link], info_.get(key, 0))
-        yield family
+        yield per(gauge, f"link_{key}", doc, "link", links, key)
     acquires = stats.get("acquires", {})
     if acquires:
         yield counter("acquires", "Acquires answered.", value=acquires["count"])
