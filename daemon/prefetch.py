@@ -28,7 +28,7 @@ import numpy as np
 
 from expertd.policies.base import Geometry
 from expertd.policies.predictive import expected_wait, next_computation
-from expertd.policies.predictor import Prediction, Predictor, make_predictor
+from expertd.policies.predictor import Prediction, Predictor, check_predictor, make_predictor
 
 DEFAULT_TENANT = "default"
 ACTIVE_REQUESTS = 8  # requests whose predictions shape `waits` (the most recent, any tenant)
@@ -61,6 +61,8 @@ class PrefetchConfig:
             raise ValueError(f"prefetch min_prob must be in [0, 1], got {self.min_prob}")
         if not 0.0 <= self.share <= 1.0:
             raise ValueError(f"prefetch share must be in [0, 1], got {self.share}")
+        if self.predictor is not None:
+            check_predictor(self.predictor)  # a bad name or parameter fails here, not at first use
 
 
 @dataclasses.dataclass

@@ -169,10 +169,6 @@ class Server:
                     key,
                     spec,
                 )
-        if cfg.prefetch_predictor != "none":
-            from expertd.policies.predictor import make_predictor
-
-            make_predictor(cfg.prefetch_predictor, Geometry(manifest.num_layers, manifest.num_experts))
         try:
             prefetch = prefetch_settings(cfg)
         except ValueError as exc:

@@ -309,6 +309,13 @@ def builtin_predictors() -> list[str]:
     return sorted(n for n, cls in classes.items() if cls.__module__.startswith("expertd.policies."))
 
 
+def check_predictor(spec: str) -> None:
+    """`PolicyError` unless ``spec`` names a predictor with valid parameters (builds none:
+    a predictor's tables can be large)."""
+    name, params = parse_spec(spec)
+    parse_params(PREDICTORS.get(name).Params, params or None, name)
+
+
 def make_predictor(spec: str, geometry: Geometry, params: Mapping[str, Any] | None = None) -> Predictor:
     """A predictor from a name or spec string (``"temporal(decay=0.5)"``)."""
     name, spec_params = parse_spec(spec)

@@ -186,9 +186,7 @@ def run(args: argparse.Namespace) -> int:
         geometry = Geometry(meta.num_layers, meta.num_experts)
         if args.predictor:
             from expertd.daemon.prefetch import PrefetchConfig
-            from expertd.policies.predictor import make_predictor
 
-            make_predictor(args.predictor, geometry)  # fail early
             prefetch = PrefetchConfig(
                 args.predictor,
                 depth=args.prefetch_depth,
