@@ -75,13 +75,11 @@ class _Layout:
     """Where gate_up [2F, D] and down [D, F] sit in a slot (byte offsets) and how to read them."""
 
     dtype: torch.dtype
-    gate_up_shape: tuple[int, int]
-    down_shape: tuple[int, int]
+    gate_up_shape: tuple[int, int]  # [2F, D]; down is [D, F]
     gate_up_offset: int | None  # None: gate and up are apart in the slot (no zero-copy fused view)
     gate_offset: int
     up_offset: int
     down_offset: int
-    names: tuple[str, ...]
 
 
 def _store_layout(client: ExpertClient, gate_up: Tensor, down: Tensor) -> _Layout:
@@ -114,10 +112,8 @@ def _store_layout(client: ExpertClient, gate_up: Tensor, down: Tensor) -> _Layou
         adjacent = up_offset == gate_offset + ffn * hidden * item
         gate_up_offset = gate_offset if adjacent else None
         down_name = names[2]
-    return _Layout(
-        gate_up.dtype, (two_f, hidden), (hidden, ffn), gate_up_offset, gate_offset, up_offset,
-        tensors[down_name].offset, names,
-    )  # fmt: skip
+    down_offset = tensors[down_name].offset
+    return _Layout(gate_up.dtype, (two_f, hidden), gate_up_offset, gate_offset, up_offset, down_offset)
 
 
 class _Slab:

@@ -88,8 +88,3 @@ def tiny_model(
 def byte_prompt(text: str) -> torch.Tensor:
     """``text``'s UTF-8 bytes as token ids [1, n] (the tiny models' vocabulary is bytes)."""
     return torch.tensor([list(text.encode())], dtype=torch.long)
-
-
-def byte_text(ids: Any) -> str:
-    """Token ids back to text, byte by byte (unprintable ones shown as escapes)."""
-    return bytes(int(i) for i in ids).decode("utf-8", errors="backslashreplace")
