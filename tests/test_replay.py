@@ -11,6 +11,7 @@ import pytest
 
 from expertd import traces
 from expertd.daemon.cli import main
+from expertd.daemon.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry
 from expertd.policies.registry import available, make_policy
 from expertd.traces.format import read_trace
@@ -91,6 +92,26 @@ def test_stall_is_exactly_the_load_time_of_each_miss():
     assert row.stall_s_per_token == pytest.approx(2.0)
     assert row.time_s_per_token == pytest.approx(3.0)
     assert row.bytes_per_link == {"load": 0, "h2d": 4 * 10**9}
+
+
+def test_timed_replay_credits_a_right_hint_and_charges_a_wrong_one():
+    # As in the test above, every demand access misses (2 slots, 1 s copies, 0.5 s layers).
+    # A client hints layer 1 while layer 0 loads: a right hint's copy starts as soon as
+    # the demand copy is done, so layer 1 waits 0.5 s instead of 1 s; a wrong one holds
+    # the link for the full second ahead of the next demand copy.
+    trace = tiny_trace([(0, [0]), (1, [1]), (0, [2]), (1, [3])])
+    timing = TimingModel(expert_bytes=10**9, h2d_gbps=1.0, nvme_gbps=1.0, layer_s=0.5)
+    prefetch = PrefetchConfig("hints")
+    right = {0: [(1, [1])], 2: [(1, [3])]}
+    wrong = {0: [(1, [2])], 2: [(1, [0])]}
+    plain = replay_timed(trace, "lru", 2, timing, prefetch=prefetch)
+    helped = replay_timed(trace, "lru", 2, timing, prefetch=prefetch, hints=lambda row: right.get(row, []))
+    hurt = replay_timed(trace, "lru", 2, timing, prefetch=prefetch, hints=lambda row: wrong.get(row, []))
+    assert plain.stall_s_per_token == pytest.approx(2.0)
+    assert helped.stall_s_per_token == pytest.approx(1.5)
+    assert helped.prefetch["prefetches_used"] == 2 and helped.prefetch["prefetches_wasted"] == 0
+    assert hurt.stall_s_per_token > plain.stall_s_per_token
+    assert hurt.prefetch["prefetches_used"] == 0 and hurt.prefetch["prefetches_wasted"] >= 1
 
 
 def test_cold_host_loads_from_the_store_first():

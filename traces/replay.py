@@ -15,7 +15,7 @@ import dataclasses
 import heapq
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -134,11 +134,16 @@ def replay_timed(
     prefetch: PrefetchConfig | None = None,
     bound_loads: int | None = None,
     predictor_state: Mapping[str, Any] | None = None,
+    hints: Callable[[int], Iterable[tuple[int, Sequence[int]]]] | None = None,
 ) -> ReplayRow:
     """Timed mode: the cache manager, a virtual clock and the links of ``timing``.
 
     ``prefetch``: the manager's predictor and prefetch settings (None: demand loads only);
-    ``predictor_state``: statistics its predictor starts from (a warm start).
+    ``predictor_state``: statistics its predictor starts from (a warm start);
+    ``hints``: client gate hints, ``hints(row)`` -> the ``(layer, experts)`` the client
+    hints right after row ``row``'s acquire (as a client does once it has the layer's
+    hidden state). Recorded traces carry no hidden states, so only a simulation can supply
+    them (bench/hint_sensitivity.py).
     """
     prefetch = prefetch or PrefetchConfig()
     geometry = geometry_of(trace)
@@ -197,6 +202,9 @@ def replay_timed(
         if row and request != requests[row - 1]:
             manager.end_request("replay", requests[row - 1])
         run(manager.acquire("replay", row, layer, row_experts, tier, now, lease, request), now)
+        if hints is not None:
+            for hint_layer, hint_experts in hints(row):
+                run(manager.hint("replay", hint_layer, hint_experts, now, request=request), now)
         ready = now
         while not replies:
             if not events:
