@@ -200,6 +200,8 @@ class ExpertClient:
         if (lease.released and not queued) or lease.stale:
             lease.released = True
             return  # already sent, or the daemon that held it is gone
+        if not lease.released:
+            lease.finish_gpu_work()
         lease.released = True
         self._call(Release([lease.lease_id]))
 

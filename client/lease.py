@@ -77,7 +77,19 @@ class Lease:
         """Release lazily: the next acquire carries it (idempotent)."""
         if not self.released:
             self.released = True
+            self.finish_gpu_work()
             self._client._queue_release(self)
+
+    def finish_gpu_work(self) -> None:
+        """On a CUDA tier, wait until this process's queued GPU work is done.
+
+        Kernels run asynchronously: one still queued on a view of a leased slot would read
+        whatever the daemon copies into that slot once the lease is released. So a release
+        waits for the device first (all streams: the views may be read on any). Shared
+        memory views are read by the CPU, synchronously, and need nothing.
+        """
+        if self._slab.kind == "cuda":
+            torch.cuda.synchronize(self._slab.flat.device)
 
     def __enter__(self) -> Lease:
         return self

@@ -76,3 +76,29 @@ def test_moe_block_through_a_cuda_device_tier_equals_the_stores_weights(store, s
         assert stats["links"]["h2d"]["started"] > 0 and stats["links"]["h2d"]["failed"] == 0
     finally:
         daemon.terminate()
+
+
+def test_a_released_cuda_lease_waits_for_the_gpu_work_still_reading_it(store, short_dir):
+    """A kernel queued on a leased slot reads that expert, even if the slot is refilled after release.
+
+    One device slot: once expert 0's lease is released, the daemon copies expert 1 into the
+    very slot a queued copy of expert 0 is still waiting to read (behind a 0.2 s GPU sleep).
+    """
+    daemon = DaemonProcess(
+        store, short_dir, "--host-size", "96 slots", "--device", "cuda", "--device-size", "1 slots"
+    )  # fmt: skip
+    try:
+        reader = StoreReader(store)
+        want = MemoryExperts.from_store(reader, [0]).weights[0]  # expert -> name -> tensor
+        with ExpertClient(daemon.address) as client:
+            name = client.tensor_names[0]
+            with client.acquire(0, [0]) as lease:
+                torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time queued ahead of the read
+                snapshot = lease[0][name].clone()  # queued: runs after the sleep
+            with client.acquire(0, [1]) as lease:  # refills the one slot
+                assert lease.slots == (0,)
+                assert torch.equal(lease[1][name].cpu(), want[1][name])
+            torch.cuda.synchronize()
+            assert torch.equal(snapshot.cpu(), want[0][name]), "the queued read saw the slot refilled"
+    finally:
+        daemon.terminate()
