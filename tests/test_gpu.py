@@ -5,6 +5,7 @@ Marked ``gpu``: skipped without CUDA (tests/conftest.py); `make gpu-check` runs 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,18 @@ def test_a_released_cuda_lease_waits_for_the_gpu_work_still_reading_it(store, sh
             assert torch.equal(snapshot.cpu(), want[0][name]), "the queued read saw the slot refilled"
     finally:
         daemon.terminate()
+
+
+def test_live_replay_on_a_cuda_device_tier(tmp_path, capsys):
+    """`replay --live --live-device cuda`: real host->device copies, the FFNs on the GPU."""
+    from expertd.daemon.cli import main
+
+    out = tmp_path / "live.json"
+    args = ["granite", "--live", "--live-device", "cuda", "--live-scale", "4", "--max-tokens", "16"]
+    code = main(["replay", *args, "--capacity", "0.1", "--policy", "lru,default", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    assert [r["device"] for r in rows] == ["cuda", "cuda"]
+    for row in rows:
+        assert row["tokens"] == 16 and row["accesses"] == 16 * 24 * 8 and row["bytes_moved"] > 0
+    print(capsys.readouterr().out)  # the measured table, for the device log

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from expertd import traces
 from expertd.daemon.cli import main
@@ -183,11 +184,20 @@ def test_bad_trace_file_is_one_line_exit_2(tmp_path, capsys):
 def test_live_replay_measures_a_real_daemon(tmp_path, capsys):
     out = tmp_path / "live.json"
     args = ["granite", "--live", "--live-scale", "16", "--max-tokens", "8", "--capacity", "0.25"]
-    code = main(["replay", *args, "--policy", "lru", "--json", str(out)])
+    code = main(["replay", *args, "--policy", "lru,fifo", "--json", str(out)])
     assert code == 0, capsys.readouterr().err
-    (row,) = json.loads(out.read_text())
-    assert row["tokens"] == 8 and row["accesses"] == 8 * 24 * 8 and row["tokens_per_s"] > 0
-    assert 0.0 <= row["hit_rate"] <= 1.0
+    rows = json.loads(out.read_text())
+    assert [(r["policy"], r["device"]) for r in rows] == [("lru", "cpu"), ("fifo", "cpu")]
+    for row in rows:
+        assert row["tokens"] == 8 and row["accesses"] == 8 * 24 * 8 and row["tokens_per_s"] > 0
+        assert 0.0 <= row["hit_rate"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where CUDA is absent")
+def test_live_replay_on_cuda_without_cuda_says_so(capsys):
+    args = ["granite", "--live", "--live-device", "cuda", "--max-tokens", "2", "--capacity", "0.25"]
+    assert main(["replay", *args]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_timed_replay_of_a_recorded_trace_takes_the_expert_size_it_carries(tmp_path, capsys):

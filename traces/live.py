@@ -99,9 +99,12 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
             for _, w in held:
                 if bank is None:  # the hidden size and dtype come from the first weights
                     gen = torch.Generator().manual_seed(seed)
-                    bank = torch.randn(64, w[gate].shape[1], generator=gen).to(w[gate].dtype)  # [64, D]
+                    bank = torch.randn(64, w[gate].shape[1], generator=gen)  # [64, D]
+                    bank = bank.to(device=w[gate].device, dtype=w[gate].dtype)
                 x = bank[row % 64 : row % 64 + 1]  # [1, D]
                 expert_ffn(x, w[gate], w[up], w[down])  # [1, D]
+    if bank is not None and bank.is_cuda:
+        torch.cuda.synchronize(bank.device)  # the last layer's kernels are part of the time
     seconds = time.perf_counter() - started
     tokens = int(forward_ids(trace)[-1]) + 1 if len(trace) else 0
     return LiveResult(tokens, len(layers), seconds, waited)
@@ -228,13 +231,19 @@ def live_sweep(
     scale: float = 4.0,
     config: str = "",
     progress: bool = True,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Each policy at each device capacity (slots) through a real daemon: measured, not modelled.
 
     The store is synthetic with the trace model's expert shapes divided by ``scale``; the host
-    tier holds every expert, the device tier is the CPU stand-in. ``config``: extra TOML for
-    the daemon (a ``[prefetch]`` section, say).
+    tier holds every expert; the device tier is ``device``: ``cpu`` (the stand-in: a second
+    shared-memory slab) or ``cuda`` (the GPU, real host->device copies, the experts' FFNs
+    computed there). ``config``: extra TOML for the daemon (a ``[prefetch]`` section, say).
     """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"live device must be cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--live-device cuda: this machine has no CUDA device")
     import tempfile
 
     from expertd.daemon.pack import pack_synthetic
@@ -250,7 +259,7 @@ def live_sweep(
         for slots in capacities:
             for policy in policies:
                 flags = [
-                    "--config", str(config_path), "--host-size", f"{num_keys} slots", "--device", "cpu",
+                    "--config", str(config_path), "--host-size", f"{num_keys} slots", "--device", device,
                     "--device-size", f"{slots} slots", "--log-level", "warning",
                 ]  # fmt: skip
                 if policy != DEFAULT_NAME:  # `default` is what serve runs without a policy flag
@@ -259,16 +268,17 @@ def live_sweep(
                 with daemon, daemon.connect(name="expertd-replay-live") as client:
                     result = drive(trace, ClientSource(client), progress=progress)
                     stats = client.stats()
-                device = stats["tiers"]["device"]
+                tier = stats["tiers"]["device"]
                 rows.append(
                     {
                         "policy": policy,
+                        "device": device,
                         "capacity": slots / num_keys,
                         "slots": slots,
                         "expert_bytes": manifest.raw_bytes,
-                        "accesses": device["accesses"],
-                        "hits": device["hits"],
-                        "hit_rate": device["hit_rate"],
+                        "accesses": tier["accesses"],
+                        "hits": tier["hits"],
+                        "hit_rate": tier["hit_rate"],
                         "tokens": result.tokens,
                         "tokens_per_s": result.tokens_per_s,
                         "seconds": result.seconds,

@@ -62,6 +62,10 @@ def register(subparsers) -> None:
         help="measure instead: a real daemon and client on synthetic weights of the trace's model shapes",
     )
     live.add_argument("--live-scale", type=float, default=4.0, help="divide the expert dims by this")
+    live.add_argument(
+        "--live-device", default="cpu", choices=("cpu", "cuda"),
+        help="the daemon's device tier: cpu (a stand-in slab) or cuda (the GPU); default: %(default)s",
+    )  # fmt: skip
     timed.add_argument(
         "--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="hardware profile"
     )
@@ -347,11 +351,16 @@ def run_live(args: argparse.Namespace, trace) -> int:
             raise PolicyError(f"`--policy {DEFAULT_NAME}` brings its own prefetch settings; drop --predictor")
         if unknown:
             raise PolicyError(f"unknown policy {unknown[0]!r} (known: {', '.join(available())})")
-        rows = live_sweep(trace, policies, capacities, scale=args.live_scale, config=config)
+        rows = live_sweep(
+            trace, policies, capacities, scale=args.live_scale, config=config, device=args.live_device
+        )
     except (ReplayError, PolicyError, ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     print(describe_trace(trace))
-    print(f"live: a real daemon each; synthetic experts of the model's shapes / {args.live_scale:g}")
+    print(
+        f"live: a real daemon each, device tier on {args.live_device}; "
+        f"synthetic experts of the model's shapes / {args.live_scale:g}"
+    )
     header = f"{'capacity':>8} {'slots':>6}  {'policy':<16} {'hit rate':>8} {'stall ms/tok':>12} {'tok/s':>8}"
     print(header + f" {'GB moved':>9}")
     print("-" * (len(header) + 10))
