@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertd.client.client import ExpertClient
+from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
 
 if TYPE_CHECKING:
     from expertd.daemon.reader import StoreReader
@@ -88,20 +89,41 @@ def moe_experts(
     x [T, D]; weights [T, k] float32; experts [T, k]; ``expert_weights(e)`` gives expert e's
     tensors. Returns [T, D] in x's dtype. This is the one computation both paths share.
     """
-    gate_name, up_name, down_name = names
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
-    for expert in torch.unique(experts).tolist():  # sorted: a fixed summation order
+    add_experts(out, x, weights, experts, torch.unique(experts).tolist(), expert_weights, names)
+    return out.to(x.dtype)
+
+
+def add_experts(
+    out: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    which: list[int],
+    expert_weights: Callable[[int], ExpertWeights],
+    names: tuple[str, str, str],
+) -> None:
+    """Add the experts ``which`` (ascending ids) of `moe_experts` into ``out`` [T, D] float32.
+
+    Called on consecutive ascending runs of the routed experts, it sums in the same order
+    as one call over all of them: the result is the same, bit for bit.
+    """
+    gate_name, up_name, down_name = names
+    for expert in which:
         token, rank = torch.where(experts == expert)  # [t], [t]
         w = expert_weights(expert)
         h = expert_ffn(x[token], w[gate_name], w[up_name], w[down_name])  # [t, D]
         out.index_add_(0, token, h.float() * weights[token, rank, None])  # [T, D]
-    return out.to(x.dtype)
 
 
 class ExpertSource(Protocol):
-    """Where a block gets expert weights: a lease of ``experts`` of ``layer``, and hints."""
+    """Where a block gets expert weights: a lease of ``experts`` of ``layer``, and hints.
+
+    ``max_per_acquire``: the most experts one `experts` call may ask for (None: no limit).
+    """
 
     tensor_names: tuple[str, ...]
+    max_per_acquire: int | None
 
     def experts(self, layer: int, experts: list[int]) -> contextlib.AbstractContextManager[Any]:
         """A context giving ``[expert id] -> ExpertWeights`` while the weights are pinned."""
@@ -116,6 +138,8 @@ class ClientExperts:
     def __init__(self, client: ExpertClient, tier: str | None = None) -> None:
         self.client = client
         self.tier = tier
+        slots = int(client.info["tiers"][tier or client.default_tier]["slots"])
+        self.max_per_acquire = min(slots, MAX_EXPERTS_PER_MESSAGE)
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -130,6 +154,8 @@ class ClientExperts:
 
 class MemoryExperts:
     """Expert weights held in memory: ``weights[layer][expert][name]`` (the reference)."""
+
+    max_per_acquire: int | None = None  # everything is in memory already
 
     def __init__(self, weights: Mapping[int, Mapping[int, ExpertWeights]]) -> None:
         self.weights = weights
@@ -185,10 +211,21 @@ class MoEBlock(nn.Module):
         weights, experts = route(self.gate(flat), cfg.top_k, cfg.norm_topk_prob)  # [T, k], [T, k]
         if self.next_router is not None:
             self.hint_next_layer(flat)
-        needed = torch.unique(experts).tolist()
-        with self.source.experts(self.layer, needed) as lease:
-            out = moe_experts(flat, weights, experts, lease.__getitem__, self.names)  # [T, D]
-        return out.reshape(x.shape)
+        needed = torch.unique(experts).tolist()  # ascending
+        limit = self.source.max_per_acquire
+        if limit is None or len(needed) <= limit:  # one lease
+            with self.source.experts(self.layer, needed) as lease:
+                out = moe_experts(flat, weights, experts, lease.__getitem__, self.names)  # [T, D]
+            return out.reshape(x.shape)
+        # More experts than one acquire may hold (a prefill on a small tier): lease them in
+        # chunks of half that, as `expertd.client.hf` does, instead of being refused.
+        step = max(1, limit // 2)
+        acc = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)  # [T, D]
+        for start in range(0, len(needed), step):  # ascending runs: the same sum, bit for bit
+            chunk = needed[start : start + step]
+            with self.source.experts(self.layer, chunk) as lease:
+                add_experts(acc, flat, weights, experts, chunk, lease.__getitem__, self.names)
+        return acc.to(x.dtype).reshape(x.shape)
 
     def hint_next_layer(self, x: Tensor) -> None:
         """Hint layer+1's experts as its router ranks them for ``x`` [T, D] (summed top-k prob)."""

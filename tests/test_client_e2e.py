@@ -97,6 +97,22 @@ def test_block_through_the_daemon_equals_in_memory_bit_for_bit(daemon: str, refe
     assert device["evictions"] > 0 and device["slots"] == DEVICE_SLOTS
 
 
+def test_a_prefill_routed_to_more_experts_than_the_tier_holds_is_leased_in_chunks(
+    daemon: str, reference: MemoryExperts
+) -> None:
+    """All tokens through each block at once: their top-8 of 64 cover more experts than 16 slots."""
+    x = torch.randn(32, CONFIG.hidden_size, generator=torch.Generator().manual_seed(5)).bfloat16()  # [T, D]
+    with torch.inference_mode():
+        want = [block(x) for block in make_blocks(reference)]
+        with ExpertClient(daemon) as client:
+            before = client.stats()["acquires"]["count"]
+            got = [block(x) for block in make_blocks(ClientExperts(client))]
+            acquires = client.stats()["acquires"]["count"] - before
+    for layer, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(g.view(torch.int16), w.view(torch.int16)), f"layer {layer} differs"
+    assert acquires > NUM_LAYERS  # chunked: more than one acquire per layer
+
+
 def test_three_clients_at_once_each_get_their_exact_output(daemon: str, reference: MemoryExperts) -> None:
     wants = {seed: decode(make_blocks(reference, seed), inputs(seed)) for seed in (1, 2, 3)}
     blocks_of, gots, errors = {}, {}, []
