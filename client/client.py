@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 import zmq
 
 from expertd.client.lease import Lease, PendingAcquire
@@ -250,6 +251,9 @@ class ExpertClient:
         if self.closed:
             return
         self.closed = True
+        for slab in self._slabs.values():  # the bye frees every lease: queued GPU reads go first
+            if slab.kind == "cuda":
+                torch.cuda.synchronize(slab.flat.device)
         self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)

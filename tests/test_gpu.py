@@ -105,6 +105,27 @@ def test_a_released_cuda_lease_waits_for_the_gpu_work_still_reading_it(store, sh
         daemon.terminate()
 
 
+def test_closing_a_client_waits_for_the_gpu_work_still_reading_its_leases(store, short_dir):
+    """The bye releases every lease at once; queued reads of their slots still see their experts."""
+    daemon = DaemonProcess(
+        store, short_dir, "--host-size", "96 slots", "--device", "cuda", "--device-size", "1 slots"
+    )  # fmt: skip
+    try:
+        want = MemoryExperts.from_store(StoreReader(store), [0]).weights[0]
+        client = ExpertClient(daemon.address)
+        name = client.tensor_names[0]
+        lease = client.acquire(0, [0])
+        torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time queued ahead of the read
+        snapshot = lease[0][name].clone()
+        client.close()  # never released: the daemon frees the slot on the bye
+        with ExpertClient(daemon.address) as other, other.acquire(0, [1]) as refill:
+            assert refill.slots == (0,)
+        torch.cuda.synchronize()
+        assert torch.equal(snapshot.cpu(), want[0][name]), "the queued read saw the slot refilled"
+    finally:
+        daemon.terminate()
+
+
 def test_live_replay_on_a_cuda_device_tier(tmp_path, capsys):
     """`replay --live --live-device cuda`: real host->device copies, the FFNs on the GPU."""
     from expertd.daemon.cli import main
