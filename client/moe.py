@@ -212,7 +212,7 @@ class MoEBlock(nn.Module):
         if self.next_router is not None:
             self.hint_next_layer(flat)
         needed = torch.unique(experts).tolist()  # ascending
-        limit = self.source.max_per_acquire
+        limit = getattr(self.source, "max_per_acquire", None)  # sources written before it: no limit
         if limit is None or len(needed) <= limit:  # one lease
             with self.source.experts(self.layer, needed) as lease:
                 out = moe_experts(flat, weights, experts, lease.__getitem__, self.names)  # [T, D]
