@@ -138,8 +138,9 @@ class ClientExperts:
     def __init__(self, client: ExpertClient, tier: str | None = None) -> None:
         self.client = client
         self.tier = tier
-        slots = int(client.info["tiers"][tier or client.default_tier]["slots"])
-        self.max_per_acquire = min(slots, MAX_EXPERTS_PER_MESSAGE)
+        self.max_per_acquire: int | None
+        info = client.info.get("tiers", {}).get(tier or client.default_tier)  # unknown: acquire says so
+        self.max_per_acquire = None if info is None else min(int(info["slots"]), MAX_EXPERTS_PER_MESSAGE)
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
