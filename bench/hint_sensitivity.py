@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefetch_table import load, select_part  # noqa: E402
+from prefetch_table import TUNE, load, select_part  # noqa: E402
 
 Hint = tuple[int, list[int]]  # (layer, experts)
 
@@ -123,6 +123,8 @@ def main() -> int:
     started = time.perf_counter()
     jobs = []
     for name in args.traces.split(","):
+        if TUNE.get(name) == "":
+            parser.error(f"{name} is all tuning data (docs/prefetch.md, 'The split'): no held-out part")
         base = {"trace": name, "capacity": args.capacity, "profile": args.profile}
         jobs.append({**base, "ahead": None, "accuracy": None, "share": prefetch_config().share})
         for ahead in args.ahead.split(","):
