@@ -17,7 +17,6 @@ not O(library x L x E). The library is the warm-start state (`state`).
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from expertd.policies.base import PolicyError
 from expertd.policies.predictor import (
     ProbabilityPredictor,
+    RecentRequests,
     Request,
     RowParams,
     check_state,
@@ -81,16 +81,13 @@ class ActivationMatrix(ProbabilityPredictor):
         self.size = 0  # library entries filled
         self._next = 0  # the entry the next finished request replaces
         self._sum = np.zeros(shape)  # [L, E] sum of the library's choice rates, for the fallback
-        self._running: OrderedDict[Request, _Running] = OrderedDict()
+        self._running: RecentRequests[_Running] = RecentRequests(self.MAX_REQUESTS)
+
+    def _new_running(self) -> _Running:
+        return _Running(self._shape, self.params.library)
 
     def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        run = self._running.get(request)
-        if run is None:
-            run = self._running[request] = _Running(self._shape, self.params.library)
-            while len(self._running) > self.MAX_REQUESTS:
-                self._running.popitem(last=False)
-        else:
-            self._running.move_to_end(request)
+        run = self._running.touch(request, self._new_running)
         if layer <= run.last:
             run.tokens += 1
         run.last = layer

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 from expertd.policies.predict_cross_layer import CrossLayer
 from expertd.policies.predictor import (
     ProbabilityPredictor,
+    RecentRequests,
     Request,
     RowParams,
     check_state,
@@ -110,23 +110,19 @@ class Combined(ProbabilityPredictor):
         # layer's last computation), and P(chosen | not chosen then).
         self._reuse = [0.5] * layers
         self._fresh = [1.0 / geometry.num_experts] * layers
-        self._requests: OrderedDict[Request, _Request] = OrderedDict()
+        self._requests: RecentRequests[_Request] = RecentRequests(self.MAX_REQUESTS)
         self._shape = (layers, geometry.num_experts)
 
     # --- learning -------------------------------------------------------------------------
 
+    def _new_request(self) -> _Request:
+        """A request's state before its first choice: the tenant's marginal as its prior."""
+        log_prior = np.log(self.params.prior * self.cross.marginal)  # [L, E]
+        p = self.params
+        return _Request(self._shape, p.w_frequency * log_prior, p.near_frequency * log_prior)
+
     def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        state = self._requests.get(request)
-        if state is None:
-            log_prior = np.log(self.params.prior * self.cross.marginal)  # [L, E]
-            state = _Request(
-                self._shape, self.params.w_frequency * log_prior, self.params.near_frequency * log_prior
-            )
-            self._requests[request] = state
-            while len(self._requests) > self.MAX_REQUESTS:
-                self._requests.popitem(last=False)
-        else:
-            self._requests.move_to_end(request)
+        state = self._requests.touch(request, self._new_request)
         chosen = list(experts)
         before = state.chosen[layer]
         if before:  # learn the tenant's reuse rates from this computation against the last

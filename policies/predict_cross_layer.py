@@ -16,7 +16,6 @@ token's layers, get the marginal.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from expertd.policies.predictor import (
     ProbabilityPredictor,
+    RecentRequests,
     Request,
     RowParams,
     check_state,
@@ -92,16 +92,10 @@ class CrossLayer(ProbabilityPredictor):
         self.marginal = np.full((layers, experts), 1.0 / experts)
         self.widest = 1  # top-k, as observed
         self._none = np.zeros((0, experts))
-        self._tokens: OrderedDict[Request, Token] = OrderedDict()
+        self._tokens: RecentRequests[Token] = RecentRequests(self.MAX_REQUESTS)
 
     def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        token = self._tokens.get(request)
-        if token is None:
-            token = self._tokens[request] = Token()
-            while len(self._tokens) > self.MAX_REQUESTS:
-                self._tokens.popitem(last=False)
-        else:
-            self._tokens.move_to_end(request)
+        token = self._tokens.touch(request, Token)
         token.add(layer, experts)
         chosen = list(experts)
         self.widest = max(self.widest, len(chosen))

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,29 @@ from expertd.policies.base import Geometry, NoParams, PolicyError, parse_params
 from expertd.policies.registry import Registry, parse_spec
 
 Request = Hashable
+S = TypeVar("S")
+
+
+class RecentRequests(OrderedDict[Request, S], Generic[S]):
+    """Per-request state of at most ``limit`` requests, the least recently used dropped first.
+
+    Predictors keep state per request and never hear of most requests' end, so it is bounded.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def touch(self, request: Request, make: Callable[[], S]) -> S:
+        """``request``'s state (made by ``make`` if it has none), now the most recent."""
+        state = self.get(request)
+        if state is None:
+            state = self[request] = make()
+            while len(self) > self.limit:
+                self.popitem(last=False)
+        else:
+            self.move_to_end(request)
+        return state
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,7 +161,7 @@ class ProbabilityPredictor(Predictor):
     def __init__(self, geometry: Geometry, params: Mapping[str, Any] | Any | None = None) -> None:
         super().__init__(geometry, params)
         # request -> layer -> hinted experts, for the layer's next computation.
-        self._hints: OrderedDict[Request, dict[int, list[int]]] = OrderedDict()
+        self._hints: RecentRequests[dict[int, list[int]]] = RecentRequests(self.MAX_HINTED_REQUESTS)
         num_layers = geometry.num_layers
         # _order[l]: the layers computed 1, 2, ..., L steps after layer l.
         self._order = [
@@ -178,11 +201,7 @@ class ProbabilityPredictor(Predictor):
         valid = [e for e in experts if 0 <= e < num_experts]
         if not 0 <= layer < self.geometry.num_layers or not valid:
             return
-        hints = self._hints.setdefault(request, {})
-        self._hints.move_to_end(request)
-        hints[layer] = valid
-        while len(self._hints) > self.MAX_HINTED_REQUESTS:
-            self._hints.popitem(last=False)
+        self._hints.touch(request, dict)[layer] = valid
 
     def hinted(self, request: Request, layer: int, probs: np.ndarray) -> np.ndarray:
         """``probs`` [n, E] (the next n computations after ``layer``) with hints applied, in place."""

@@ -266,3 +266,27 @@ def test_combined_beats_each_part_alone_on_granite():
             if j < len(layers) and requests[j] == request and layers[j] == (layer + a) % geometry.num_layers:
                 pending.setdefault(j, []).append((a, {name: parts[name][a - 1] for name in scores}))
     assert scores["pool"] > max(scores["frequency"], scores["recency"], scores["cross"]), scores
+
+
+def test_per_request_state_is_bounded_and_drops_the_least_recently_used():
+    from expertd.policies.predictor import RecentRequests
+
+    made = []
+    recent: RecentRequests[int] = RecentRequests(2)
+    for request in ("a", "b", "a", "c"):  # "b" is then the least recently used
+        recent.touch(request, lambda r=request: made.append(r) or len(made))
+    assert list(recent) == ["a", "c"] and made == ["a", "b", "c"]
+    assert recent.touch("a", lambda: -1) == 1  # kept state is returned, not made again
+
+
+@pytest.mark.parametrize("name", ["cross-layer", "combined", "activation-matrix"])
+def test_a_predictor_keeps_state_for_a_bounded_number_of_requests(name, monkeypatch):
+    from expertd.policies.predictor import RecentRequests
+
+    monkeypatch.setattr(type(make_predictor(name, Geometry(2, 4))), "MAX_REQUESTS", 3)
+    predictor = make_predictor(name, Geometry(2, 4))
+    for request in range(10):
+        predictor.observe(request, 0, [request % 4])
+    kept = [v for k, v in vars(predictor).items() if isinstance(v, RecentRequests) and k != "_hints"]
+    assert [len(v) for v in kept] == [3]  # the 3 most recent of 10
+    assert list(kept[0]) == [7, 8, 9]
