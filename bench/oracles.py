@@ -46,12 +46,13 @@ def static_oracle(trace, slots: int, window: int | None = None) -> float:
     hits = 0
     for request in np.unique(requests):
         mine = requests == request
-        chunk = np.zeros(int(mine.sum()), dtype=np.int64)
+        its_keys = keys[mine]
+        chunk = np.zeros(len(its_keys), dtype=np.int64)
         if window is not None:
             token = forward[mine]
             chunk = (token - token.min()) // window
         for part in np.unique(chunk):
-            counts = np.bincount(keys[mine][chunk == part], minlength=geometry.num_keys)
+            counts = np.bincount(its_keys[chunk == part], minlength=geometry.num_keys)
             hits += int(np.sort(counts)[::-1][:slots].sum())
     return hits / len(keys)
 
