@@ -18,10 +18,10 @@ Two things make "as long as a miss" hold for the attacker's stopwatch, not only 
   has no tail, so the slowest real misses, landing a grid point later, told unused experts
   apart (`bench/side_channel.py`, docs/security.md);
 - `HeldReplies`: the loop takes no new work in the last `HOLD_GUARD_S` before a held reply
-  is due and sleeps to the due time, so when the reply leaves does not depend on what the
-  loop was doing (a real miss's own transfer completions arrive just before its release)
-  nor on when it was held (a millisecond-granular receive timeout overslept by an amount
-  that depended on exactly that).
+  is due and sleeps, then spins, to the due time, so when the reply leaves does not depend
+  on what the loop was doing (a real miss's own transfer completions arrive just before
+  its release) nor on when it was held (a millisecond-granular receive timeout overslept
+  by an amount that depended on exactly that).
 
 (The converse cannot be hidden: a shadow hit that is a real miss is slower than
 private, revealing that others evicted that expert. `partitioned` closes that too, at
@@ -53,6 +53,7 @@ INITIAL_MISS_S = 1e-3  # per missing expert, before anything was measured
 MAX_MISSES = 16  # acquires with more misses are timed by the per-miss average
 OWN_ANSWERS_MIN = 16  # a private tenant's own real answers needed before its waits are drawn from them
 HOLD_GUARD_S = 0.5e-3  # the loop takes no new work this long before a held reply is due
+HOLD_SPIN_S = 0.2e-3  # ... and spins (holding the GIL) the last this long of it, rather than sleep
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from expertd.daemon.config import ServeConfig, TenantPolicy
 from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
 from expertd.daemon.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
 from expertd.daemon.faults import read_errors_from_env
-from expertd.daemon.isolation import HeldReplies, PrivateTiming
+from expertd.daemon.isolation import HOLD_SPIN_S, HeldReplies, PrivateTiming
 from expertd.daemon.listener import StartupError, listen, share_slabs
 from expertd.daemon.manager import ManagerConfig
 from expertd.daemon.partitions import PartitionError, Partitions
@@ -603,10 +603,17 @@ class Server:
         self._send(reply.client, payload)
 
     def _send_held(self) -> None:
-        """Sleep until the next held-back reply is due; send every reply due by then."""
+        """Wait until the next held-back reply is due; send every reply due by then.
+
+        Sleeps, then spins the last `HOLD_SPIN_S`: how late a sleep wakes varies (with how long
+        the core idled, with the load), and the release must not carry it.
+        """
         due = self._held.next_due()
         if due is not None:
-            time.sleep(max(0.0, due - self.clock()))
+            if due - self.clock() > HOLD_SPIN_S:
+                time.sleep(due - self.clock() - HOLD_SPIN_S)
+            while self.clock() < due:
+                pass
         for identity, payload in self._held.due(self.clock()):
             self._send(identity, payload)
 
