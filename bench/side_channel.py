@@ -143,11 +143,26 @@ def run_mode(
         "victim_tokens_per_s": tokens / victim_s,
         "attacker_private_device_slots": eve_slots,
         "replies_held_back": stats["isolation"]["private_replies_held"],
+        "grid_points": stats["isolation"]["grid_points"],
+        "late_us": stats["isolation"]["late_us"],
         "median_probe_ms": {
             "used": sorted(used_times)[len(used_times) // 2] * 1e3,
             "unused": sorted(unused_times)[len(unused_times) // 2] * 1e3,
         },
     }
+
+
+def print_private_mechanisms(results: list[dict]) -> None:
+    """What the private daemon saw: held-back hits (their waits drawn from real misses) and real
+    misses must land past the grid's first point as often, and leave as late after it."""
+    for kind, name in (("drawn", "held-back hits"), ("real", "real misses")):
+        replies = sum(r["grid_points"][kind]["replies"] for r in results)
+        past = sum(r["grid_points"][kind]["past_first"] for r in results)
+        late = sorted(r["late_us"][kind]["p50"] for r in results)
+        print(
+            f"private, {name:<14}: {replies:5d} held, {past / max(replies, 1):6.2%} past the grid's first "
+            f"point; released {late[len(late) // 2]:.0f} us after due (median of runs' medians)"
+        )
 
 
 def main() -> int:
@@ -204,6 +219,8 @@ def main() -> int:
             f"{sum(area) / len(area):>7.3f} ({min(area):.3f}-{max(area):.3f}) "
             f"{speed:>12.1f} {results[0]['attacker_private_device_slots']:>14}"
         )
+    if "private" in runs:
+        print_private_mechanisms(runs["private"])
     load = {"before": load_before, "after": load_after, "busy_processes_added": args.cpu_load}
     print(json.dumps({"bench": "side_channel", "summary": summary, "load_average": load, "runs": runs}))
     return 0

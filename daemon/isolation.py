@@ -37,7 +37,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from expertd.daemon.events import DEVICE, H2D, LOAD
 from expertd.policies.base import EvictionPolicy, Geometry
@@ -54,6 +54,13 @@ MAX_MISSES = 16  # acquires with more misses are timed by the per-miss average
 OWN_ANSWERS_MIN = 16  # a private tenant's own real answers needed before its waits are drawn from them
 HOLD_GUARD_S = 0.5e-3  # the loop takes no new work this long before a held reply is due
 HOLD_SPIN_S = 0.2e-3  # ... and spins (holding the GIL) the last this long of it, rather than sleep
+
+
+class Release(NamedTuple):
+    """When a private acquire's reply may go, and whether its wait was drawn or its own."""
+
+    at: float
+    kind: str  # "drawn": the real cache hit what the tenant's would have missed; "real": it missed too
 
 
 @dataclasses.dataclass
@@ -92,6 +99,8 @@ class PrivateTiming:
         self._fresh = {LOAD: 0, H2D: 0}  # answers since
         self.held_back = 0  # replies delayed
         self.held_back_s = 0.0
+        # kind -> [replies timed to the grid, those past its first point]: the two kinds must match
+        self.grid_points = {"drawn": [0, 0], "real": [0, 0]}
 
     def before_acquire(
         self,
@@ -115,7 +124,7 @@ class PrivateTiming:
         self._private.add(tenant)
         self._pending[key] = _Pending(now, misses, H2D if tier == DEVICE else LOAD, tenant)
 
-    def release_at(self, key: Hashable, now: float, real_misses: int) -> float | None:
+    def release_at(self, key: Hashable, now: float, real_misses: int) -> Release | None:
         """When acquire ``key``'s reply (ready ``now``) may go (None: it is not a private acquire).
 
         Not before the tenant's own misses would have been answered: where the real cache had
@@ -133,14 +142,19 @@ class PrivateTiming:
             return None
         misses = pending.shadow_misses
         if not misses and not real_misses:
-            return now  # a hit, and its own history explains it
+            return Release(now, "real")  # a hit, and its own history explains it
         target = now
-        if misses > real_misses:  # the real cache held what the tenant's own would have missed
+        kind = "drawn" if misses > real_misses else "real"
+        if kind == "drawn":  # the real cache held what the tenant's own would have missed
             target = max(now, pending.started + self._drawn_answer_s(pending))
         waited = target - pending.started
         one_miss = self.answer_s.get((pending.link, 1), self.miss_s[pending.link])
         step = max(QUANTUM_FLOOR_S, GRID_STEPS_PER_MISS * one_miss, self._tail[pending.link])
-        return pending.started + math.ceil(waited / step - 1e-9) * step
+        point = math.ceil(waited / step - 1e-9)
+        counts = self.grid_points[kind]
+        counts[0] += 1
+        counts[1] += point > 1
+        return Release(pending.started + point * step, kind)
 
     def _drawn_answer_s(self, pending: _Pending) -> float:
         """How long a real acquire with the pending one's shadow misses took: one drawn at random
@@ -197,14 +211,18 @@ class HeldReplies:
 
     def __init__(self, guard_s: float = HOLD_GUARD_S) -> None:
         self.guard_s = guard_s
-        self._heap: list[tuple[float, int, Any, bytes]] = []
+        self._heap: list[tuple[float, int, Any, bytes, str]] = []
         self._seq = itertools.count()
+        # Release kind -> how late the last replies of that kind left: the two kinds must match
+        self.late_s: dict[str, deque[float]] = {
+            kind: deque(maxlen=TAIL_WINDOW * 4) for kind in ("drawn", "real")
+        }
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def hold(self, due: float, identity: Any, payload: bytes) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), identity, payload))
+    def hold(self, release: Release, identity: Any, payload: bytes) -> None:
+        heapq.heappush(self._heap, (release.at, next(self._seq), identity, payload, release.kind))
 
     def next_due(self) -> float | None:
         return self._heap[0][0] if self._heap else None
@@ -217,10 +235,24 @@ class HeldReplies:
         until_guard = self._heap[0][0] - self.guard_s - now
         return None if until_guard <= 0 else min(longest_s, until_guard)
 
-    def due(self, now: float) -> list[tuple[Any, bytes]]:
-        """The replies due by ``now``, removed, in due order: (identity, payload) each."""
+    def due(self, now: float) -> list[tuple[Any, bytes, Release]]:
+        """The replies due by ``now``, removed, in due order: (identity, payload, release) each."""
         out = []
         while self._heap and self._heap[0][0] <= now:
-            _, _, identity, payload = heapq.heappop(self._heap)
-            out.append((identity, payload))
+            at, _, identity, payload, kind = heapq.heappop(self._heap)
+            out.append((identity, payload, Release(at, kind)))
+        return out
+
+    def sent(self, release: Release, now: float) -> None:
+        """A held reply went out at ``now``."""
+        self.late_s[release.kind].append(now - release.at)
+
+    def late_us(self) -> dict[str, dict[str, float]]:
+        """Median and 90th percentile of how late each kind of held reply left, in microseconds."""
+        out = {}
+        for kind, late in self.late_s.items():
+            ordered = sorted(late) or [0.0]
+            out[kind] = {
+                q: ordered[int(f * (len(ordered) - 1))] * 1e6 for q, f in (("p50", 0.5), ("p90", 0.9))
+            }
         return out

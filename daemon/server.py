@@ -593,12 +593,12 @@ class Server:
         body = {"lease": reply.lease_id, "tier": reply.tier, "slots": list(reply.slots), "hits": reply.hits}
         payload = proto.encode_reply(reply.request_id, body)
         misses = len(reply.slots) - reply.hits
-        release_at = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
-        if release_at is not None and release_at > self.clock():
+        release = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
+        if release is not None and release.at > self.clock():
             # A private tenant: not faster than its own cache would have been (daemon/isolation.py).
             self.timing.held_back += 1
-            self.timing.held_back_s += release_at - self.clock()
-            self._held.hold(release_at, reply.client, payload)
+            self.timing.held_back_s += release.at - self.clock()
+            self._held.hold(release, reply.client, payload)
             return
         self._send(reply.client, payload)
 
@@ -614,8 +614,9 @@ class Server:
                 time.sleep(due - self.clock() - HOLD_SPIN_S)
             while self.clock() < due:
                 pass
-        for identity, payload in self._held.due(self.clock()):
+        for identity, payload, release in self._held.due(self.clock()):
             self._send(identity, payload)
+            self._held.sent(release, self.clock())
 
     def tenant_policy(self, tenant: str) -> TenantPolicy:
         return self.config.tenants.get(tenant, SHARED)
@@ -662,6 +663,12 @@ class Server:
         stats["isolation"] = {
             "private_replies_held": self.timing.held_back,
             "private_held_s": self.timing.held_back_s,
+            # Held-back hits (waits drawn from real misses) and real misses must look alike:
+            # as often past the grid's first point, as late after their due time.
+            "grid_points": {
+                k: {"replies": n, "past_first": late} for k, (n, late) in self.timing.grid_points.items()
+            },
+            "late_us": self._held.late_us(),
             "miss_s": dict(self.timing.miss_s),
         }
         stats["tenants"] = {

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from expertd.daemon.events import DEVICE
-from expertd.daemon.isolation import HeldReplies, PrivateTiming
+from expertd.daemon.isolation import HeldReplies, PrivateTiming, Release
 from expertd.policies.base import Geometry
 
 GEOMETRY = Geometry(num_layers=2, num_experts=64)
@@ -19,9 +19,9 @@ def timing() -> PrivateTiming:
 
 def released(t: PrivateTiming, key: str, expert: int, started: float, ready: float, real_misses: int):
     t.before_acquire(key, "attacker", 0.5, DEVICE, 0, [expert], started)  # a new expert: a shadow miss
-    at = t.release_at(key, ready, real_misses)
-    assert at is not None
-    return at
+    release = t.release_at(key, ready, real_misses)
+    assert release is not None
+    return release.at
 
 
 @pytest.mark.parametrize("tail", [False, True])
@@ -43,7 +43,7 @@ def test_a_tenant_whose_history_explains_a_hit_is_answered_at_once():
     t.before_acquire("a", "attacker", 0.5, DEVICE, 0, [5], 1.0)
     t.release_at("a", 1.002, 1)
     t.before_acquire("b", "attacker", 0.5, DEVICE, 0, [5], 2.0)  # its own shadow holds expert 5 now
-    assert t.release_at("b", 2.0001, 0) == 2.0001
+    assert t.release_at("b", 2.0001, 0) == (2.0001, "real")
 
 
 def test_held_back_hits_land_past_the_first_grid_point_as_often_as_real_misses():
@@ -88,14 +88,15 @@ def test_held_back_hits_draw_from_their_own_tenants_misses_once_it_has_enough():
 def test_the_loop_stops_taking_work_in_the_guard_before_a_held_reply_is_due():
     held = HeldReplies(guard_s=0.5e-3)
     assert held.wait_s(0.0, 0.1) == 0.1  # nothing held: wait a whole tick
-    held.hold(2.7e-3, b"eve", b"late")
-    held.hold(1.3e-3, b"eve", b"early")
+    late, early = Release(2.7e-3, "drawn"), Release(1.3e-3, "real")
+    held.hold(late, b"eve", b"late")
+    held.hold(early, b"eve", b"early")
     # Waits for messages until the guard opens, to the microsecond (a millisecond-granular timeout
     # overslept by as much as the reply had left to wait: when it left told how long it was held).
     assert held.wait_s(0.0, 0.1) == pytest.approx(0.8e-3)
     assert held.wait_s(0.9e-3, 0.1) is None  # inside the guard: receive nothing, sleep to 1.3 ms
     assert held.next_due() == pytest.approx(1.3e-3)
     assert held.due(1.29e-3) == []
-    assert held.due(1.3e-3) == [(b"eve", b"early")]
+    assert held.due(1.3e-3) == [(b"eve", b"early", early)]
     assert held.wait_s(1.3e-3, 0.1) == pytest.approx(0.9e-3)
-    assert held.due(5e-3) == [(b"eve", b"late")] and len(held) == 0
+    assert held.due(5e-3) == [(b"eve", b"late", late)] and len(held) == 0
