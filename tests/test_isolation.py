@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from expertd.daemon.events import DEVICE
-from expertd.daemon.isolation import HeldReplies, PrivateTiming, Release
+from expertd.daemon.core.events import DEVICE
+from expertd.daemon.core.isolation import HeldReplies, PrivateTiming, Release
 from expertd.policies.base import Geometry
 
 GEOMETRY = Geometry(num_layers=2, num_experts=64)

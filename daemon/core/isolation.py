@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from expertd.daemon.events import DEVICE, H2D, LOAD
+from expertd.daemon.core.events import DEVICE, H2D, LOAD
 from expertd.policies.base import EvictionPolicy, Geometry
 from expertd.policies.registry import make_policy
 
