@@ -100,3 +100,22 @@ def test_the_loop_stops_taking_work_in_the_guard_before_a_held_reply_is_due():
     assert held.due(1.3e-3) == [(b"eve", b"early", early)]
     assert held.wait_s(1.3e-3, 0.1) == pytest.approx(0.9e-3)
     assert held.due(5e-3) == [(b"eve", b"late", late)] and len(held) == 0
+
+
+def test_waiting_for_a_held_reply_never_asks_for_a_negative_sleep():
+    # Under load the loop can be preempted between two clock reads; the daemon once read the
+    # clock twice and asked time.sleep for a negative time (ValueError: the loop died, every
+    # client then timed out). A clock that jumps 0.1 ms per read reproduces that.
+    held = HeldReplies()
+    held.hold(Release(1.00025, "real"), b"eve", b"reply")
+    ticks = iter(1.0 + 0.1e-3 * i for i in range(100))
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        slept.append(seconds)
+
+    held.wait_for_next(ticks.__next__, sleep)
+    assert slept == [] or all(s > 0 for s in slept)
+    assert next(ticks) > 1.00025, "returned before the reply was due"

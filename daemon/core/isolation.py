@@ -35,8 +35,9 @@ import heapq
 import itertools
 import math
 import random
+import time
 from collections import deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from expertd.daemon.core.events import DEVICE, H2D, LOAD
@@ -226,6 +227,19 @@ class HeldReplies:
 
     def next_due(self) -> float | None:
         return self._heap[0][0] if self._heap else None
+
+    def wait_for_next(self, clock: Callable[[], float], sleep: Callable[[float], None] = time.sleep) -> None:
+        """Sleep, then spin the last `HOLD_SPIN_S`, until the next reply is due (a sleep wakes
+        late by an amount that varies with how long the core idled and with the load; the
+        release must not carry it)."""
+        due = self.next_due()
+        if due is None:
+            return
+        asleep_s = due - clock() - HOLD_SPIN_S  # read the clock once: a second read may be past due
+        if asleep_s > 0:
+            sleep(asleep_s)
+        while clock() < due:
+            pass
 
     def wait_s(self, now: float, longest_s: float) -> float | None:
         """How long the loop may wait for messages (at most ``longest_s``); None: a reply is due

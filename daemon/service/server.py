@@ -25,7 +25,7 @@ import zmq
 
 from expertd.daemon import protocol as proto
 from expertd.daemon.core.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
-from expertd.daemon.core.isolation import HOLD_SPIN_S, HeldReplies, PrivateTiming
+from expertd.daemon.core.isolation import HeldReplies, PrivateTiming
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.partitions import PartitionError, Partitions
 from expertd.daemon.core.prefetch import PrefetchConfig
@@ -609,17 +609,8 @@ class Server:
         self._send(reply.client, payload)
 
     def _send_held(self) -> None:
-        """Wait until the next held-back reply is due; send every reply due by then.
-
-        Sleeps, then spins the last `HOLD_SPIN_S`: how late a sleep wakes varies (with how long
-        the core idled, with the load), and the release must not carry it.
-        """
-        due = self._held.next_due()
-        if due is not None:
-            if due - self.clock() > HOLD_SPIN_S:
-                time.sleep(due - self.clock() - HOLD_SPIN_S)
-            while self.clock() < due:
-                pass
+        """Wait until the next held-back reply is due; send every reply due by then."""
+        self._held.wait_for_next(self.clock)
         for identity, payload, release in self._held.due(self.clock()):
             self._send(identity, payload)
             self._held.sent(release, self.clock())
