@@ -58,6 +58,11 @@ def register(subparsers: Any) -> None:
         "--lz4-level", type=int, default=0, metavar="L", help="0: fast lz4 (default); 1-12: lz4-HC"
     )
     pack.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    pack.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="readable by this group only (directories 0750, files 0640); default: by everyone (0755, 0644)",
+    )
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
     pack.set_defaults(func=cmd_pack)
 
@@ -75,6 +80,17 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    from expertd.daemon.partials import PackInterrupted, signals_unwind
+
+    try:
+        with signals_unwind():  # SIGTERM/SIGINT: unwind, so the partial store is removed
+            return _pack(args)
+    except PackInterrupted as exc:
+        print(f"expertd pack: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _pack(args: argparse.Namespace) -> int:
     from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
     from expertd.daemon.store import StoreError
 
@@ -94,6 +110,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 lz4_level=args.lz4_level,
                 force=args.force,
                 progress=not args.quiet,
+                group=args.group,
             )
         else:
             if args.synthetic not in SYNTHETIC_PRESETS:
@@ -108,6 +125,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 lz4_level=args.lz4_level,
                 force=args.force,
                 progress=not args.quiet,
+                group=args.group,
             )
     except (StoreError, ValueError) as exc:
         raise CliError(str(exc)) from None
