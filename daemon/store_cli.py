@@ -7,6 +7,7 @@ import sys
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 from expertd.daemon.cli import EXIT_FAILED, EXIT_OK, CliError
@@ -184,7 +185,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         print(f"{key:<10} {value}")
+    problem = _data_file_problem(Path(args.dir) / m.data_file, m.data_bytes)
+    if problem:
+        print(f"FAILED: {problem}")
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _data_file_problem(path: Path, expected_bytes: int) -> str | None:
+    """Why the data file cannot hold what the manifest says, or None."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"{path}: cannot stat: {exc.strerror}"
+    if size < expected_bytes:
+        return f"{path} is truncated: {size} of the manifest's {expected_bytes} bytes"
+    if size > expected_bytes:
+        return f"{path} has {size} bytes, the manifest says {expected_bytes}: not the file it was packed with"
+    return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
