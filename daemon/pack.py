@@ -213,7 +213,6 @@ class StoreWriter:
         self.raw_bytes = raw_bytes
         self.codec = codec
         self.modes = store_modes(group)
-        self.report = report
         _make_parents(self.out.parent, self.modes)
         remove_stale_partials(self.out.parent, report)
         self._fd = -1
@@ -289,10 +288,6 @@ class StoreWriter:
         _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        blocked = unreachable_ancestors(self.out, self.modes)
-        if blocked:
-            who = "other users" if self.modes.gid is None else f"group {self.modes.gid}"
-            self.report(f"warning: {who} cannot enter {', '.join(blocked)}, so they cannot read the store")
         return manifest
 
     def abort(self) -> None:

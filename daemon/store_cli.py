@@ -92,7 +92,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
+    from expertd.daemon.pack import (
+        SYNTHETIC_PRESETS,
+        pack_safetensors,
+        pack_synthetic,
+        store_modes,
+        unreachable_ancestors,
+    )
     from expertd.daemon.store import StoreError
 
     try:
@@ -130,6 +136,11 @@ def _pack(args: argparse.Namespace) -> int:
             )
     except (StoreError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    modes = store_modes(args.group)
+    blocked = unreachable_ancestors(Path(args.out), modes)
+    if blocked:  # a service user could not read the store it was packed for
+        who = "other users" if modes.gid is None else f"group {modes.gid}"
+        print(f"expertd pack: warning: {who} cannot enter {', '.join(blocked)}", file=sys.stderr)
     print(
         f"packed {manifest.num_layers} layers x {manifest.num_experts} experts "
         f"({_size(manifest.raw_bytes * len(manifest.experts))} raw, "
