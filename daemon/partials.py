@@ -113,7 +113,8 @@ def find_partials(parent: Path, *, now: float | None = None) -> list[Partial]:
             and entry.is_dir()
             and not entry.is_symlink()
         ):
-            found.append(judge(entry, now=when))
+            with suppress(FileNotFoundError):  # its pack finished or cleaned up meanwhile
+                found.append(judge(entry, now=when))
     return found
 
 
@@ -124,6 +125,9 @@ def remove_stale_partials(parent: Path, report: Callable[[str], None]) -> list[P
         mib = partial.size_bytes / 2**20
         if partial.stale:
             shutil.rmtree(partial.path, ignore_errors=True)
+            if partial.path.exists():  # another user's, say
+                report(f"cannot remove stale partial store {partial.path} ({mib:.1f} MiB; {partial.reason})")
+                continue
             removed.append(partial)
             report(f"removed stale partial store {partial.path} ({mib:.1f} MiB; {partial.reason})")
         else:
@@ -133,12 +137,17 @@ def remove_stale_partials(parent: Path, report: Callable[[str], None]) -> list[P
 
 _deferring = False
 _deferred: list[int] = []
+_unwinding = False  # a signal already raised: later ones must not interrupt the cleanup
 
 
 def _unwind(signum: int, frame: FrameType | None) -> None:
+    global _unwinding
     if _deferring:
         _deferred.append(signum)
         return
+    if _unwinding:
+        return
+    _unwinding = True
     raise PackInterrupted(signum)
 
 
@@ -148,12 +157,15 @@ def signals_unwind() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _unwinding
+    _unwinding = False
     previous = {sig: signal.signal(sig, _unwind) for sig in UNWIND_SIGNALS}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _unwinding = False
 
 
 @contextmanager
@@ -172,4 +184,4 @@ def signals_deferred() -> Iterator[None]:
             signum = _deferred[0]
             _deferred.clear()
             if signal.getsignal(signum) is _unwind:
-                raise PackInterrupted(signum)
+                _unwind(signum, None)

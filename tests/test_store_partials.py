@@ -16,7 +16,14 @@ import pytest
 
 from expertd.daemon.cli import main
 from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.partials import OWNER_NAME, UNOWNED_STALE_S, find_partials
+from expertd.daemon.partials import (
+    OWNER_NAME,
+    UNOWNED_STALE_S,
+    PackInterrupted,
+    find_partials,
+    signals_deferred,
+    signals_unwind,
+)
 from expertd.daemon.store import StoreError
 
 SMALL = {"preset": "olmoe-1b-7b", "scale": 64, "layers": 1}
@@ -47,6 +54,15 @@ def test_group_store_is_readable_by_that_group_only(tmp_path: Path) -> None:
     for path, mode in [(store, 0o750), (store / "experts.bin", 0o640), (store / "manifest.json", 0o640)]:
         assert _mode(path) == mode, path
         assert path.stat().st_gid == group.gr_gid, path
+
+
+def test_pack_command_takes_a_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    group = grp.getgrgid(os.getgid())
+    argv = ["pack", "--synthetic", "olmoe-1b-7b", "--scale", "64", "--layers", "1", "--quiet"]
+    assert main([*argv, "--group", group.gr_name, str(tmp_path / "store")]) == 0
+    assert _mode(tmp_path / "store" / "experts.bin") == 0o640
+    assert main([*argv, "--group", "no-such-group-here", str(tmp_path / "other")]) == 2
+    assert "--group no-such-group-here: no such group" in capsys.readouterr().err
 
 
 def test_unknown_group_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -95,6 +111,18 @@ def test_signalled_pack_removes_its_partial_and_exits_non_zero(tmp_path: Path, s
     assert proc.returncode == 128 + signum, err
     assert f"interrupted by {signal.Signals(signum).name}" in err
     assert list(tmp_path.iterdir()) == []  # neither the store nor the partial
+
+
+def test_a_signal_during_the_renames_is_acted_on_after_them() -> None:
+    done = []
+    with pytest.raises(PackInterrupted, match="SIGTERM"), signals_unwind():
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now, and only noted the signal
+            done.append("renamed")
+        done.append("after")  # not reached: the signal is raised as the block ends
+    assert done == ["renamed"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
 def _dead_pid() -> int:
