@@ -32,6 +32,7 @@ from expertd.daemon.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
 from expertd.daemon.partials import (
     OWNER_NAME,
     PARTIAL_INFIX,
+    release,
     remove_stale_partials,
     signals_deferred,
     write_owner,
@@ -285,6 +286,7 @@ class StoreWriter:
                 old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
                 os.replace(self.out, old / "store")
             os.replace(self.tmp, self.out)
+            release(self.tmp)
         _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -295,6 +297,7 @@ class StoreWriter:
             os.close(self._fd)
             self._fd = -1
         shutil.rmtree(self.tmp, ignore_errors=True)
+        release(self.tmp)
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -50,14 +50,23 @@ def _process_start_ticks(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
+_OWN_ACTIVE: set[Path] = set()  # this process's partials still being written (by any thread)
+
+
 def write_owner(partial: Path) -> None:
-    """Record this process as the owner of ``partial``."""
+    """Record this process as the owner of ``partial``, until `release`."""
+    _OWN_ACTIVE.add(partial)
     record = {
         "pid": os.getpid(),
         "start_ticks": _process_start_ticks(os.getpid()),
         "host": socket.gethostname(),
     }
     (partial / OWNER_NAME).write_text(json.dumps(record) + "\n")
+
+
+def release(partial: Path) -> None:
+    """``partial`` was renamed into place or removed: this process no longer writes it."""
+    _OWN_ACTIVE.discard(partial)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,8 @@ def judge(path: Path, *, now: float, unowned_stale_s: float = UNOWNED_STALE_S) -
         return Partial(path, False, f"no owner record, written {idle_s:.0f} s ago", size)
     if host != socket.gethostname():
         return Partial(path, False, f"packed by pid {pid} on host {host}", size)
+    if pid == os.getpid() and path in _OWN_ACTIVE:
+        return Partial(path, False, "this process is still writing it", size)
     if pid != os.getpid() and _process_start_ticks(pid) == ticks and ticks is not None:
         return Partial(path, False, f"pack pid {pid} is still running", size)
     return Partial(path, True, f"its pack (pid {pid}) is gone", size)

@@ -183,6 +183,16 @@ def test_a_running_packs_partial_is_left_alone(tmp_path: Path, capsys: pytest.Ca
     assert live.exists() and not reused.exists()
 
 
+def test_a_partial_this_process_is_still_writing_is_left_alone(tmp_path: Path) -> None:
+    from expertd.daemon.pack import SYNTHETIC_PRESETS, StoreWriter, synthetic_layout
+
+    tensors, raw_bytes = synthetic_layout(SYNTHETIC_PRESETS["olmoe-1b-7b"], 64)
+    with StoreWriter(tmp_path / "slow", tensors, raw_bytes) as writer:  # another thread's pack, say
+        pack_synthetic(tmp_path / "store", **SMALL)
+        assert writer.tmp.exists()
+    assert not writer.tmp.exists()  # never committed: removed on the way out
+
+
 def test_a_partial_without_owner_is_stale_only_once_idle(tmp_path: Path) -> None:
     fresh = _plant_partial(tmp_path, ".a.partial-fresh", None)
     idle = _plant_partial(tmp_path, ".b.partial-idle", None)
