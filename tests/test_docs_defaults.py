@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from expertd.daemon import defaults
-from expertd.daemon.cli import build_parser
+from expertd.daemon.cli.main import build_parser
+from expertd.daemon.core import defaults
 from expertd.traces import convert, convert_csv, convert_sglang
 
 REPO = Path(__file__).resolve().parents[1]

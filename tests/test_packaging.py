@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from expertd.daemon.config import KEYS, ServeConfig
+from expertd.daemon.service.config import KEYS, ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "packaging" / "expertd.service"

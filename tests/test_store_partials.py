@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from expertd.daemon.cli import main
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.partials import (
+from expertd.daemon.cli.main import main
+from expertd.daemon.store.manifest import StoreError
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.partials import (
     OWNER_NAME,
     UNOWNED_STALE_S,
     PackInterrupted,
@@ -24,7 +25,6 @@ from expertd.daemon.partials import (
     signals_deferred,
     signals_unwind,
 )
-from expertd.daemon.store import StoreError
 
 SMALL = {"preset": "olmoe-1b-7b", "scale": 64, "layers": 1}
 
@@ -184,7 +184,7 @@ def test_a_running_packs_partial_is_left_alone(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_a_partial_this_process_is_still_writing_is_left_alone(tmp_path: Path) -> None:
-    from expertd.daemon.pack import SYNTHETIC_PRESETS, StoreWriter, synthetic_layout
+    from expertd.daemon.store.pack import SYNTHETIC_PRESETS, StoreWriter, synthetic_layout
 
     tensors, raw_bytes = synthetic_layout(SYNTHETIC_PRESETS["olmoe-1b-7b"], 64)
     with StoreWriter(tmp_path / "slow", tensors, raw_bytes) as writer:  # another thread's pack, say

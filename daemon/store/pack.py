@@ -5,7 +5,7 @@ place only after the data file and the manifest are fsynced, so an interrupted o
 pack never leaves a half store at the destination. The store is readable by everyone
 (directories 0755, files 0644), or only by its owner and one group (``group``: 0750, 0640),
 whatever the packer's umask: the service that reads it usually runs as another user.
-Partial directories are owned and cleaned up as `expertd.daemon.partials` describes.
+Partial directories are owned and cleaned up as `expertd.daemon.store.partials` describes.
 """
 
 from __future__ import annotations
@@ -27,17 +27,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from expertd.daemon.checkpoint import scan_checkpoint
-from expertd.daemon.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
-from expertd.daemon.partials import (
-    OWNER_NAME,
-    PARTIAL_INFIX,
-    release,
-    remove_stale_partials,
-    signals_deferred,
-    write_owner,
-)
-from expertd.daemon.store import (
+from expertd.daemon.store.checkpoint import scan_checkpoint
+from expertd.daemon.store.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
+from expertd.daemon.store.manifest import (
     BLOB_ALIGN_BYTES,
     CODEC_NONE,
     CODECS,
@@ -51,6 +43,14 @@ from expertd.daemon.store import (
     layout_tensors,
     round_up,
     save_manifest,
+)
+from expertd.daemon.store.partials import (
+    OWNER_NAME,
+    PARTIAL_INFIX,
+    release,
+    remove_stale_partials,
+    signals_deferred,
+    write_owner,
 )
 
 SYNTHETIC_STD = 0.02  # weights drawn N(0, 0.02^2), the usual init scale of trained MoE FFNs

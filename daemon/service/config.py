@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon import defaults
+from expertd.daemon.core import defaults
 
 
 class ConfigError(ValueError):
@@ -186,7 +186,8 @@ KEYS: tuple[Key, ...] = (
         "str",
         "127.0.0.1",
         "Address the metrics endpoint listens on. packaging/expertd.service lets only this host's "
-        "addresses through (`IPAddressAllow=localhost`): a remote scraper needs an `IPAddressAllow=` drop-in.",
+        "addresses through (`IPAddressAllow=localhost`): a remote scraper needs an `IPAddressAllow=` "
+        "drop-in.",
     ),  # fmt: skip
 )
 _KEY_INDEX = {(k.section, k.name): k for k in KEYS}
@@ -355,7 +356,7 @@ def config_doc() -> str:
     lines = [
         "# expertd.toml reference",
         "",
-        "Generated from `expertd/daemon/config.py`. Unknown keys are errors.",
+        "Generated from `expertd/daemon/service/config.py`. Unknown keys are errors.",
         "",
     ]
     section = None
