@@ -204,3 +204,22 @@ def test_a_partial_without_owner_is_stale_only_once_idle(tmp_path: Path) -> None
     assert judged[idle.name].stale and "no owner record, untouched for" in judged[idle.name].reason
     pack_synthetic(tmp_path / "store", **SMALL)
     assert fresh.exists() and not idle.exists()
+
+
+def test_a_killed_force_packs_replaced_store_is_removed_or_pointed_at(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    past = time.time() - UNOWNED_STALE_S - 5
+    for name in ("done", "stranded"):  # killed after both renames / between them
+        old = _plant_partial(tmp_path, f".{name}.old-x1", None) / "store"
+        old.mkdir()
+        for path in [old.parent, old.parent / "experts.bin", old]:
+            os.utime(path, (past, past))
+    (tmp_path / "done").mkdir()  # the new store got into place
+    pack_synthetic(tmp_path / "store", **SMALL)
+    err = capsys.readouterr().err
+    assert f"removed replaced store {tmp_path / '.done.old-x1'} (1.0 MiB)" in err
+    assert not (tmp_path / ".done.old-x1").exists()
+    stranded = tmp_path / ".stranded.old-x1" / "store"
+    assert f"the previous store is {stranded}; move it back to {tmp_path / 'stranded'}" in err
+    assert stranded.exists()

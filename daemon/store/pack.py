@@ -45,6 +45,7 @@ from expertd.daemon.store.manifest import (
     save_manifest,
 )
 from expertd.daemon.store.partials import (
+    OLD_INFIX,
     OWNER_NAME,
     PARTIAL_INFIX,
     release,
@@ -283,7 +284,7 @@ class StoreWriter:
         with signals_deferred():  # between the two renames the old store is only in `old`
             if self.out.exists():
                 check_destination(self.out, force=self.force)  # it may have appeared meanwhile
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{OLD_INFIX}", dir=self.out.parent))
                 os.replace(self.out, old / "store")
             os.replace(self.tmp, self.out)
             release(self.tmp)

@@ -5,7 +5,8 @@ A pack killed with SIGKILL (or a crashed machine) cannot remove that directory, 
 holds an owner record (`OWNER_NAME`: pid, process start time, host) and the next pack into
 the same parent removes every partial whose owner is gone. SIGTERM and SIGINT do not get
 that far: `signals_unwind` turns them into `PackInterrupted`, the pack's with-blocks unwind
-and remove their own partial, and the command exits non-zero.
+and remove their own partial, and the command exits non-zero. A killed ``--force`` pack's
+replaced store (``.OUT.old-XXXX/store``) is removed once OUT is in place, or pointed at if not.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 PARTIAL_INFIX = ".partial-"  # the temporary directory is f".{out.name}{PARTIAL_INFIX}XXXX"
+OLD_INFIX = ".old-"  # `--force`: the replaced store waits in f".{out.name}{OLD_INFIX}XXXX/store"
 OWNER_NAME = ".owner.json"  # inside a partial; removed before the rename into place
 #: A partial without an owner record (an older expertd's, or one killed before it wrote the
 #: record) counts as stale once nothing in it has changed for this long: a live pack writes
@@ -143,7 +145,32 @@ def remove_stale_partials(parent: Path, report: Callable[[str], None]) -> list[P
             report(f"removed stale partial store {partial.path} ({mib:.1f} MiB; {partial.reason})")
         else:
             report(f"left partial store {partial.path} ({mib:.1f} MiB; {partial.reason})")
+    _settle_replaced_stores(parent, report)
     return removed
+
+
+def _settle_replaced_stores(parent: Path, report: Callable[[str], None]) -> None:
+    """A `--force` pack killed after moving the old store aside: remove it once the new one is in
+    place; if the kill came between the two renames, the old store is the only one: say where."""
+    now = time.time()
+    for entry in sorted(parent.glob(f".*{OLD_INFIX}*")):
+        with suppress(FileNotFoundError):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            size, newest = _size_and_newest_mtime(entry)
+            if now - newest < UNOWNED_STALE_S:  # a commit may be between its renames right now
+                continue
+            out = parent / entry.name[1:].rsplit(OLD_INFIX, 1)[0]
+            if out.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                report(
+                    f"removed replaced store {entry} ({size / 2**20:.1f} MiB) left by a killed --force pack"
+                )
+            else:
+                report(
+                    f"a --force pack of {out} was killed between its renames: the previous store is "
+                    f"{entry / 'store'}; move it back to {out} (or remove it)"
+                )
 
 
 _deferring = False
