@@ -90,27 +90,46 @@ def _wait_for(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-d
     return False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signalled_pack_removes_its_partial_and_exits_non_zero(tmp_path: Path, signum: int) -> None:
+def _pack_signalled_while_writing(parent: Path, signum: int) -> tuple[subprocess.Popen[str], str]:
+    """Start a real `expertd pack` into parent/store, send ``signum`` once it is writing data."""
     # 64 experts of 12 MiB: long enough to be caught mid-way on any machine
     argv = [sys.executable, "-m", "expertd.daemon", "pack", "--synthetic", "olmoe-1b-7b", "--layers", "1",
-            "--quiet", str(tmp_path / "store")]  # fmt: skip
+            "--quiet", str(parent / "store")]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
 
         def writing() -> bool:
             return any((p / "experts.bin").exists() and (p / "experts.bin").stat().st_size > 0
-                       for p in tmp_path.glob(".store.partial-*"))  # fmt: skip
+                       for p in parent.glob(".store.partial-*"))  # fmt: skip
 
         assert _wait_for(writing, 60), "the pack never started writing"
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
+    return proc, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signalled_pack_removes_its_partial_and_exits_non_zero(tmp_path: Path, signum: int) -> None:
+    proc, err = _pack_signalled_while_writing(tmp_path, signum)
     assert proc.returncode == 128 + signum, err
     assert f"interrupted by {signal.Signals(signum).name}" in err
     assert list(tmp_path.iterdir()) == []  # neither the store nor the partial
+
+
+def test_a_sigkilled_packs_partial_is_removed_by_the_next_pack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc, _ = _pack_signalled_while_writing(tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = tmp_path.glob(".store.partial-*")  # SIGKILL cannot be caught: the partial stays
+    assert json.loads((left / OWNER_NAME).read_text())["pid"] == proc.pid
+    pack_synthetic(tmp_path / "other", **SMALL)  # another store, same parent
+    err = capsys.readouterr().err
+    assert f"removed stale partial store {left} (" in err and f"its pack (pid {proc.pid}) is gone" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
 def test_a_signal_during_the_renames_is_acted_on_after_them() -> None:
