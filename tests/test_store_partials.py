@@ -166,7 +166,7 @@ def test_next_pack_removes_a_killed_packs_partial_and_says_so(
 
     dead = _plant_partial(
         tmp_path,
-        ".other.partial-k1ll3d",
+        ".other.partial-k1ll3d00",
         {"pid": _dead_pid(), "start_ticks": 1, "host": socket.gethostname()},
     )
     assert main(["pack", "--synthetic", "olmoe-1b-7b", "--scale", "64", "--layers", "1", "--quiet",
@@ -184,13 +184,13 @@ def test_a_running_packs_partial_is_left_alone(tmp_path: Path, capsys: pytest.Ca
         ticks = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         live = _plant_partial(
             tmp_path,
-            ".other.partial-l1ve",
+            ".other.partial-l1ve0000",
             {"pid": sleeper.pid, "start_ticks": ticks, "host": socket.gethostname()},
         )
         # the same pid with another start time is a reused pid: that owner is gone
         reused = _plant_partial(
             tmp_path,
-            ".x.partial-reused",
+            ".x.partial-reused00",
             {"pid": sleeper.pid, "start_ticks": ticks + 1, "host": socket.gethostname()},
         )
         pack_synthetic(tmp_path / "store", **SMALL)
@@ -213,8 +213,8 @@ def test_a_partial_this_process_is_still_writing_is_left_alone(tmp_path: Path) -
 
 
 def test_a_partial_without_owner_is_stale_only_once_idle(tmp_path: Path) -> None:
-    fresh = _plant_partial(tmp_path, ".a.partial-fresh", None)
-    idle = _plant_partial(tmp_path, ".b.partial-idle", None)
+    fresh = _plant_partial(tmp_path, ".a.partial-fresh000", None)
+    idle = _plant_partial(tmp_path, ".b.partial-idle0000", None)
     past = time.time() - UNOWNED_STALE_S - 5
     for path in [idle, idle / "experts.bin"]:
         os.utime(path, (past, past))
@@ -230,15 +230,35 @@ def test_a_killed_force_packs_replaced_store_is_removed_or_pointed_at(
 ) -> None:
     past = time.time() - UNOWNED_STALE_S - 5
     for name in ("done", "stranded"):  # killed after both renames / between them
-        old = _plant_partial(tmp_path, f".{name}.old-x1", None) / "store"
-        old.mkdir()
-        for path in [old.parent, old.parent / "experts.bin", old]:
+        old = _plant_partial(
+            tmp_path / f".{name}.old-x1x1x1x1", "store", None
+        )  # .OUT.old-*/store/experts.bin
+        for path in [old.parent, old, old / "experts.bin"]:
             os.utime(path, (past, past))
     (tmp_path / "done").mkdir()  # the new store got into place
     pack_synthetic(tmp_path / "store", **SMALL)
     err = capsys.readouterr().err
-    assert f"removed replaced store {tmp_path / '.done.old-x1'} (1.0 MiB)" in err
-    assert not (tmp_path / ".done.old-x1").exists()
-    stranded = tmp_path / ".stranded.old-x1" / "store"
+    assert f"removed replaced store {tmp_path / '.done.old-x1x1x1x1'} (1.0 MiB)" in err
+    assert not (tmp_path / ".done.old-x1x1x1x1").exists()
+    stranded = tmp_path / ".stranded.old-x1x1x1x1" / "store"
     assert f"the previous store is {stranded}; move it back to {tmp_path / 'stranded'}" in err
     assert stranded.exists()
+
+
+def test_look_alike_directories_of_other_programs_are_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    past = time.time() - UNOWNED_STALE_S - 5
+    foreign = []
+    for name, inside in [(".notes.partial-abcdefgh", "notes.txt"), (".cache.partial-x", "experts.bin"),
+                         (".photos.old-abcdefgh", "store")]:  # fmt: skip
+        path = tmp_path / name
+        path.mkdir()
+        (path / inside).write_text("not expertd's")
+        os.utime(path, (past, past))
+        foreign.append(path)
+    (tmp_path / "photos").mkdir()
+    pack_synthetic(tmp_path / "store", **SMALL)
+    assert all(path.exists() for path in foreign)
+    err = capsys.readouterr().err
+    assert "partial" not in err and "replaced" not in err

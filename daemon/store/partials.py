@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+
+from expertd.daemon.store.manifest import DATA_NAME, MANIFEST_NAME
 
 PARTIAL_INFIX = ".partial-"  # the temporary directory is f".{out.name}{PARTIAL_INFIX}XXXX"
 OLD_INFIX = ".old-"  # `--force`: the replaced store waits in f".{out.name}{OLD_INFIX}XXXX/store"
@@ -111,22 +114,26 @@ def judge(path: Path, *, now: float, unowned_stale_s: float = UNOWNED_STALE_S) -
     return Partial(path, True, f"its pack (pid {pid}) is gone", size)
 
 
+def _ours(path: Path, infix: str, allowed: set[str]) -> bool:
+    """Whether ``path`` is a directory a pack made (name and contents), not someone else's look-alike."""
+    if not re.fullmatch(rf"\..+{re.escape(infix)}[a-z0-9_]{{8}}", path.name):  # tempfile.mkdtemp's names
+        return False
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return {entry.name for entry in path.iterdir()} <= allowed
+
+
 def find_partials(parent: Path, *, now: float | None = None) -> list[Partial]:
     """Every partial store directly under ``parent``, judged."""
     when = time.time() if now is None else now
     found = []
     try:
-        entries = sorted(parent.iterdir())
+        entries = sorted(parent.glob(f".*{PARTIAL_INFIX}*"))
     except OSError:
         return []
     for entry in entries:
-        if (
-            entry.name.startswith(".")
-            and PARTIAL_INFIX in entry.name
-            and entry.is_dir()
-            and not entry.is_symlink()
-        ):
-            with suppress(FileNotFoundError):  # its pack finished or cleaned up meanwhile
+        with suppress(FileNotFoundError):  # its pack finished or cleaned up meanwhile
+            if _ours(entry, PARTIAL_INFIX, {DATA_NAME, MANIFEST_NAME, OWNER_NAME}):
                 found.append(judge(entry, now=when))
     return found
 
@@ -149,13 +156,22 @@ def remove_stale_partials(parent: Path, report: Callable[[str], None]) -> list[P
     return removed
 
 
+def _ours_store(path: Path) -> bool:
+    """Whether ``path`` (the old store inside a `.OUT.old-*`) is absent or holds only a store's files."""
+    if not path.exists():
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return {entry.name for entry in path.iterdir()} <= {DATA_NAME, MANIFEST_NAME}
+
+
 def _settle_replaced_stores(parent: Path, report: Callable[[str], None]) -> None:
     """A `--force` pack killed after moving the old store aside: remove it once the new one is in
     place; if the kill came between the two renames, the old store is the only one: say where."""
     now = time.time()
     for entry in sorted(parent.glob(f".*{OLD_INFIX}*")):
         with suppress(FileNotFoundError):
-            if not entry.is_dir() or entry.is_symlink():
+            if not _ours(entry, OLD_INFIX, {"store"}) or not _ours_store(entry / "store"):
                 continue
             size, newest = _size_and_newest_mtime(entry)
             if now - newest < UNOWNED_STALE_S:  # a commit may be between its renames right now
