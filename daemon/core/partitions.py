@@ -109,11 +109,11 @@ class Partitions:
         tier: str,
         now: float,
         release: Iterable[int] = (),
-        request: Hashable = None,
+        generation: Hashable = None,
     ) -> list[Command]:
         partition, manager = self._route(client)
         return self._out(
-            partition, manager.acquire(client, request_id, layer, experts, tier, now, release, request)
+            partition, manager.acquire(client, request_id, layer, experts, tier, now, release, generation)
         )
 
     def release_many(self, client: ClientId, lease_ids: Iterable[int], now: float) -> list[int]:
@@ -135,8 +135,8 @@ class Partitions:
         partition, manager = self._route(command.client)
         return self._out(partition, manager.predict(command))
 
-    def end_request(self, client: ClientId, request: Hashable) -> None:
-        self._route(client)[1].end_request(client, request)
+    def end_generation(self, client: ClientId, generation: Hashable) -> None:
+        self._route(client)[1].end_generation(client, generation)
 
     def heartbeat(self, client: ClientId, now: float) -> None:
         self._route(client)[1].heartbeat(client, now)
