@@ -117,10 +117,15 @@ class FastPath(NamedTuple):
 def _runs(
     length: int, steps: Iterable[tuple[int, int, int]]
 ) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
-    """Split ``range(length)`` at each step's start: ``(start, stop, (forward, layer) or None)``."""
+    """Split ``range(length)`` at each step's start: ``(start, stop, (forward, layer) or None)``.
+
+    A step that starts past the last access never begins, as in `access` called key by key.
+    """
     start, pending = 0, None
     for t_start, forward, layer in steps:
-        t_start = max(start, min(t_start, length))
+        if t_start >= length:
+            break
+        t_start = max(start, t_start)
         if t_start > start or pending is not None:
             yield start, t_start, pending
         start, pending = t_start, (forward, layer)
