@@ -84,12 +84,6 @@ def key_index(key: object, num_keys: int) -> int:
     return value if 0 <= value < num_keys else -1
 
 
-def in_table(key: object, table: list[bool]) -> bool:
-    """``table[key]`` for a key in range; False for anything else."""
-    index = key_index(key, len(table))
-    return index >= 0 and table[index]
-
-
 def first_unpinned(keys: Iterable[Key], pinned: Container[Key], policy: str, size: int) -> Key:
     """The first key of ``keys`` not in ``pinned``; NoVictimError if there is none."""
     for key in keys:
