@@ -8,7 +8,6 @@ Command-line flags override the file (`ServeConfig.with_overrides`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from expertd.daemon.core import defaults
+from expertd.daemon.protocol.local import default_address
 
 
 class ConfigError(ValueError):
@@ -33,13 +33,6 @@ class Key:
     @property
     def attr(self) -> str:
         return f"{self.section}_{self.name}" if self.section not in ("", "server") else self.name
-
-
-def default_address() -> str:
-    """ipc:// under systemd's RuntimeDirectory, else the user's runtime dir, else /tmp."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime.split(":")[0]) if runtime else Path(f"/tmp/expertd-{os.getuid()}")
-    return f"ipc://{base / 'expertd.sock'}"
 
 
 KEYS: tuple[Key, ...] = (
@@ -180,7 +173,15 @@ KEYS: tuple[Key, ...] = (
         "Serve what `expertd status` shows as Prometheus metrics at http://ADDRESS:PORT/metrics; "
         "0: off. Needs `pip install 'expertd[metrics]'`.",
     ),  # fmt: skip
-    Key("metrics", "address", "str", "127.0.0.1", "Address the metrics endpoint listens on."),
+    Key(
+        "metrics",
+        "address",
+        "str",
+        "127.0.0.1",
+        "Address the metrics endpoint listens on. packaging/expertd.service lets only this host's "
+        "addresses through (`IPAddressAllow=localhost`): a remote scraper needs an `IPAddressAllow=` "
+        "drop-in.",
+    ),  # fmt: skip
 )
 _KEY_INDEX = {(k.section, k.name): k for k in KEYS}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|slots?)?\s*$", re.IGNORECASE)
