@@ -1,0 +1,183 @@
+"""The vLLM plugin through a real daemon and a real vLLM (CPU build): `make test-vllm`.
+
+Each vLLM run is a fresh `tests/vllm_run.py` process (or `vllm`'s OpenAI server), so the
+plugin's switch, ``EXPERTD_VLLM``, is read at start as in production. The tiny models are
+random-weight models of real MoE classes, made here, packed with `expertd pack --from-hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vLLM (`make test-vllm` installs the CPU build)")
+torch = pytest.importorskip("torch")
+
+from daemon_util import DaemonProcess  # noqa: E402
+from vllm_run import CPU_ENV, CPU_OVERRIDES, engine_args  # noqa: E402
+
+from expertd.client import ExpertClient  # noqa: E402
+from expertd.client.hf_tiny import tiny_model  # noqa: E402
+from expertd.daemon.pack_hf import pack_hf  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+RUNNER = Path(__file__).with_name("vllm_run.py")
+PROMPTS = [list(b"The cache holds a quarter"), list(b"abc")]
+NEW_TOKENS = 8
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    path = Path(tempfile.mkdtemp(prefix="exd-vllm-", dir="/tmp"))  # short: ipc:// paths
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(workdir):
+    """name -> (model dir, store dir, vLLM's own result): each made, packed and run once."""
+    made: dict[str, tuple[Path, Path, list[dict]]] = {}
+
+    def get(name: str) -> tuple[Path, Path, list[dict]]:
+        if name not in made:
+            base = workdir / name
+            tiny_model(name, layers=LAYERS, dtype=torch.bfloat16, **CPU_OVERRIDES).save_pretrained(
+                base / "model"
+            )
+            pack_hf(base / "model", base / "store")
+            made[name] = (base / "model", base / "store", run_vllm(base / "model"))
+        return made[name]
+
+    return get
+
+
+def run_vllm(model_dir: Path, address: str | None = None, prompts=PROMPTS) -> list[dict]:
+    """A fresh vLLM `LLM` on ``prompts``: [{tokens, logprobs}], with expertd if ``address``."""
+    env = {**os.environ, **CPU_ENV}
+    env.pop("EXPERTD_VLLM", None)
+    if address:
+        env["EXPERTD_VLLM"] = address
+    args = [sys.executable, str(RUNNER), str(model_dir), json.dumps(prompts), "--max-tokens", str(NEW_TOKENS)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def serve(store: Path, workdir: Path, device_slots: int) -> DaemonProcess:
+    """A daemon whose host tier holds every expert and whose device tier (CPU stand-in) few."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    total = manifest["num_layers"] * manifest["num_experts"]
+    run = Path(tempfile.mkdtemp(prefix="d-", dir=workdir))
+    flags = ["--host-size", f"{total} slots", "--device", "cpu", "--device-size", f"{device_slots} slots"]
+    return DaemonProcess(store, run, *flags, "--log-level", "warning")
+
+
+def daemon_stats(address: str) -> dict:
+    with ExpertClient(address) as client:
+        return client.stats()
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_vllm_with_expertd_generates_vllms_own_tokens(name, checkpoints, workdir):
+    """Greedy tokens and their logprobs equal vLLM's own; every pass leased each layer's experts."""
+    model_dir, store, want = checkpoints(name)
+    manifest = json.loads((store / "manifest.json").read_text())
+    daemon = serve(store, workdir, device_slots=LAYERS * manifest["num_experts"] // 4)
+    try:
+        got = run_vllm(model_dir, daemon.address)
+        stats = daemon_stats(daemon.address)
+    finally:
+        daemon.kill()
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    assert [r["logprobs"] for r in got] == [r["logprobs"] for r in want], "same kernel, same weights: exact"
+    # Both prompts run in one batch: one prefill pass, then one decode pass per further token.
+    assert stats["acquires"]["count"] == NEW_TOKENS * LAYERS
+    assert stats["tiers"]["device"]["evictions"] > 0, "the device tier is smaller than the model"
+
+
+def test_a_pass_needing_more_experts_than_the_tier_holds_is_leased_in_chunks(checkpoints, workdir):
+    """6 device slots; the prefill routes each layer to more: chunked, and the same tokens."""
+    model_dir, store, want = checkpoints("qwen3_moe")
+    daemon = serve(store, workdir, device_slots=6)
+    try:
+        got = run_vllm(model_dir, daemon.address)
+        stats = daemon_stats(daemon.address)
+    finally:
+        daemon.kill()
+    assert stats["acquires"]["count"] > NEW_TOKENS * LAYERS, "the prefill should have been leased in chunks"
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    for mine, theirs in zip(got, want, strict=True):  # chunk outputs are summed: close, not exact
+        assert mine["logprobs"] == pytest.approx(theirs["logprobs"], abs=2e-2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _post(url: str, body: dict, timeout_s: float = 120) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        return json.loads(reply.read())
+
+
+def test_openai_server_backed_by_expertd_answers_a_completion(checkpoints, workdir):
+    """`vllm serve` (its OpenAI server module) on 127.0.0.1 with the plugin on: vLLM's tokens."""
+    model_dir, store, want = checkpoints("qwen3_moe")
+    daemon = serve(store, workdir, device_slots=32)
+    port = _free_port()
+    args = engine_args(str(model_dir), "bfloat16")
+    flags = [
+        f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in args.items()
+    ]
+    flags = [f for f in flags if not f.startswith("--model=")]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *flags]
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
+    env = {**os.environ, **CPU_ENV, "EXPERTD_VLLM": daemon.address}
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 480
+        while True:
+            assert server.poll() is None, (workdir / "server.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, "the server did not come up in 480 s"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(2)
+        body = {
+            "model": str(model_dir),
+            "prompt": PROMPTS[0],
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        reply = _post(f"{base}/v1/completions", body)
+        stats = daemon_stats(daemon.address)
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+        daemon.kill()
+    assert reply["choices"][0]["token_ids"] == want[0]["tokens"]
+    assert stats["acquires"]["count"] == NEW_TOKENS * LAYERS
