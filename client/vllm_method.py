@@ -54,12 +54,13 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
     def __init__(self, moe: Any) -> None:
         super().__init__(moe)
         parallel = moe.moe_parallel_config
-        if parallel.use_ep or parallel.tp_size > 1 or parallel.dp_size > 1:
+        if parallel.use_ep or parallel.dp_size > 1:
             raise VllmLayoutError(
-                f"expertd's vLLM plugin serves one rank's whole experts: tensor parallel {parallel.tp_size}, "
-                f"data parallel {parallel.dp_size}, expert parallel {parallel.use_ep} are not supported yet "
+                f"expertd's vLLM plugin serves whole or tensor-parallel experts: data parallel "
+                f"{parallel.dp_size}, expert parallel {parallel.use_ep} are not supported yet "
                 "(docs/scale-out.md)"
             )
+        self.tp_rank, self.tp_size = parallel.tp_rank, parallel.tp_size
         if moe.has_bias or not moe.is_act_and_mul:
             raise VllmLayoutError(
                 f"expertd serves gated experts without bias; this layer has bias={moe.has_bias}, "
@@ -86,12 +87,14 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
             layer, 0, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
         )
         self.num_experts = num_experts
-        self.gate_up_shape = (2 * intermediate_size_per_partition, hidden_size)
+        rows = intermediate_size_per_partition  # this rank's share of each expert's FFN rows
+        self.part = slice(self.tp_rank * rows, (self.tp_rank + 1) * rows)
+        self.gate_up_shape = (2 * rows * self.tp_size, hidden_size)  # the whole expert, as stored
         self.dtype = params_dtype
 
     def process_weights_after_loading(self, layer: Any) -> None:
         super().process_weights_after_loading(layer)  # builds vLLM's kernel (on zero experts)
-        client = process_client()
+        client = process_client(self.tp_rank)
         if client.num_experts != self.num_experts:
             raise VllmLayoutError(
                 f"{layer.layer_name}: vLLM's layer has {self.num_experts} experts; the daemon serves "
@@ -119,7 +122,7 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
         shared_experts_input: Tensor | None,
     ) -> Tensor:
         assert self.store is not None and self.moe_kernel is not None, "weights were not processed"
-        client = process_client()
+        client = process_client(self.tp_rank)
         order = acquire_order(topk_ids, topk_weights)  # [T, k] -> experts, as expertd.client.hf asks
         chunks = chunks_of(order, self.limit, self.chunk)
         leases = ChunkLeases(client, self.store.index, chunks, self.tier)
@@ -131,7 +134,7 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
             for index, chunk in enumerate(chunks):
                 experts = sorted(chunk)  # the kernel meets them in expert-id order, as it would
                 lease = leases.take(index)
-                kernel = _KernelWeights(*gather(lease, experts, self.store.names))
+                kernel = _KernelWeights(*gather(lease, experts, self.store.names, self.part))
                 self.moe_kernel.fused_experts.process_weights_after_loading(kernel)
                 ids, weights = renumber(topk_ids, topk_weights, experts, self.num_experts)
                 part = self.moe_kernel.apply(
@@ -159,7 +162,7 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
     def _hint_next(self, layer: Any, x: Tensor) -> None:
         """Hint the next MoE layer's experts as its gate ranks them for this layer's input."""
         assert self.store is not None
-        client = process_client()
+        client = process_client(self.tp_rank)
         stored = client.info.get("checkpoint_layers") or list(range(client.num_layers))
         if self.store.index + 1 >= len(stored) or not is_forward_context_available():
             return

@@ -2,6 +2,7 @@
 
     pip install 'expertd[vllm]'            # registers `register` under vllm.general_plugins
     EXPERTD_VLLM=1 vllm serve MODEL_DIR     # 1: the default address; or ipc://... / tcp://...
+    EXPERTD_VLLM='ipc:///run/expertd/gpu{rank}.sock' vllm serve MODEL_DIR -tp 2   # a daemon per rank
 
 With ``EXPERTD_VLLM`` unset (or empty, or 0) `register` does nothing and vLLM is untouched.
 Set, it registers `ExpertdMoEMethod` as vLLM's out-of-tree replacement for
@@ -19,12 +20,13 @@ every vLLM process. That method is a small weight provider, not a second forward
   half the tier (as `expertd.client.hf` does), the next chunk asked for while one computes,
   each chunk's pairs computed by the kernel and the chunk outputs summed (equal up to the
   order of that sum, not bit for bit);
-- with a gate beside the next MoE layer (vLLM's runner keeps it for Qwen2/3-MoE and OLMoE),
+- where vLLM's MoE runner keeps the next layer's gate (Qwen3-MoE, DeepSeek-V2/V3 in 0.32),
   that gate applied to this layer's input is sent as a hint for the next layer while the
   lease travels (``EXPERTD_VLLM_HINT=0`` turns it off).
 
-Unquantized gated experts only (SwiGLU/GELU without bias); one vLLM rank per daemon slice is
-described in docs/scale-out.md; tensor and expert parallelism are refused by name here.
+Unquantized gated experts only (SwiGLU/GELU without bias). Tensor parallelism: each rank
+leases whole experts from its daemon and takes its share of the FFN rows; expert and data
+parallelism are refused by name (docs/scale-out.md).
 
 Shape legend: T tokens of a pass, D hidden size, F expert FFN size, E routed experts, n leased.
 """
@@ -41,15 +43,13 @@ import torch
 from torch import Tensor
 
 from expertd.client.client import ExpertClient, Lease, PendingAcquire
+from expertd.client.hf import FUSED_NAMES, SPLIT_NAMES
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
 
 ENV_ADDRESS = "EXPERTD_VLLM"  # 1: the default address; an ipc:// or tcp:// address; unset/0: off
 ENV_TIER = "EXPERTD_VLLM_TIER"  # where leases are taken (default: the daemon's default tier)
 ENV_HINT = "EXPERTD_VLLM_HINT"  # 0: no hints for the next layer
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-#: (gate, up, down) names of a store expert, or (gate_up, down): see `expertd pack`.
-SPLIT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
-FUSED_NAMES = ("gate_up_proj", "down_proj")
 
 
 class VllmLayoutError(ValueError):
@@ -86,13 +86,14 @@ _client_lock = threading.Lock()
 _client: ExpertClient | None = None
 
 
-def process_client() -> ExpertClient:
-    """This process's connection to the daemon ``EXPERTD_VLLM`` names (made on first use)."""
+def process_client(rank: int = 0) -> ExpertClient:
+    """This process's connection to the daemon ``EXPERTD_VLLM`` names (made on first use); a
+    ``{rank}`` in the address is this tensor-parallel rank: one daemon per rank."""
     global _client
     with _client_lock:
         if _client is None or _client.closed:
-            address = enabled_address()
-            _client = ExpertClient(address or None, name=f"vllm-{os.getpid()}")
+            address = (enabled_address() or "").replace("{rank}", str(rank))
+            _client = ExpertClient(address or None, name=f"vllm-rank{rank}-{os.getpid()}")
         return _client
 
 
@@ -141,19 +142,19 @@ def store_layer(client: ExpertClient, layer_name: str, shapes: dict[str, tuple[i
     return StoreLayer(layers.index(decoder_layer), decoder_layer, names)
 
 
-def gather(lease: Lease, experts: list[int], names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-    """``experts`` (in this order) from ``lease`` as a fresh (w13 [n, 2F, D], w2 [n, D, F]) stack."""
-    first = lease[experts[0]]
-    if len(names) == 2:
-        w13 = torch.stack([lease[e][names[0]] for e in experts])  # [n, 2F, D]
-    else:
-        gate_up_shape = (len(experts), 2 * first[names[0]].shape[0], first[names[0]].shape[1])
-        w13 = torch.empty(gate_up_shape, dtype=first[names[0]].dtype, device=first[names[0]].device)
-        for i, expert in enumerate(experts):
-            tensors = lease[expert]
-            w13[i].copy_(torch.cat([tensors[names[0]], tensors[names[1]]]))
-    w2 = torch.stack([lease[e][names[-1]] for e in experts])  # [n, D, F]
-    return w13, w2
+def gather(lease: Lease, experts: list[int], names: tuple[str, ...], part: slice) -> tuple[Tensor, Tensor]:
+    """``experts`` (in this order) from ``lease`` as a fresh (w13 [n, 2f, D], w2 [n, D, f]) stack,
+    f the FFN rows ``part`` of each expert (all of them, or this tensor-parallel rank's share)."""
+    w13, w2 = [], []
+    for expert in experts:
+        tensors = lease[expert]
+        if len(names) == 2:  # a fused gate_up [2F, D]
+            gate, up = tensors[names[0]].chunk(2)
+        else:
+            gate, up = tensors[names[0]], tensors[names[1]]
+        w13.append(torch.cat([gate[part], up[part]]))  # [2f, D]
+        w2.append(tensors[names[-1]][:, part])  # [D, f]
+    return torch.stack(w13), torch.stack(w2)
 
 
 def chunks_of(order: list[int], limit: int, chunk: int) -> list[list[int]]:

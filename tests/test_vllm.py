@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="needs vLLM (`make test-vllm` installs the CPU build)")
@@ -30,6 +31,8 @@ from vllm_run import CPU_ENV, CPU_OVERRIDES, engine_args  # noqa: E402
 from expertd.client import ExpertClient  # noqa: E402
 from expertd.client.hf_tiny import tiny_model  # noqa: E402
 from expertd.daemon.pack_hf import pack_hf  # noqa: E402
+from expertd.traces.convert import ConvertOptions, convert  # noqa: E402
+from expertd.traces.format import PHASE_DECODE, PHASE_PREFILL, read_trace  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -64,26 +67,34 @@ def checkpoints(workdir):
     return get
 
 
-def run_vllm(model_dir: Path, address: str | None = None, prompts=PROMPTS) -> list[dict]:
-    """A fresh vLLM `LLM` on ``prompts``: [{tokens, logprobs}], with expertd if ``address``."""
+def run_vllm(
+    model_dir: Path, address: str | None = None, record: Path | None = None, tp: int = 1
+) -> list[dict]:
+    """A fresh vLLM `LLM` on `PROMPTS`: [{tokens, logprobs}], with expertd if ``address``;
+    ``record``: a folder for vLLM's returned routing (.npy per request, and trace.etrace)."""
     env = {**os.environ, **CPU_ENV}
     env.pop("EXPERTD_VLLM", None)
     if address:
         env["EXPERTD_VLLM"] = address
-    args = [sys.executable, str(RUNNER), str(model_dir), json.dumps(prompts), "--max-tokens", str(NEW_TOKENS)]
+    args = [sys.executable, str(RUNNER), str(model_dir), json.dumps(PROMPTS), "--max-tokens", str(NEW_TOKENS)]
+    if tp > 1:
+        args += ["--tp", str(tp)]
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        args += ["--record", str(record)]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def serve(store: Path, workdir: Path, device_slots: int) -> DaemonProcess:
+def serve(store: Path, workdir: Path, device_slots: int, address: str | None = None) -> DaemonProcess:
     """A daemon whose host tier holds every expert and whose device tier (CPU stand-in) few."""
     manifest = json.loads((store / "manifest.json").read_text())
     total = manifest["num_layers"] * manifest["num_experts"]
     run = Path(tempfile.mkdtemp(prefix="d-", dir=workdir))
     flags = ["--host-size", f"{total} slots", "--device", "cpu", "--device-size", f"{device_slots} slots"]
-    return DaemonProcess(store, run, *flags, "--log-level", "warning")
+    return DaemonProcess(store, run, *flags, "--log-level", "warning", address=address)
 
 
 def daemon_stats(address: str) -> dict:
@@ -110,11 +121,16 @@ def test_vllm_with_expertd_generates_vllms_own_tokens(name, checkpoints, workdir
 
 
 def test_a_pass_needing_more_experts_than_the_tier_holds_is_leased_in_chunks(checkpoints, workdir):
-    """6 device slots; the prefill routes each layer to more: chunked, and the same tokens."""
+    """6 device slots; the prefill routes each layer to more: chunked, and the same tokens.
+
+    The run also returns vLLM's own routing (``enable_return_routed_experts``): the recorder's
+    trace and the converter's agree with it, and the daemon saw exactly those experts leased.
+    """
     model_dir, store, want = checkpoints("qwen3_moe")
     daemon = serve(store, workdir, device_slots=6)
+    record = workdir / "record"
     try:
-        got = run_vllm(model_dir, daemon.address)
+        got = run_vllm(model_dir, daemon.address, record=record)
         stats = daemon_stats(daemon.address)
     finally:
         daemon.kill()
@@ -122,6 +138,21 @@ def test_a_pass_needing_more_experts_than_the_tier_holds_is_leased_in_chunks(che
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
     for mine, theirs in zip(got, want, strict=True):  # chunk outputs are summed: close, not exact
         assert mine["logprobs"] == pytest.approx(theirs["logprobs"], abs=2e-2)
+
+    trace = read_trace(record / "trace.etrace")
+    routed = [trace.experts[trace.request == r].reshape(-1, LAYERS, trace.meta.top_k) for r in range(2)]
+    for prompt, rows in zip(PROMPTS, routed, strict=True):  # the last token is never forwarded
+        assert len(rows) == len(prompt) + NEW_TOKENS - 1
+    phases = trace.phase[trace.request == 1][::LAYERS].tolist()
+    assert phases == [PHASE_PREFILL] * len(PROMPTS[1]) + [PHASE_DECODE] * (NEW_TOKENS - 1)
+    convert("vllm-routed-experts", record, workdir / "converted.etrace", ConvertOptions(num_experts=32))
+    assert np.array_equal(read_trace(workdir / "converted.etrace").experts, trace.experts)
+    # One prefill pass of both prompts, then one decode pass per token: each leases the union.
+    pairs = list(zip(routed, PROMPTS, strict=True))
+    prefill = [np.unique(np.concatenate([r[: len(p), layer] for r, p in pairs])) for layer in range(LAYERS)]
+    decode = [np.unique(np.concatenate([r[len(p) - 1 + j, layer] for r, p in pairs]))
+              for j in range(1, NEW_TOKENS) for layer in range(LAYERS)]  # fmt: skip
+    assert stats["tiers"]["device"]["accesses"] == sum(map(len, prefill + decode))
 
 
 def _free_port() -> int:
@@ -148,6 +179,7 @@ def test_openai_server_backed_by_expertd_answers_a_completion(checkpoints, workd
         f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in args.items()
     ]
     flags = [f for f in flags if not f.startswith("--model=")]
+    flags.append("--enable-return-routed-experts")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *flags]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, **CPU_ENV, "EXPERTD_VLLM": daemon.address}
@@ -181,3 +213,30 @@ def test_openai_server_backed_by_expertd_answers_a_completion(checkpoints, workd
         daemon.kill()
     assert reply["choices"][0]["token_ids"] == want[0]["tokens"]
     assert stats["acquires"]["count"] == NEW_TOKENS * LAYERS
+    (workdir / "reply.json").write_text(json.dumps(reply))  # the response as a client saves it
+    convert(
+        "vllm-routed-experts",
+        workdir / "reply.json",
+        workdir / "reply.etrace",
+        ConvertOptions(num_experts=32),
+    )
+    trace = read_trace(workdir / "reply.etrace")
+    assert trace.num_tokens() == len(PROMPTS[0]) + NEW_TOKENS - 1 and trace.meta.num_layers == LAYERS
+
+
+def test_two_tensor_parallel_ranks_each_with_its_own_daemon(checkpoints, workdir):
+    """TP = 2 over vLLM's mp executor (gloo): rank r leases from daemon r and computes its half
+    of each expert's FFN rows; tokens and logprobs equal vLLM's own at TP = 2."""
+    model_dir, store, _ = checkpoints("qwen3_moe")
+    want = run_vllm(model_dir, tp=2)
+    template = f"ipc://{workdir}/rank{{rank}}.sock"
+    daemons = [serve(store, workdir, 32, address=template.format(rank=r)) for r in range(2)]
+    try:
+        got = run_vllm(model_dir, template, tp=2)
+        stats = [daemon_stats(d.address) for d in daemons]
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    assert [r["logprobs"] for r in got] == [r["logprobs"] for r in want]
+    assert [s["acquires"]["count"] for s in stats] == [NEW_TOKENS * LAYERS] * 2  # each rank, every pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 #: vLLM's CPU backend: a small KV cache (GiB), and no pinning of OpenMP threads to cores that
 #: other processes share. Callers may override.
@@ -21,9 +22,12 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 CPU_OVERRIDES = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
 
 
-def engine_args(model_dir: str, dtype: str) -> dict:
-    """What every test engine is started with (small, eager: no compile on a 2-core machine)."""
+def engine_args(model_dir: str, dtype: str, tp: int = 1) -> dict:
+    """What every test engine is started with (small, eager: no compile on a 2-core machine);
+    ``tp`` > 1: tensor parallel ranks in processes of vLLM's mp executor (gloo on the CPU)."""
+    parallel = {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"} if tp > 1 else {}
     return {
+        **parallel,
         "model": model_dir,
         "skip_tokenizer_init": True,
         "dtype": dtype,
@@ -40,12 +44,15 @@ def main() -> None:
     parser.add_argument("prompts", help="JSON list of token-id lists")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--record", metavar="DIR", help="also save each routed_experts .npy and trace.etrace")
     args = parser.parse_args()
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(**engine_args(args.model_dir, args.dtype))
+    extra = {"enable_return_routed_experts": True} if args.record else {}
+    llm = LLM(**engine_args(args.model_dir, args.dtype, args.tp), **extra)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=0, detokenize=False)
     prompts = [{"prompt_token_ids": ids} for ids in json.loads(args.prompts)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -54,6 +61,16 @@ def main() -> None:
         done = output.outputs[0]
         chosen = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids, strict=True)]
         result.append({"tokens": list(done.token_ids), "logprobs": chosen})
+    if args.record:
+        import numpy as np
+
+        from expertd.client.vllm_record import write_trace
+
+        for output in outputs:
+            np.save(f"{args.record}/{output.request_id}.npy", output.outputs[0].routed_experts)
+        config = json.loads(Path(args.model_dir, "config.json").read_text())
+        experts = config.get("num_experts") or config["num_local_experts"]
+        write_trace(outputs, f"{args.record}/trace.etrace", num_experts=experts, model="tiny")
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -90,5 +90,5 @@ def cmd_formats(args: argparse.Namespace) -> int:
     from expertd.traces.convert import formats
 
     for converter in formats():
-        print(f"{converter.name:<16} {converter.summary}")
+        print(f"{converter.name:<22} {converter.summary}")
     return EXIT_OK
