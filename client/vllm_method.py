@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
+from expertd.client.chunks import ChunkLeases
 from expertd.client.hf_layers import acquire_order
 from expertd.client.vllm_plugin import (
     ENV_HINT,
     ENV_TIER,
-    ChunkLeases,
     StoreLayer,
     VllmLayoutError,
     acquire_sizes,

@@ -33,7 +33,6 @@ Shape legend: T tokens of a pass, D hidden size, F expert FFN size, E routed exp
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -42,9 +41,9 @@ import threading
 import torch
 from torch import Tensor
 
-from expertd.client.client import ExpertClient, Lease, PendingAcquire
+from expertd.client.client import ExpertClient, Lease
 from expertd.client.hf import FUSED_NAMES, SPLIT_NAMES
-from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
+from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
 
 ENV_ADDRESS = "EXPERTD_VLLM"  # 1: the default address; an ipc:// or tcp:// address; unset/0: off
 ENV_TIER = "EXPERTD_VLLM_TIER"  # where leases are taken (default: the daemon's default tier)
@@ -170,35 +169,6 @@ def acquire_sizes(client: ExpertClient, tier: str) -> tuple[int, int]:
     """(most experts one acquire may name, chunk size) for ``tier``: all its slots, and half."""
     slots = int(client.info["tiers"][tier]["slots"])
     return min(slots, MAX_EXPERTS_PER_MESSAGE), max(1, min(slots // 2, MAX_EXPERTS_PER_MESSAGE))
-
-
-class ChunkLeases:
-    """One layer's leases, a chunk at a time; the next chunk is asked for as one is taken."""
-
-    def __init__(self, client: ExpertClient, layer: int, chunks: list[list[int]], tier: str) -> None:
-        self.client, self.layer, self.chunks, self.tier = client, layer, chunks, tier
-        self.acquires = 0
-        self._next: PendingAcquire | None = client.acquire_async(layer, chunks[0], tier)
-        self._lease: Lease | None = None
-
-    def take(self, index: int) -> Lease:
-        """Chunk ``index``'s lease (taken in order; the previous one is released)."""
-        if self._lease is not None:
-            self._lease.release()
-        pending = self._next or self.client.acquire_async(self.layer, self.chunks[index], self.tier)
-        self._next = None
-        if index + 1 < len(self.chunks):
-            self._next = self.client.acquire_async(self.layer, self.chunks[index + 1], self.tier)
-        self._lease = pending.result()
-        self.acquires += 1
-        return self._lease
-
-    def close(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-        if self._next is not None:
-            with contextlib.suppress(ExpertdError):  # never hide the error that brought us here
-                self._next.result().release()
 
 
 def hint_scores(logits: Tensor, top_k: int) -> tuple[list[int], list[float]]:

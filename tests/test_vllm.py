@@ -68,15 +68,15 @@ def checkpoints(workdir):
 
 
 def run_vllm(
-    model_dir: Path, address: str | None = None, record: Path | None = None, tp: int = 1
+    model_dir: Path, address: str | None = None, record: Path | None = None, tp: int = 1, prompts=PROMPTS
 ) -> list[dict]:
-    """A fresh vLLM `LLM` on `PROMPTS`: [{tokens, logprobs}], with expertd if ``address``;
+    """A fresh vLLM `LLM` on ``prompts``: [{tokens, logprobs}], with expertd if ``address``;
     ``record``: a folder for vLLM's returned routing (.npy per request, and trace.etrace)."""
     env = {**os.environ, **CPU_ENV}
     env.pop("EXPERTD_VLLM", None)
     if address:
         env["EXPERTD_VLLM"] = address
-    args = [sys.executable, str(RUNNER), str(model_dir), json.dumps(PROMPTS), "--max-tokens", str(NEW_TOKENS)]
+    args = [sys.executable, str(RUNNER), str(model_dir), json.dumps(prompts), "--max-tokens", str(NEW_TOKENS)]
     if tp > 1:
         args += ["--tp", str(tp)]
     if record is not None:
@@ -115,8 +115,10 @@ def test_vllm_with_expertd_generates_vllms_own_tokens(name, checkpoints, workdir
         daemon.kill()
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
     assert [r["logprobs"] for r in got] == [r["logprobs"] for r in want], "same kernel, same weights: exact"
-    # Both prompts run in one batch: one prefill pass, then one decode pass per further token.
-    assert stats["acquires"]["count"] == NEW_TOKENS * LAYERS
+    # Every pass leased each layer once. Passes: one per token at least; more when the second
+    # prompt reaches the engine a step after the first (vLLM's scheduling, not ours).
+    passes, rest = divmod(stats["acquires"]["count"], LAYERS)
+    assert rest == 0 and passes >= NEW_TOKENS
     assert stats["tiers"]["device"]["evictions"] > 0, "the device tier is smaller than the model"
 
 
@@ -125,34 +127,32 @@ def test_a_pass_needing_more_experts_than_the_tier_holds_is_leased_in_chunks(che
 
     The run also returns vLLM's own routing (``enable_return_routed_experts``): the recorder's
     trace and the converter's agree with it, and the daemon saw exactly those experts leased.
+    One prompt, so the passes are known: the prefill, then one per generated token but the last.
     """
     model_dir, store, want = checkpoints("qwen3_moe")
     daemon = serve(store, workdir, device_slots=6)
     record = workdir / "record"
+    prompt = PROMPTS[0]
     try:
-        got = run_vllm(model_dir, daemon.address, record=record)
+        (got,) = run_vllm(model_dir, daemon.address, record=record, prompts=[prompt])
         stats = daemon_stats(daemon.address)
     finally:
         daemon.kill()
     assert stats["acquires"]["count"] > NEW_TOKENS * LAYERS, "the prefill should have been leased in chunks"
-    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
-    for mine, theirs in zip(got, want, strict=True):  # chunk outputs are summed: close, not exact
-        assert mine["logprobs"] == pytest.approx(theirs["logprobs"], abs=2e-2)
+    assert got["tokens"] == want[0]["tokens"]  # the reference ran batched with a second prompt:
+    assert got["logprobs"] == pytest.approx(want[0]["logprobs"], abs=2e-2)  # and chunks sum: close
 
     trace = read_trace(record / "trace.etrace")
-    routed = [trace.experts[trace.request == r].reshape(-1, LAYERS, trace.meta.top_k) for r in range(2)]
-    for prompt, rows in zip(PROMPTS, routed, strict=True):  # the last token is never forwarded
-        assert len(rows) == len(prompt) + NEW_TOKENS - 1
-    phases = trace.phase[trace.request == 1][::LAYERS].tolist()
-    assert phases == [PHASE_PREFILL] * len(PROMPTS[1]) + [PHASE_DECODE] * (NEW_TOKENS - 1)
+    routed = trace.experts.reshape(-1, LAYERS, trace.meta.top_k)  # [tokens, layers, k]
+    assert len(routed) == len(prompt) + NEW_TOKENS - 1  # the last token is never forwarded
+    phases = trace.phase[::LAYERS].tolist()
+    assert phases == [PHASE_PREFILL] * len(prompt) + [PHASE_DECODE] * (NEW_TOKENS - 1)
     convert("vllm-routed-experts", record, workdir / "converted.etrace", ConvertOptions(num_experts=32))
     assert np.array_equal(read_trace(workdir / "converted.etrace").experts, trace.experts)
-    # One prefill pass of both prompts, then one decode pass per token: each leases the union.
-    pairs = list(zip(routed, PROMPTS, strict=True))
-    prefill = [np.unique(np.concatenate([r[: len(p), layer] for r, p in pairs])) for layer in range(LAYERS)]
-    decode = [np.unique(np.concatenate([r[len(p) - 1 + j, layer] for r, p in pairs]))
-              for j in range(1, NEW_TOKENS) for layer in range(LAYERS)]  # fmt: skip
-    assert stats["tiers"]["device"]["accesses"] == sum(map(len, prefill + decode))
+    # The prefill pass leases each layer's union over the prompt; a decode pass, its token's k.
+    prefill = sum(len(np.unique(routed[: len(prompt), layer])) for layer in range(LAYERS))
+    decode = (NEW_TOKENS - 1) * LAYERS * trace.meta.top_k
+    assert stats["tiers"]["device"]["accesses"] == prefill + decode
 
 
 def _free_port() -> int:
@@ -239,4 +239,5 @@ def test_two_tensor_parallel_ranks_each_with_its_own_daemon(checkpoints, workdir
             daemon.kill()
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
     assert [r["logprobs"] for r in got] == [r["logprobs"] for r in want]
-    assert [s["acquires"]["count"] for s in stats] == [NEW_TOKENS * LAYERS] * 2  # each rank, every pass
+    counts = [s["acquires"]["count"] for s in stats]
+    assert counts[0] == counts[1] and counts[0] % LAYERS == 0 and counts[0] >= NEW_TOKENS * LAYERS
