@@ -69,7 +69,10 @@ def test_an_openai_response_gives_one_request_per_choice(tmp_path: Path) -> None
     first, second = routing(6, "uint16"), routing(2)
     response = {
         "object": "text_completion",
-        "choices": [{"index": 0, "routed_experts": npy_b64(first)}, {"index": 1, "routed_experts": npy_b64(second)}],
+        "choices": [
+            {"index": 0, "routed_experts": npy_b64(first)},
+            {"index": 1, "routed_experts": npy_b64(second)},
+        ],
     }
     (tmp_path / "resp.json").write_text(json.dumps(response))
     trace = convert_to("vllm-routed-experts", tmp_path / "resp.json", tmp_path, model="m")
@@ -112,22 +115,26 @@ def write(tmp_path: Path, name: str, content: object) -> Path:
     return path
 
 
+NPY_HEADER_ONLY = b"\x93NUMPY\x01\x00v\x00{'descr': '<i4', 'fortran_order': False, 'shape': (99999, 48, 8), }"
 BAD = {
-    "out of range": ("a.npy", np.full((2, LAYERS, K), EXPERTS, np.int32), "token 0 layer 0: expert id 16 out of range"),
+    "out of range": (
+        "a.npy", np.full((2, LAYERS, K), EXPERTS, np.int32), "token 0 layer 0: expert id 16 out of range"
+    ),
     "duplicate": ("a.npy", np.zeros((1, LAYERS, K), np.int32), "duplicate expert id 0"),
     "negative": ("a.json", [[[-1, 1, 2, 3]] * LAYERS], "expert id -1 out of range"),
-    "float ids": ("a.npy", routing(2).astype(np.float32), "expert ids are float32, expected an integer dtype"),
+    "float ids": ("a.npy", routing(2).astype(np.float32), "expert ids are float32, expected an integer"),
     "rank": ("a.npy", np.arange(8, dtype=np.int32), "shape [8], expected [tokens, layers, top_k]"),
     "top-k too big": ("a.npy", np.zeros((1, 1, 65), np.int32), "1 layers x top-65 is out of bounds"),
     "empty": ("a.npy", np.zeros((0, LAYERS, K), np.int32), "no tokens"),
     "pickle": ("a.npy", np.array([{"x": 1}], dtype=object), "not a .npy array"),
-    "truncated": ("a.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<i4', 'fortran_order': False, 'shape': (99999, 48, 8), }",
-                  "not a .npy array"),
+    "truncated": ("a.npy", NPY_HEADER_ONLY, "not a .npy array"),
     "not base64": ("a.json", {"routed_experts": "@@@"}, "not base64"),
     "base64 of junk": ("a.json", {"routed_experts": base64.b64encode(b"junk").decode()}, "not a .npy array"),
-    "no routing": ("a.json", {"choices": [{"text": "x", "routed_experts": None}]}, "--enable-return-routed-experts"),
+    "no routing": (
+        "a.json", {"choices": [{"text": "x", "routed_experts": None}]}, "--enable-return-routed-experts"
+    ),
     "not json": ("a.json", b"{nope", "not JSON"),
-    "ragged": ("a.json", [[[0, 1, 2, 3]], [[0, 1]]], "expected base64 .npy text or a [tokens][layers][k] list"),
+    "ragged": ("a.json", [[[0, 1, 2, 3]], [[0, 1]]], "expected base64 .npy text or a [tokens][layers][k]"),
     "a string": ("a.json", "hello", "expected a list or an object, got str"),
 }  # fmt: skip
 
@@ -165,7 +172,8 @@ class _RequestOutput:
     """The two fields of vLLM's RequestOutput the recorder reads (vLLM itself: tests/test_vllm.py)."""
 
     def __init__(self, request_id: str, prompt: int, routed: np.ndarray) -> None:
-        self.request_id, self.prompt_token_ids, self.outputs = request_id, list(range(prompt)), [_Completion(routed)]
+        self.request_id, self.prompt_token_ids = request_id, list(range(prompt))
+        self.outputs = [_Completion(routed)]
 
 
 def test_the_recorder_marks_each_prompt_as_prefill(tmp_path: Path) -> None:

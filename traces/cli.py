@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
     convert.add_argument("--source", help="provenance text (default: format and file names)")
     convert.add_argument("--experts", type=int, help="experts per layer, where the source omits it")
     convert.add_argument("--layers", type=int, help="MoE layers, where the source has no shape (SGLang)")
-    convert.add_argument("--top-k", type=int, help="experts per token, where the source has no shape (SGLang)")
+    convert.add_argument("--top-k", type=int, help="experts per token, where the source has none (SGLang)")
     convert.set_defaults(func=cmd_convert)
 
     stats = commands.add_parser("stats", help="tokens, layers, skew and temporal reuse of a trace")
