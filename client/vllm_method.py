@@ -124,6 +124,8 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
         assert self.store is not None and self.moe_kernel is not None, "weights were not processed"
         client = process_client(self.tp_rank)
         order = acquire_order(topk_ids, topk_weights)  # [T, k] -> experts, as expertd.client.hf asks
+        if not order:  # a pass with no tokens (an idle rank's dummy batch)
+            return torch.zeros_like(x)
         chunks = chunks_of(order, self.limit, self.chunk)
         leases = ChunkLeases(client, self.store.index, chunks, self.tier)
         if self.hint:
@@ -134,7 +136,8 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
             for index, chunk in enumerate(chunks):
                 experts = sorted(chunk)  # the kernel meets them in expert-id order, as it would
                 lease = leases.take(index)
-                kernel = _KernelWeights(*gather(lease, experts, self.store.names, self.part))
+                w13, w2 = gather(lease, experts, self.store.names, self.part)  # a host tier: copied over
+                kernel = _KernelWeights(w13.to(x.device), w2.to(x.device))
                 self.moe_kernel.fused_experts.process_weights_after_loading(kernel)
                 ids, weights = renumber(topk_ids, topk_weights, experts, self.num_experts)
                 part = self.moe_kernel.apply(
