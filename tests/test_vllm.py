@@ -30,7 +30,7 @@ from vllm_run import CPU_ENV, CPU_OVERRIDES, engine_args  # noqa: E402
 
 from expertd.client import ExpertClient  # noqa: E402
 from expertd.client.hf_tiny import tiny_model  # noqa: E402
-from expertd.daemon.pack_hf import pack_hf  # noqa: E402
+from expertd.daemon.store.pack_hf import pack_hf  # noqa: E402
 from expertd.traces.convert import ConvertOptions, convert  # noqa: E402
 from expertd.traces.format import PHASE_DECODE, PHASE_PREFILL, read_trace  # noqa: E402
 

@@ -25,7 +25,7 @@ from expertd.client.vllm_plugin import (
     renumber,
     store_layer,
 )
-from expertd.daemon.pack_hf import pack_hf
+from expertd.daemon.store.pack_hf import pack_hf
 
 
 def test_the_switch_is_off_unless_set() -> None:
