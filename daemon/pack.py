@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from expertd.daemon.checkpoint import scan_checkpoint
+from expertd.daemon.checkpoint import CheckpointPlan, scan_checkpoint
 from expertd.daemon.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
+from expertd.daemon.families import ExpertLayout
 from expertd.daemon.store import (
     BLOB_ALIGN_BYTES,
     CODEC_NONE,
@@ -284,11 +285,20 @@ def pack_safetensors(
     lz4_level: int = 0,
     force: bool = False,
     progress: bool = False,
+    expert_layout: ExpertLayout | None = None,
+    check: Callable[[CheckpointPlan], None] | None = None,
 ) -> StoreManifest:
-    """Pack a Hugging Face checkpoint's routed experts; raises `CheckpointError` on bad input."""
+    """Pack a Hugging Face checkpoint's routed experts; raises `CheckpointError` on bad input.
+
+    ``check``: called with the scanned checkpoint before anything is written (raise to refuse).
+    ``expert_layout``: recorded in the manifest (`expertd pack --from-hf` knows it).
+    """
     check_options(out_dir, codec, lz4_level, force)
     with scan_checkpoint(checkpoint_dir) as plan:
+        if check is not None:
+            check(plan)
         meta = {
+            "expert_layout": expert_layout,
             "model": plan.model,
             "architecture": plan.architecture,
             "naming": plan.naming,

@@ -509,6 +509,7 @@ class Server:
             "checkpoint_layers": list(manifest.checkpoint_layers),  # store layer i is checkpoint layer [i]
             "dtype": manifest.dtype,
             "tensors": [t.to_json() for t in manifest.tensors],
+            "expert_layout": None if manifest.expert_layout is None else manifest.expert_layout.to_json(),
             "raw_bytes": manifest.raw_bytes,
             "slot_bytes": manifest.slot_bytes,
             "tiers": tiers,
