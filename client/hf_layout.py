@@ -31,7 +31,8 @@ COMPARED = ("family", "transposed", "bias", "gate_up", "experts_call")
 
 def model_layout(model: nn.Module, layers: list[MoELayer]) -> ExpertLayout:
     """The layout ``model``'s experts compute with; `ModelLayoutError` if its class says otherwise."""
-    config = model.config.to_dict() if hasattr(model, "config") else {}
+    model_config: Any = getattr(model, "config", None)
+    config: dict[str, Any] = model_config.to_dict() if model_config is not None else {}
     kind = str(config.get("model_type"))
     if kind in FAMILY_OF:
         try:
@@ -75,7 +76,10 @@ def _legacy_layout(tensors: set[str], expected: ExpertLayout) -> ExpertLayout:
             return ExpertLayout(family=expected.family, weights=weights)
     known = " or ".join("/".join(NAMING_WEIGHTS[n]["gate_up_proj"] + NAMING_WEIGHTS[n]["down_proj"])
                         for n in ("mixtral", "experts", "llama4"))  # fmt: skip
-    raise ModelLayoutError(f"the daemon's experts hold {sorted(tensors)}; expected {known}")
+    raise ModelLayoutError(
+        f"the daemon's experts hold {sorted(tensors)}, in a store packed before expertd recorded expert "
+        f"layouts, read as plain SwiGLU ({known}): repack it with `expertd pack --from-hf`"
+    )
 
 
 def slot_layout(client: Any, layers: list[MoELayer], expected: ExpertLayout) -> SlotLayout:

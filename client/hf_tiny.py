@@ -106,7 +106,8 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "granitemoehybrid": (
         "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
         {"intermediate_size": 32, "num_local_experts": 8, "num_experts_per_tok": 2,
-         "shared_intermediate_size": 32, "mamba_n_heads": 8, "mamba_d_state": 8, "mamba_d_head": 16, "mamba_chunk_size": 16},
+         "shared_intermediate_size": 32, "mamba_n_heads": 8, "mamba_d_state": 8, "mamba_d_head": 16,
+         "mamba_chunk_size": 16},
     ),
     "dbrx": (
         "DbrxConfig", "DbrxForCausalLM",
@@ -165,3 +166,9 @@ def tiny_model(
 def byte_prompt(text: str) -> torch.Tensor:
     """``text``'s UTF-8 bytes as token ids [1, n] (the tiny models' vocabulary is bytes)."""
     return torch.tensor([list(text.encode())], dtype=torch.long)
+
+
+if __name__ == "__main__":  # README.md's list of families: what tests/test_hf.py runs with this transformers
+    from expertd.daemon.families import readme_line
+
+    print(readme_line(installed()))

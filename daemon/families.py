@@ -95,6 +95,8 @@ class ExpertLayout:
         ):
             raise ValueError(f"{where}.weights: expected parameter name -> list of tensor names")
         values: dict[str, Any] = {"weights": {k: tuple(v) for k, v in weights.items()}}
+        if "family" not in obj:
+            raise ValueError(f"{where}: missing field 'family'")
         for name in ("family", "gate_up", "activation", "router", "experts_call"):
             value = obj.get(name, fields[name].default)
             if not isinstance(value, str):
@@ -163,7 +165,7 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The keys of the text model (a multimodal config nests them under ``text_config``)."""
     family = FAMILY_OF.get(str(config.get("model_type")))
     if family is not None and family.sub_config and isinstance(config.get(family.sub_config), dict):
-        return config[family.sub_config]  # type: ignore[no-any-return]
+        return config[family.sub_config]
     return config
 
 
@@ -332,6 +334,8 @@ def check_checkpoint(
             )
 
 
-def covered_titles() -> list[str]:
-    """The README's list of supported families, in table order."""
-    return [f.title for f in FAMILIES]
+def readme_line(covered: list[str]) -> str:
+    """The README's sentence listing the supported families: those of `FAMILIES` in ``covered``
+    (model types that tests/test_hf.py runs), in table order."""
+    titles = [f.title for f in FAMILIES if f.model_types[0] in covered]
+    return f"Supported families ({len(titles)}): {', '.join(titles)}."
