@@ -149,6 +149,34 @@ def test_bf16_and_chunks_smaller_than_a_layer_stay_exact(implementation, checkpo
     assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
 
 
+@pytest.mark.parametrize(
+    ("name", "implementation"),
+    [("gpt_oss", "eager"), ("gpt_oss", "grouped_mm"), ("gpt_oss", "batched_mm"), ("llama4_text", None),
+     ("dbrx", None)],
+)  # fmt: skip
+def test_biased_transposed_dense_and_split_experts_stay_exact_in_chunks(
+    name, implementation, checkpoints, workdir
+):
+    """GPT-OSS (biases, [in, out] weights, interleaved gate/up) in each implementation, Llama-4's
+    dense experts and DBRX's w1/v1/w2, on a device tier of 3 slots: every layer in chunks."""
+    model_dir, store = checkpoints(name)
+    reference = load(model_dir, torch.float32, implementation)
+    model = load(model_dir, torch.float32, implementation)
+    ids = byte_prompt(PROMPT)
+    with torch.no_grad():
+        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
+    daemon = serve(store, workdir, device_slots=3)
+    try:
+        with ExpertClient(daemon.address) as client:
+            run = offload(model, client, hint=True)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, want_logits)
+                assert torch.equal(generate(model, ids), want_tokens)
+    finally:
+        daemon.kill()
+    assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
+
+
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
 def test_a_store_whose_gate_and_up_are_apart_still_computes_exactly(implementation, workdir):
     """F x D x 2 bytes not a multiple of 256: gate and up are padded apart in the slot, so there
