@@ -247,11 +247,18 @@ class Offload:
                 f"experts_implementation {impl!r} is not supported with expertd "
                 f"(supported: {', '.join(IMPLEMENTATIONS)}); model.set_experts_implementation('grouped_mm')"
             )
+        expected = 1 if dense else 3
+        if len(args) != expected or (dense and index not in self._routed):
+            raise ModelLayoutError(
+                f"MoE layer {index}'s experts were called with {len(args)} arguments"
+                + (" before its router ran" if len(args) == expected else f"; the {self.layout.family} "
+                   f"experts take {expected} ({self.layout.experts_call})")
+            )  # fmt: skip
         if dense:  # Llama-4: experts(routed_in [E*T, D]); the router hook saw the routing
             hidden, experts, weights = args[0], None, None
             order = self._routed.pop(index)
         else:  # experts(hidden [T, D], top_k_index [T, k], top_k_weights [T, k])
-            hidden, experts, weights = args[0], args[1], args[2]
+            hidden, experts, weights = args
             order = acquire_order(experts, weights)
         pending = self._pending.pop(index, None)
         if pending is not None and pending[0] != order:  # the router ran again since: not this pass
