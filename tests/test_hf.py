@@ -91,6 +91,34 @@ def generate(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
 
 
+def run_matches_the_model(
+    model_dir: Path,
+    store: Path,
+    workdir: Path,
+    dtype: torch.dtype,
+    implementation,
+    device_slots: int,
+    *,
+    hint: bool = False,
+):
+    """Offload a fresh copy of the model through a daemon of ``device_slots`` device slots: its
+    logits and greedy tokens equal the untouched copy's. Returns the `Offload`."""
+    reference, model = load(model_dir, dtype, implementation), load(model_dir, dtype, implementation)
+    ids = byte_prompt(PROMPT)
+    with torch.no_grad():
+        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
+    daemon = serve(store, workdir, device_slots=device_slots)
+    try:
+        with ExpertClient(daemon.address) as client:
+            run = offload(model, client, hint=hint)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, want_logits)
+                assert torch.equal(generate(model, ids), want_tokens)
+    finally:
+        daemon.kill()
+    return run
+
+
 @pytest.mark.parametrize("name", installed())
 def test_offloaded_model_equals_the_model_bit_for_bit(name, checkpoints, workdir):
     """The model's own router, the daemon's weights: logits and greedy tokens are the model's."""
@@ -132,20 +160,8 @@ def test_offloaded_model_equals_the_model_bit_for_bit(name, checkpoints, workdir
 def test_bf16_and_chunks_smaller_than_a_layer_stay_exact(implementation, checkpoints, workdir):
     """bf16, each experts implementation, and a device tier smaller than one layer's experts."""
     model_dir, store = checkpoints("qwen3_moe", torch.bfloat16)
-    reference = load(model_dir, torch.bfloat16, implementation)
-    model = load(model_dir, torch.bfloat16, implementation)
-    ids = byte_prompt(PROMPT)
-    with torch.no_grad():
-        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
-    daemon = serve(store, workdir, device_slots=12)  # a layer has 32 experts; the prompt routes to more
-    try:
-        with ExpertClient(daemon.address) as client:
-            run = offload(model, client)
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, want_logits)
-                assert torch.equal(generate(model, ids), want_tokens)
-    finally:
-        daemon.kill()
+    # a layer has 32 experts; the prompt routes to more than 12
+    run = run_matches_the_model(model_dir, store, workdir, torch.bfloat16, implementation, device_slots=12)
     assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
 
 
@@ -160,20 +176,7 @@ def test_biased_transposed_dense_and_split_experts_stay_exact_in_chunks(
     """GPT-OSS (biases, [in, out] weights, interleaved gate/up) in each implementation, Llama-4's
     dense experts and DBRX's w1/v1/w2, on a device tier of 3 slots: every layer in chunks."""
     model_dir, store = checkpoints(name)
-    reference = load(model_dir, torch.float32, implementation)
-    model = load(model_dir, torch.float32, implementation)
-    ids = byte_prompt(PROMPT)
-    with torch.no_grad():
-        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
-    daemon = serve(store, workdir, device_slots=3)
-    try:
-        with ExpertClient(daemon.address) as client:
-            run = offload(model, client, hint=True)
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, want_logits)
-                assert torch.equal(generate(model, ids), want_tokens)
-    finally:
-        daemon.kill()
+    run = run_matches_the_model(model_dir, store, workdir, torch.float32, implementation, 3, hint=True)
     assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
 
 
@@ -188,20 +191,7 @@ def test_a_store_whose_gate_and_up_are_apart_still_computes_exactly(implementati
     manifest = pack_hf(base / "model", base / "store")
     gate, up = manifest.tensors[0], manifest.tensors[1]
     assert up.offset > gate.offset + gate.nbytes, "the test needs padding between gate and up"
-    reference = load(base / "model", torch.bfloat16, implementation)
-    model = load(base / "model", torch.bfloat16, implementation)
-    ids = byte_prompt(PROMPT)
-    with torch.no_grad():
-        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
-    daemon = serve(base / "store", workdir, device_slots=12)
-    try:
-        with ExpertClient(daemon.address) as client:
-            offload(model, client)
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, want_logits)
-                assert torch.equal(generate(model, ids), want_tokens)
-    finally:
-        daemon.kill()
+    run_matches_the_model(base / "model", base / "store", workdir, torch.bfloat16, implementation, 12)
 
 
 @pytest.mark.gpu
@@ -288,6 +278,10 @@ def test_pack_from_hf_on_the_command_line(checkpoints, workdir):
     assert "packed 4 layers x 16 experts" in out.stdout
     manifest = json.loads((workdir / "olmoe-cli" / "manifest.json").read_text())
     assert manifest["checkpoint_layers"] == [0, 1, 2, 3]
+    info = subprocess.run(
+        [*EXPERTD, "store", "info", str(workdir / "olmoe-cli")], capture_output=True, text=True, timeout=60
+    )
+    assert "layout     olmoe: gate_up_proj = gate_proj + up_proj, down_proj = down_proj;" in info.stdout
 
 
 def test_the_demo_generates_through_expertd_and_reports():
