@@ -54,7 +54,7 @@ from expertd.daemon.protocol import (
     decode_reply,
     encode_request,
 )
-from expertd.daemon.slabs import SlabError
+from expertd.daemon.service.slabs import SlabError
 
 log = logging.getLogger("expertd.client")
 
@@ -100,7 +100,7 @@ class ExpertClient:
         (default: $EXPERTD_SERVER_KEY, $EXPERTD_CLIENT_KEY); ``admin_token``: for admin
         operations over ipc:// when the daemon requires it."""
         if address is None:
-            from expertd.daemon.config import default_address
+            from expertd.daemon.service.config import default_address
 
             address = default_address()
         self.address = address
@@ -595,7 +595,7 @@ class ExpertClient:
 
 def _use_curve(sock: zmq.Socket, server_key: Any, client_key: Any) -> None:
     """tcp://: authenticate with CURVE (the daemon refuses anything else)."""
-    from expertd.daemon.auth import AuthError, read_certificate
+    from expertd.daemon.service.auth import AuthError, read_certificate
 
     server_key = server_key or os.environ.get("EXPERTD_SERVER_KEY")
     client_key = client_key or os.environ.get("EXPERTD_CLIENT_KEY")

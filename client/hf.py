@@ -71,8 +71,8 @@ from expertd.client.hf_layers import (
     transformers_version,
 )
 from expertd.client.hf_layout import model_layout, slot_layout
-from expertd.daemon.families import ExpertLayout
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
+from expertd.daemon.store.families import ExpertLayout
 
 log = logging.getLogger(__name__)
 

@@ -79,7 +79,7 @@ class DaemonProcess:
 
 def ping(address: str, timeout_ms: int = 1000) -> bool:
     """Does a daemon answer at ``address``? (the probe the daemon itself uses at start)"""
-    from expertd.daemon.listener import answers
+    from expertd.daemon.service.listener import answers
 
     return answers(zmq.Context.instance(), address, timeout_ms)
 

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-#: How a checkpoint names its routed experts (`expertd.daemon.checkpoint` finds them), and the
+#: How a checkpoint names its routed experts (`expertd.daemon.store.checkpoint` finds them), and the
 #: store tensors each naming gives: (name, shape) per expert, gate before up before down.
 NAMING_TENSORS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "mixtral": (("w1", ("F", "D")), ("w3", ("F", "D")), ("w2", ("D", "F"))),

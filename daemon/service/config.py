@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon import defaults
+from expertd.daemon.core import defaults
 
 
 class ConfigError(ValueError):
@@ -348,7 +348,7 @@ def config_doc() -> str:
     lines = [
         "# expertd.toml reference",
         "",
-        "Generated from `expertd/daemon/config.py`. Unknown keys are errors.",
+        "Generated from `expertd/daemon/service/config.py`. Unknown keys are errors.",
         "",
     ]
     section = None

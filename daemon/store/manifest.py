@@ -3,7 +3,7 @@
 A store directory holds ``manifest.json`` and ``experts.bin``. Each routed expert is one
 blob: its tensors laid out back to back (the layout is the same for every expert,
 `TensorSpec` offsets inside the raw blob), stored at a `BLOB_ALIGN_BYTES`-aligned offset
-of the data file, raw or compressed (`expertd.daemon.codec`), with xxhash64 checksums of
+of the data file, raw or compressed (`expertd.daemon.store.codec`), with xxhash64 checksums of
 both the raw and the stored bytes. Layers are MoE layer indices ``0..L-1``;
 ``checkpoint_layers`` maps them back to the checkpoint's layer ids.
 
@@ -11,7 +11,7 @@ Everything read from disk is untrusted: `load_manifest` checks types, bounds and
 consistency and raises `StoreFormatError` naming the offending field. This module is
 pure (no torch, no I/O beyond reading the manifest) so the daemon core can import it.
 
-``expert_layout`` (optional, `expertd.daemon.families.ExpertLayout`) says how the expert's
+``expert_layout`` (optional, `expertd.daemon.store.families.ExpertLayout`) says how the expert's
 tensors make the model's expert parameters and compute; stores packed before it existed have
 none and are read as plain SwiGLU experts named by their tensors.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon.families import ExpertLayout
+from expertd.daemon.store.families import ExpertLayout
 
 STORE_FORMAT = "expertd-store"
 STORE_FORMAT_VERSION = 1
