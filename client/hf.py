@@ -208,7 +208,7 @@ class Offload:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if forward_pass(args, kwargs).new_generation:
-            self.client.begin_request()  # the daemon's predictors keep history per generation
+            self.client.begin_generation()  # the daemon's predictors keep history per generation
             self.stats.generations += 1
 
     def _make_router_args_hook(self, index: int) -> Callable[..., None]:
@@ -358,7 +358,7 @@ class Offload:
         for index in list(self._pending):
             self._drop_pending(index)
         if not self.client.closed:
-            self.client.end_request()
+            self.client.end_generation()
 
 
 def _extra_arguments(layer: MoELayer) -> tuple[tuple, dict] | None:
@@ -388,7 +388,7 @@ def offload(
 
     ``tier``: where leases are taken (default: the daemon's, the device tier if it has one).
     ``hint``: send each next layer's gate guess ahead of its acquire. ``new_generations``: a
-    forward pass with an empty cache starts a new generation at the daemon (`begin_request`).
+    forward pass with an empty cache starts a new generation at the daemon (`begin_generation`).
     Raises `ModelLayoutError` (naming what was found) if the model or the store do not match.
     """
     layers = find_moe_layers(model)

@@ -1,6 +1,6 @@
 """Where a transformers MoE model keeps its routed experts, and what one forward pass looks like.
 
-Shared by `expertd.client.hf` (offload) and `expertd.client.record` (the routing recorder).
+Shared by `expertd.client.hf` (offload) and `expertd.traces.record` (the routing recorder).
 Supported: the layout of transformers >= 5, where every sparse MoE block has a router child
 (``gate`` or ``router``) and an experts child holding the experts' stacked parameters, as
 `expertd.daemon.store.families` lists them per family: ``gate_up_proj [E, 2F, D]`` and

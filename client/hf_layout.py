@@ -17,6 +17,7 @@ from torch import nn
 
 from expertd.client.hf_experts import SlotLayout, SlotWeight
 from expertd.client.hf_layers import ModelLayoutError, MoELayer, transformers_version
+from expertd.client.views import torch_dtype
 from expertd.daemon.store.families import (
     FAMILY_OF,
     NAMING_WEIGHTS,
@@ -111,7 +112,7 @@ def slot_layout(client: Any, layers: list[MoELayer], expected: ExpertLayout) -> 
         parts = [tensors[n] for n in store.weights[name]]
         rest = {tuple(t.shape[1:]) for t in parts}
         stored = (sum(t.shape[0] for t in parts), *next(iter(rest))) if len(rest) == 1 else ()
-        if stored != shape or any(t.dtype != param.dtype for t in parts):
+        if stored != shape or any(torch_dtype(t.dtype) != param.dtype for t in parts):
             got = ", ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in parts)
             raise ModelLayoutError(
                 f"the daemon's {got}; the model's {name} is {list(shape)} {param.dtype} per expert "

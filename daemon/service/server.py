@@ -10,13 +10,11 @@ answers waiting acquires with ``shutting_down`` and removes the shared memory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import heapq
 import hmac
 import itertools
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -26,67 +24,27 @@ import zmq
 
 from expertd.daemon import protocol as proto
 from expertd.daemon.core.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
-from expertd.daemon.core.isolation import PrivateTiming
-from expertd.daemon.core.manager import ManagerConfig
-from expertd.daemon.core.partitions import PartitionError, Partitions
-from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.daemon.service.auth import parse_user_id
 from expertd.daemon.service.config import ServeConfig, TenantPolicy
 from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
-    TransferEngine,
-    cpu_copier,
-    cuda_copier,
     decode_completion,
 )
-from expertd.daemon.service.faults import read_errors_from_env
-from expertd.daemon.service.listener import StartupError, listen, share_slabs
-from expertd.daemon.service.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
+from expertd.daemon.service.sessions import (
+    DAEMON_VERSION,
+    Session,
+    TenantCounters,
+    daemon_stats,
+    status_line,
+    tenant_stats,
+)
+from expertd.daemon.service.startup import TICK_S, Parts, load_predictor_state, start_parts
 from expertd.daemon.service.systemd import Notifier
-from expertd.daemon.store.reader import StoreReader
-from expertd.policies.base import Geometry
 
 log = logging.getLogger("expertd")
 
-DAEMON_VERSION = "0.1.0"
 SHARED = TenantPolicy()
-TICK_S = 0.1  # lease expiry and watchdog granularity
 STATUS_EVERY_S = 5.0
-
-
-def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
-    """The [prefetch] keys as the cache manager takes them (ValueError names a bad one)."""
-    return PrefetchConfig(
-        None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
-        depth=cfg.prefetch_depth,
-        min_prob=cfg.prefetch_min_prob,
-        budget=cfg.prefetch_budget,
-        width=cfg.prefetch_width,
-        share=cfg.prefetch_share,
-        window=cfg.prefetch_window,
-    )
-
-
-@dataclasses.dataclass
-class Session:
-    name: str
-    tenant: str
-    pid: int
-    since: float
-    role: str = "client"  # or "admin": shutdown, every tenant's stats
-    requests: int = 0
-
-
-@dataclasses.dataclass
-class TenantCounters:
-    """What one tenant's acquires met: the stats it may see (not other tenants' routing)."""
-
-    acquires: int = 0
-    accesses: int = 0
-    hits: int = 0
-    waited: int = 0
-    stall_s: float = 0.0
-    errors: int = 0
 
 
 class Server:
@@ -124,145 +82,30 @@ class Server:
         log.info("serving %s at %s", self.manifest.model, self.address)
 
     def _start(self) -> None:
-        cfg = self.config
-        removed = clean_stale()
-        if removed:
-            log.warning("removed %d stale shared-memory file(s) of dead daemons", len(removed))
-        direct = {"auto": None, "on": True, "off": False}[cfg.transfers_direct_io]
+        parts = Parts(self._closers)
         try:
-            self.reader = StoreReader(cfg.store, direct=direct)
-        except Exception as exc:
-            raise StartupError(f"cannot open store {cfg.store}: {exc}") from None
-        self._closers.append(self.reader)
-        manifest = self.manifest = self.reader.manifest
-        num_keys = manifest.num_layers * manifest.num_experts
-        slot_bytes = manifest.slot_bytes
-        host_slots = min(cfg.tiers_host_size.slots(slot_bytes), num_keys)
-        if host_slots < 1:
-            raise StartupError(
-                f"[tiers] host_size {cfg.tiers_host_size} holds no slot of {slot_bytes} bytes (one expert)"
-            )
-        try:
-            self.host = HostSlab("host", host_slots, slot_bytes)
-            self._closers.append(self.host)
-            self.device = None
-            if cfg.tiers_device != "off":
-                device_slots = min(cfg.tiers_device_size.slots(slot_bytes), num_keys)
-                if device_slots < 1:
-                    raise StartupError(
-                        f"[tiers] device_size {cfg.tiers_device_size} holds no slot of {slot_bytes} bytes"
-                    )
-                if cfg.tiers_device == "cpu":
-                    self.device = CpuDeviceSlab("device", device_slots, slot_bytes)
-                else:
-                    self.device = CudaDeviceSlab(device_slots, slot_bytes, cfg.tiers_cuda_device)
-                    self.host.pin_for_cuda()
-                self._closers.append(self.device)
-            if cfg.auth_socket_group:
-                share_slabs(cfg.auth_socket_group, (self.host, self.device))
-        except SlabError as exc:
-            raise StartupError(str(exc)) from None
-        from expertd.policies.registry import parse_spec, policy_class
-
-        for key, spec in (("host", cfg.policy_host), ("device", cfg.policy_device)):
-            policy = policy_class(parse_spec(spec)[0])
-            if policy.offline:
-                raise StartupError(f"[policy] {key} = {spec!r} needs the future: it is for replay only")
-            if policy.wants_estimates and cfg.prefetch_predictor == "none":
-                log.warning(
-                    "[policy] %s = %r with [prefetch] predictor = 'none': the policy learns with a "
-                    "predictor of its own inside every acquire (slower hits); without prediction, choose lru",
-                    key,
-                    spec,
-                )
-        try:
-            prefetch = prefetch_settings(cfg)
-        except ValueError as exc:
-            raise StartupError(f"[prefetch]: {exc}") from None
-        shares = {t: p.share for t, p in cfg.tenants.items() if p.isolation == "partitioned"}
-        manager_config = ManagerConfig(
-            Geometry(manifest.num_layers, manifest.num_experts),
-            host_slots=host_slots,
-            device_slots=self.device.num_slots if self.device else 0,
-            host_policy=cfg.policy_host,
-            device_policy=cfg.policy_device,
-            load_depth=cfg.transfers_load_threads or 1,
-            h2d_depth=cfg.transfers_h2d_depth or 1,
-            lease_timeout_s=cfg.clients_lease_timeout_s,
-            max_pending_per_client=cfg.clients_max_pending or 1,
-            max_queued_prefetches=cfg.transfers_max_queued_prefetches,
-            expert_bytes=manifest.raw_bytes,
-            prefetch=prefetch,
+            start_parts(self.config, parts)
+        finally:  # what did start is closed by `close`, the socket files removed
+            self.listener = parts.listener
+        assert parts.reader and parts.manifest and parts.host and parts.manager and parts.timing
+        assert parts.listener and parts.engine
+        self.reader, self.manifest, self.host, self.device = (
+            parts.reader,
+            parts.manifest,
+            parts.host,
+            parts.device,
         )
-        try:
-            self.manager = Partitions(manager_config, shares)
-        except PartitionError as exc:
-            raise StartupError(f"[tenants]: {exc}") from None
-        if cfg.prefetch_state is not None:
-            from expertd.daemon.core.prefetch_state import StateError
-
-            try:
-                self._load_predictor_state(cfg.prefetch_state)
-            except StateError as exc:
-                raise StartupError(f"[prefetch] state: {exc}") from None
-        self.timing = PrivateTiming(
-            Geometry(manifest.num_layers, manifest.num_experts),
-            {HOST: host_slots, DEVICE: self.device.num_slots if self.device else 0},
-            {HOST: cfg.policy_host, DEVICE: cfg.policy_device},
+        self.manager, self.timing, self.engine, self.metrics = (
+            parts.manager,
+            parts.timing,
+            parts.engine,
+            parts.metrics,
         )
-        self.context = zmq.Context()
-        self._closers.append(self.context)
-        self.listener = listen(self.context, self.address, cfg, self._closers, TICK_S)
-        self.router, self.curve = self.listener.router, self.listener.curve
-        self.admin_token = self.listener.admin_token
-        copier = None
-        if isinstance(self.device, CpuDeviceSlab):
-            copier = cpu_copier(self.host.slot, self.device.slot)
-        elif isinstance(self.device, CudaDeviceSlab):
-            copier = cuda_copier(self.host, self.device)
-        self.engine = TransferEngine(
-            self.context,
-            self.listener.completion_address,
-            read_expert=self._read_expert(),
-            num_experts=manifest.num_experts,
-            host_slot=self.host.slot,
-            copy_to_device=copier,
-            raw_bytes=manifest.raw_bytes,
-            load_threads=cfg.transfers_load_threads or 1,
-            h2d_depth=cfg.transfers_h2d_depth or 1,
-            prepare_thread=self.reader.prepare_thread,
-            curve=self.listener.engine_curve,
-        )
-        self.engine.start()
-        self._closers.append(self.engine)
-        if cfg.metrics_port:
-            from expertd.daemon.service.metrics import MetricsExporter, MetricsUnavailable
-
-            try:
-                self.metrics = MetricsExporter(cfg.metrics_port, cfg.metrics_address)
-            except MetricsUnavailable as exc:
-                raise StartupError(str(exc)) from None
-            self._closers.append(self.metrics)
-            log.info("metrics at http://%s:%d/metrics", cfg.metrics_address, self.metrics.port)
-
-    def _read_expert(self):
-        try:
-            return read_errors_from_env(self.reader.read_expert)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from None
+        self.router, self.curve = parts.listener.router, parts.listener.curve
+        self.admin_token = parts.listener.admin_token
 
     def _load_predictor_state(self, path: Path) -> None:
-        """The statistics every tenant's predictor starts from; `StateError` naming the problem."""
-        from expertd.daemon.core.prefetch_state import StateError, read_state
-        from expertd.policies.base import PolicyError
-
-        if self.manager.config.prefetch.predictor is None:
-            raise StateError(f"{path}: loading statistics needs a predictor ([prefetch] predictor)")
-        try:
-            self.manager.load_predictor_state(read_state(path, self.manifest.model))
-        except PolicyError as exc:
-            raise StateError(f"{path}: {exc}") from None
-        log.info("predictor statistics loaded from %s", path)
+        load_predictor_state(self.manager, path, self.manifest.model)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -313,7 +156,10 @@ class Server:
                         if len(frames) == 2:
                             request_id = proto.request_id_of(frames[1])
                             self._send_error(
-                                frames[0], request_id, "internal", f"internal error: {exc!r:.200}"
+                                frames[0],
+                                request_id,
+                                proto.ErrorCode.INTERNAL,
+                                f"internal error: {exc!r:.200}",
                             )
                 if now - last_tick >= TICK_S:
                     self._expire(now)
@@ -354,7 +200,9 @@ class Server:
         self.messages["received"] += 1
         if len(frames) != 2:
             self.messages["rejected"] += 1
-            self._send_error(frames[0], 0, "bad_request", f"expected 1 frame, got {len(frames) - 1}")
+            self._send_error(
+                frames[0], 0, proto.ErrorCode.BAD_REQUEST, f"expected 1 frame, got {len(frames) - 1}"
+            )
             return
         self._handle(frames[0], frames[1], now)
 
@@ -371,11 +219,13 @@ class Server:
             self._hello(identity, request_id, request, now)
             return
         if isinstance(request, proto.Ping) and request.reply:
-            self._send_ok(identity, request_id, {"pong": True})  # a liveness probe needs no session
+            self._send_ok(identity, request_id, proto.Pong())  # a liveness probe needs no session
         session = self.sessions.get(identity)
         if session is None:
             if request.op not in proto.NO_REPLY:
-                self._send_error(identity, request_id, "no_session", "say hello first (daemon restarted?)")
+                self._send_error(
+                    identity, request_id, proto.ErrorCode.NO_SESSION, "say hello first (daemon restarted?)"
+                )
             return
         session.requests += 1
         manager = self.manager
@@ -383,7 +233,9 @@ class Server:
         match request:
             case proto.Acquire():
                 if self._stopping:
-                    self._send_error(identity, request_id, "shutting_down", "the daemon is stopping")
+                    self._send_error(
+                        identity, request_id, proto.ErrorCode.SHUTTING_DOWN, "the daemon is stopping"
+                    )
                     return
                 self.acquires["count"] += 1
                 tenant = self.tenant_policy(session.tenant)
@@ -394,7 +246,7 @@ class Server:
                     )  # fmt: skip
                 commands = manager.acquire(
                     identity, request_id, request.layer, request.experts, request.tier, now, request.release,
-                    request.request,
+                    request.generation,
                 )  # fmt: skip
                 if self._answered_at_once(commands, identity, request_id):
                     self._send_lease(commands[0])  # the hit path
@@ -407,9 +259,9 @@ class Server:
                 unknown = manager.release_many(identity, request.leases, now)
                 if unknown:
                     text = f"no lease {', '.join(map(str, unknown))} (the others were released)"
-                    self._send_error(identity, request_id, "unknown_lease", text)
+                    self._send_error(identity, request_id, proto.ErrorCode.UNKNOWN_LEASE, text)
                 else:
-                    self._send_ok(identity, request_id, {})
+                    self._send_ok(identity, request_id, proto.Done())
                 self._execute(manager.settle(), now)
             case proto.Hint():
                 commands = manager.hint(
@@ -417,15 +269,15 @@ class Server:
                     request.layer,
                     request.experts,
                     now,
-                    request=request.request,
+                    generation=request.generation,
                     scores=request.scores,
                 )
                 self._execute(commands, now)
             case proto.End():
-                manager.end_request(identity, request.request)
+                manager.end_generation(identity, request.generation)
             case proto.Stats():
                 stats = self.stats() if session.role == "admin" else self.tenant_stats(session.tenant)
-                self._send_ok(identity, request_id, stats)
+                self._send_ok(identity, request_id, proto.StatsReply(stats))
             case proto.Ping():
                 pass  # the heartbeat above is all it does
             case proto.Bye():
@@ -433,7 +285,7 @@ class Server:
             case proto.Shutdown():
                 if self._admin(identity, request_id, session, "shutdown"):
                     log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
-                    self._send_ok(identity, request_id, {})
+                    self._send_ok(identity, request_id, proto.Done())
                     self._stopping = True
             case proto.LoadState():
                 if self._admin(identity, request_id, session, "load_state"):
@@ -444,7 +296,7 @@ class Server:
         if session.role == "admin":
             return True
         log.warning("refused %s from %s (tenant %s): not admin", op, session.name, session.tenant)
-        self._send_error(identity, request_id, "forbidden", f"{op} needs the admin role")
+        self._send_error(identity, request_id, proto.ErrorCode.FORBIDDEN, f"{op} needs the admin role")
         return False
 
     def _load_state_now(self, identity: bytes, request_id: int, path: Path) -> None:
@@ -455,17 +307,18 @@ class Server:
             self._load_predictor_state(path)
         except StateError as exc:
             log.warning("load_state refused: %s", exc)
-            self._send_error(identity, request_id, "bad_request", str(exc))
+            self._send_error(identity, request_id, proto.ErrorCode.BAD_REQUEST, str(exc))
             return
-        self._send_ok(identity, request_id, {"path": str(path)})
+        self._send_ok(identity, request_id, proto.LoadStateReply(str(path)))
 
     def _hello(self, identity: bytes, request_id: int, hello: proto.Hello, now: float) -> None:
         if hello.version != proto.PROTOCOL_VERSION:
             self._send_error(
                 identity,
                 request_id,
-                "unsupported_version",
-                f"client speaks protocol {hello.version}, this daemon {proto.PROTOCOL_VERSION}",
+                proto.ErrorCode.UNSUPPORTED_VERSION,
+                f"client speaks protocol {hello.version}, this daemon {proto.PROTOCOL_VERSION}: "
+                "use an expertd client of the daemon's version",
             )
             return
         if identity in self.sessions:
@@ -474,7 +327,7 @@ class Server:
             self._send_error(
                 identity,
                 request_id,
-                "too_many_clients",
+                proto.ErrorCode.TOO_MANY_CLIENTS,
                 f"{self.config.clients_max_clients} clients connected",
             )
             return
@@ -501,28 +354,28 @@ class Server:
         )
         return hello.tenant, "admin" if admin else "client"
 
-    def hello_reply(self) -> dict[str, Any]:
+    def hello_reply(self) -> proto.HelloReply:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
         if self.device is not None:
             tiers[DEVICE] = self.device.handle()
-        return {
-            "protocol": proto.PROTOCOL_VERSION,
-            "daemon": DAEMON_VERSION,
-            "model": manifest.model,
-            "num_layers": manifest.num_layers,
-            "num_experts": manifest.num_experts,
-            "checkpoint_layers": list(manifest.checkpoint_layers),  # store layer i is checkpoint layer [i]
-            "dtype": manifest.dtype,
-            "tensors": [t.to_json() for t in manifest.tensors],
-            "expert_layout": None if manifest.expert_layout is None else manifest.expert_layout.to_json(),
-            "raw_bytes": manifest.raw_bytes,
-            "slot_bytes": manifest.slot_bytes,
-            "tiers": tiers,
-            "default_tier": DEVICE if self.device is not None else HOST,
-            "heartbeat_s": self.config.clients_heartbeat_s,
-            "lease_timeout_s": self.config.clients_lease_timeout_s,
-        }
+        return proto.HelloReply(
+            protocol=proto.PROTOCOL_VERSION,
+            daemon=DAEMON_VERSION,
+            model=manifest.model,
+            num_layers=manifest.num_layers,
+            num_experts=manifest.num_experts,
+            checkpoint_layers=tuple(manifest.checkpoint_layers),
+            dtype=manifest.dtype,
+            tensors=manifest.tensors,
+            expert_layout=None if manifest.expert_layout is None else manifest.expert_layout.to_json(),
+            raw_bytes=manifest.raw_bytes,
+            slot_bytes=manifest.slot_bytes,
+            tiers=tiers,
+            default_tier=DEVICE if self.device is not None else HOST,
+            heartbeat_s=self.config.clients_heartbeat_s,
+            lease_timeout_s=self.config.clients_lease_timeout_s,
+        )
 
     def _expire(self, now: float) -> None:
         """Clients silent past the lease timeout lose their leases and their session."""
@@ -592,7 +445,7 @@ class Server:
         counters.acquires += 1
         counters.accesses += len(reply.slots)
         counters.hits += reply.hits
-        body = {"lease": reply.lease_id, "tier": reply.tier, "slots": list(reply.slots), "hits": reply.hits}
+        body = proto.LeaseReply(reply.lease_id, reply.tier, reply.slots, reply.hits)
         payload = proto.encode_reply(reply.request_id, body)
         misses = len(reply.slots) - reply.hits
         release_at = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
@@ -626,7 +479,7 @@ class Server:
                 )
                 self._forget(identity)
 
-    def _send_ok(self, identity: Any, request_id: int, body: dict[str, Any]) -> None:
+    def _send_ok(self, identity: Any, request_id: int, body: proto.ReplyBody) -> None:
         self._send(identity, proto.encode_reply(request_id, body))
 
     def _send_error(self, identity: Any, request_id: int, code: str, message: str) -> None:
@@ -635,65 +488,13 @@ class Server:
     # --- status and shutdown ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        stats = self.manager.stats()
-        stats["daemon"] = {
-            "version": DAEMON_VERSION,
-            "pid": os.getpid(),
-            "address": self.address,
-            "uptime_s": self.clock() - self.started_at,
-            "store": str(self.config.store),
-            "model": self.manifest.model,
-            "num_layers": self.manifest.num_layers,
-            "num_experts": self.manifest.num_experts,
-            "expert_bytes": self.manifest.raw_bytes,
-            "direct_io": self.reader.direct,
-            "device": self.config.tiers_device,
-        }
-        stats["acquires"] = dict(self.acquires)
-        stats["messages"] = dict(self.messages)
-        stats["sessions"] = self.stats_sessions()
-        stats["isolation"] = {
-            "private_replies_held": self.timing.held_back,
-            "private_held_s": self.timing.held_back_s,
-            "miss_s": dict(self.timing.miss_s),
-        }
-        stats["tenants"] = {
-            name: dict(dataclasses.asdict(c), hit_rate=c.hits / c.accesses if c.accesses else 0.0)
-            for name, c in self.tenants.items()
-        }
-        return stats
-
-    def stats_sessions(self) -> list[dict[str, Any]]:
-        leases = self.manager.client_summary()
-        return [
-            {
-                "name": s.name,
-                "tenant": s.tenant,
-                "pid": s.pid,
-                "connected_s": self.clock() - s.since,
-                "requests": s.requests,
-                "leases": leases.get(identity, (0, 0))[0],
-                "pending": leases.get(identity, (0, 0))[1],
-            }
-            for identity, s in self.sessions.items()
-        ]
+        return daemon_stats(self)
 
     def tenant_stats(self, tenant: str) -> dict[str, Any]:
-        """What a non-admin client may see: its own tenant's counters and sessions, nothing shared."""
-        counters = self.tenants.get(tenant, TenantCounters())
-        return {
-            "tenant": tenant,
-            **dataclasses.asdict(counters),
-            "hit_rate": counters.hits / counters.accesses if counters.accesses else 0.0,
-            "sessions": [s for s in self.stats_sessions() if s["tenant"] == tenant],
-        }
+        return tenant_stats(self, tenant)
 
     def _status_line(self) -> str:
-        stats = self.manager.stats()["tiers"]
-        parts = [f"{len(self.sessions)} clients"]
-        for name, tier in stats.items():
-            parts.append(f"{name} {tier['used']}/{tier['slots']} slots, hit {tier['hit_rate']:.1%}")
-        return "serving: " + "; ".join(parts)
+        return status_line(self)
 
     def close(self) -> None:
         """Answer waiting acquires, stop the workers, free the slabs and the socket file."""
@@ -701,7 +502,7 @@ class Server:
         router = getattr(self, "router", None)
         if router is not None:
             for client, request_id in list(self._started):
-                self._send_error(client, request_id, "shutting_down", "the daemon is stopping")
+                self._send_error(client, request_id, proto.ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
             self._started.clear()
         for closer in reversed(self._closers):
             try:

@@ -1,0 +1,128 @@
+"""The wire contract between expertd and its clients: the one thing both sides import.
+
+Transport: a client DEALER socket talks to the daemon's ROUTER socket; each message is one
+frame, a msgpack map (never pickle). Requests carry ``op`` and a client-chosen ``id``
+(`requests`); replies carry the same ``id`` and either ``ok`` (a typed reply's map,
+`replies`) or ``error`` (``{code, message}``, one `ErrorCode` each, `errors`). Expert
+weights never travel: replies name slots of shared memory (`local`) laid out as the
+hello reply's `TensorSpec` list says (`tensors`).
+
+The client imports nothing of the daemon but this package; the daemon's core may import
+it too (its error codes are these).
+"""
+
+from expertd.daemon.protocol.errors import (
+    CapacityError,
+    DaemonUnavailable,
+    ErrorCode,
+    ExpertdError,
+    ExpertLoadError,
+    LeaseError,
+    PermissionDenied,
+    ProtocolError,
+    RangeError,
+    SessionError,
+    ShuttingDown,
+    error_class,
+)
+from expertd.daemon.protocol.replies import (
+    REPLY_TYPES,
+    Done,
+    HelloReply,
+    LeaseReply,
+    LoadStateReply,
+    Pong,
+    ReplyBody,
+    StatsReply,
+    decode_reply,
+    encode_error,
+    encode_reply,
+    parse_reply,
+)
+from expertd.daemon.protocol.requests import (
+    NO_REPLY,
+    REQUEST_TYPES,
+    Acquire,
+    Bye,
+    End,
+    Hello,
+    Hint,
+    LoadState,
+    Op,
+    Ping,
+    Release,
+    Request,
+    Shutdown,
+    Stats,
+    decode_request,
+    encode_request,
+    request_id_of,
+)
+from expertd.daemon.protocol.tensors import DTYPE_BYTES, TensorSpec, parse_layout
+from expertd.daemon.protocol.wire import (
+    MAX_EXPERTS_PER_MESSAGE,
+    MAX_INDEX,
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
+    MAX_RELEASES_PER_ACQUIRE,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_ID,
+    PROTOCOL_VERSION,
+)
+
+__all__ = [
+    "DTYPE_BYTES",
+    "MAX_EXPERTS_PER_MESSAGE",
+    "MAX_INDEX",
+    "MAX_MESSAGE_BYTES",
+    "MAX_NAME_CHARS",
+    "MAX_PATH_CHARS",
+    "MAX_RELEASES_PER_ACQUIRE",
+    "MAX_REPLY_BYTES",
+    "MAX_REQUEST_ID",
+    "NO_REPLY",
+    "PROTOCOL_VERSION",
+    "REPLY_TYPES",
+    "REQUEST_TYPES",
+    "Acquire",
+    "Bye",
+    "CapacityError",
+    "DaemonUnavailable",
+    "Done",
+    "End",
+    "ErrorCode",
+    "ExpertLoadError",
+    "ExpertdError",
+    "Hello",
+    "HelloReply",
+    "Hint",
+    "LeaseError",
+    "LeaseReply",
+    "LoadState",
+    "LoadStateReply",
+    "Op",
+    "PermissionDenied",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "RangeError",
+    "Release",
+    "ReplyBody",
+    "Request",
+    "SessionError",
+    "ShuttingDown",
+    "Shutdown",
+    "Stats",
+    "StatsReply",
+    "TensorSpec",
+    "decode_reply",
+    "decode_request",
+    "encode_error",
+    "encode_reply",
+    "encode_request",
+    "error_class",
+    "parse_layout",
+    "parse_reply",
+    "request_id_of",
+]
