@@ -72,7 +72,7 @@ from expertd.client.hf_layers import (
 )
 from expertd.client.hf_layout import model_layout, slot_layout
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
-from expertd.daemon.store.families import ExpertLayout
+from expertd.daemon.protocol.families import ExpertLayout
 
 log = logging.getLogger(__name__)
 

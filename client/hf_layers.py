@@ -3,7 +3,7 @@
 Shared by `expertd.client.hf` (offload) and `expertd.traces.record` (the routing recorder).
 Supported: the layout of transformers >= 5, where every sparse MoE block has a router child
 (``gate`` or ``router``) and an experts child holding the experts' stacked parameters, as
-`expertd.daemon.store.families` lists them per family: ``gate_up_proj [E, 2F, D]`` and
+`expertd.daemon.protocol.families` lists them per family: ``gate_up_proj [E, 2F, D]`` and
 ``down_proj [E, D, F]`` for most, transposed and with biases for GPT-OSS, transposed for
 Llama-4, ``mlp.w1/v1/w2 [E * F, D]`` for DBRX. What a router returns is the family's too
 (`MoELayer.routing`). Older per-expert ``nn.Linear`` modules are recognised and refused by name.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from expertd.daemon.store.families import FAMILY_OF, NAMING_WEIGHTS
+from expertd.daemon.protocol.families import FAMILY_OF, NAMING_WEIGHTS
 
 ROUTER_NAMES = ("gate", "router")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)(?:\.|$)")

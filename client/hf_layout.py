@@ -1,7 +1,7 @@
 """Match a transformers model's experts to a daemon's store before offloading: `slot_layout`.
 
 The model's family (its config) gives the `ExpertLayout` it computes with, from the same table
-`expertd pack --from-hf` checked the checkpoint against (`expertd.daemon.store.families`); the
+`expertd pack --from-hf` checked the checkpoint against (`expertd.daemon.protocol.families`); the
 experts class's own flags must say the same (a transformers release that changed a class is
 refused by name, not run wrongly). The store's manifest records the layout it was packed
 with; a store packed before layouts were recorded is read as plain SwiGLU named by its
@@ -18,7 +18,7 @@ from torch import nn
 from expertd.client.hf_experts import SlotLayout, SlotWeight
 from expertd.client.hf_layers import ModelLayoutError, MoELayer, transformers_version
 from expertd.client.views import torch_dtype
-from expertd.daemon.store.families import (
+from expertd.daemon.protocol.families import (
     FAMILY_OF,
     NAMING_WEIGHTS,
     ExpertLayout,

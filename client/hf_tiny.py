@@ -169,6 +169,6 @@ def byte_prompt(text: str) -> torch.Tensor:
 
 
 if __name__ == "__main__":  # README.md's list of families: what tests/test_hf.py runs with this transformers
-    from expertd.daemon.store.families import readme_line
+    from expertd.daemon.protocol.families import readme_line
 
     print(readme_line(installed()))

@@ -25,7 +25,7 @@ from expertd.client import ExpertClient  # noqa: E402
 from expertd.client.hf import ModelLayoutError, offload  # noqa: E402
 from expertd.client.hf_layers import find_moe_layers  # noqa: E402
 from expertd.client.hf_tiny import TINY, byte_prompt, installed, tiny_model  # noqa: E402
-from expertd.daemon.store.families import FAMILIES, readme_line  # noqa: E402
+from expertd.daemon.protocol.families import FAMILIES, readme_line  # noqa: E402
 from expertd.daemon.store.manifest import CheckpointError  # noqa: E402
 from expertd.daemon.store.pack_hf import pack_hf  # noqa: E402
 

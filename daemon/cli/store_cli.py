@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from expertd.daemon.cli.main import EXIT_FAILED, EXIT_OK, CliError
-from expertd.daemon.store.families import ExpertLayout
+from expertd.daemon.protocol.families import ExpertLayout
 
 CODEC_CHOICES = ("none", "lz4-planes")
 # expertd.daemon.store.pack.SYNTHETIC_PRESETS, named here so that `--help` imports nothing heavy

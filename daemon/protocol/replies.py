@@ -35,7 +35,7 @@ class HelloReply:
     default_tier: str
     heartbeat_s: float
     lease_timeout_s: float
-    # how the store's tensors make the model's expert parameters (`expertd.daemon.store.families`);
+    # how the store's tensors make the model's expert parameters (`expertd.daemon.protocol.families`);
     # None: a store packed before layouts were recorded, or an older daemon
     expert_layout: Mapping[str, Any] | None = None
 

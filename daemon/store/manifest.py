@@ -11,7 +11,7 @@ Everything read from disk is untrusted: `load_manifest` checks types, bounds and
 consistency and raises `StoreFormatError` naming the offending field. This module is
 pure (no torch, no I/O beyond reading the manifest) so the daemon core can import it.
 
-``expert_layout`` (optional, `expertd.daemon.store.families.ExpertLayout`) says how the expert's
+``expert_layout`` (optional, `expertd.daemon.protocol.families.ExpertLayout`) says how the expert's
 tensors make the model's expert parameters and compute; stores packed before it existed have
 none and are read as plain SwiGLU experts named by their tensors.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expertd.daemon.protocol.families import ExpertLayout
 from expertd.daemon.protocol.tensors import DTYPE_BYTES, TensorSpec
-from expertd.daemon.store.families import ExpertLayout
 
 STORE_FORMAT = "expertd-store"
 STORE_FORMAT_VERSION = 1

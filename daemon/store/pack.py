@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from expertd.daemon.protocol.families import ExpertLayout
 from expertd.daemon.store.checkpoint import CheckpointPlan, scan_checkpoint
 from expertd.daemon.store.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
-from expertd.daemon.store.families import ExpertLayout
 from expertd.daemon.store.manifest import (
     BLOB_ALIGN_BYTES,
     CODEC_NONE,

@@ -1,7 +1,7 @@
 """`expertd pack --from-hf MODEL_DIR OUT`: pack a transformers model directory's routed experts.
 
 MODEL_DIR is what ``save_pretrained`` (or a hub download) leaves: config.json and safetensors
-shards. Before anything is written, the config is checked against `expertd.daemon.store.families`
+shards. Before anything is written, the config is checked against `expertd.daemon.protocol.families`
 (the family must be one `expertd.client.hf.offload` accepts: the same table) and against the
 checkpoint: the sparse layers, the number of experts, the expert tensors' names and shapes.
 So store layer i is the model's MoE layer i, the mapping offload relies on, and the manifest
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from expertd.daemon.protocol.families import ConfigExperts, FamilyError, check_checkpoint, check_config
 from expertd.daemon.store.checkpoint import CheckpointPlan
-from expertd.daemon.store.families import ConfigExperts, FamilyError, check_checkpoint, check_config
 from expertd.daemon.store.manifest import CheckpointError, StoreManifest
 
 

@@ -3,8 +3,9 @@
 One table (`FAMILIES`), read three ways: `expertd pack --from-hf` checks a model directory's
 config.json and checkpoint against it before writing anything (`check_config`,
 `check_checkpoint`); the store's manifest records the resulting `ExpertLayout`; and
-`expertd.client.hf.offload` checks the model and the store against the same layout. Pure:
-no torch, no transformers (config.json is a dict here).
+`expertd.client.hf.offload` checks the model and the store against the same layout (the hello
+reply carries it). Part of the wire contract because both sides read it; pure: no torch, no
+transformers (config.json is a dict here).
 
 Shape names in the table: ``F`` expert FFN size, ``D`` hidden size, ``2F`` gate and up together.
 """
