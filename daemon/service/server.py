@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import hmac
-import itertools
 import logging
+import select
 import signal
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import zmq
 
 from expertd.daemon import protocol as proto
 from expertd.daemon.core.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
+from expertd.daemon.core.isolation import HeldReplies
 from expertd.daemon.service.auth import parse_user_id
 from expertd.daemon.service.config import ServeConfig, TenantPolicy
 from expertd.daemon.service.engine import (
@@ -63,8 +63,7 @@ class Server:
         self.tenants: dict[str, TenantCounters] = {}
         self._user_of: dict[bytes, str] = {}  # CURVE: sender identity -> its key's tenant/role
         self.admin_token: str | None = None
-        self._held: list[tuple[float, int, Any, bytes]] = []  # private tenants' replies, held back
-        self._held_seq = itertools.count()
+        self.held = HeldReplies()  # private tenants' replies, held back
         self.messages = {"received": 0, "rejected": 0}
         self.metrics: Any = None  # the Prometheus endpoint, with [metrics] port
 
@@ -102,6 +101,7 @@ class Server:
             parts.metrics,
         )
         self.router, self.curve = parts.listener.router, parts.listener.curve
+        self._router_fd = self.router.getsockopt(zmq.FD)
         self.admin_token = parts.listener.admin_token
 
     def _load_predictor_state(self, path: Path) -> None:
@@ -112,34 +112,23 @@ class Server:
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT or a `shutdown` request.
 
-        One blocking receive on one socket (clients and completions alike) with a
-        timeout of `TICK_S`: the lowest latency pyzmq offers, and signals, which only
-        set a flag, are noticed within a tick.
+        One blocking wait on one socket (clients and completions alike) of at most `TICK_S`,
+        so signals, which only set a flag, are noticed within a tick; shorter when a private
+        tenant's held-back reply is due (`HeldReplies`: nothing new starts in its guard).
         """
         previous = {}
         if _in_main_thread():
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        router = self.router
         secret = self.engine.secret
-        curve = self.curve
-        timeout_set = False
         last_tick = last_status = self.clock()
         try:
             while not self._stopping:
-                if self._held:  # wake for the next held-back reply, not only each tick
-                    wait_s = min(TICK_S, max(0.0, self._held[0][0] - self.clock()))
-                    router.setsockopt(zmq.RCVTIMEO, int(wait_s * 1000))  # early, not late: then spin
-                    timeout_set = True
-                elif timeout_set:
-                    router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
-                    timeout_set = False
-                try:
-                    frames = router.recv_multipart() if not curve else self._recv_with_user(router)
-                except zmq.Again:
-                    frames = None
+                wait_s = self.held.wait_s(self.clock(), TICK_S)
+                if wait_s is None:  # a held-back reply is due: it leaves on time, before any new work
+                    self._send_held()
+                    continue
+                frames = self._receive(wait_s)
                 now = self.clock()
-                if self._held:
-                    self._send_held(now)
                 if frames is not None:
                     try:
                         if (
@@ -182,9 +171,23 @@ class Server:
         """Ask the loop to stop; it does within a tick."""
         self._stopping = True
 
+    def _receive(self, timeout_s: float) -> list[bytes] | None:
+        """The next message, waiting at most ``timeout_s`` (to the microsecond: a held-back
+        reply's guard must not be overslept by a millisecond-granular socket timeout); None if none."""
+        router = self.router
+        if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # The socket's FD is edge-triggered: it wakes the select on any change, and EVENTS says which.
+            select.select([self._router_fd], [], [], timeout_s)
+            if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None
+        try:
+            return router.recv_multipart(zmq.NOBLOCK) if not self.curve else self._recv_with_user(router)
+        except zmq.Again:
+            return None
+
     def _recv_with_user(self, router: zmq.Socket) -> list[bytes]:
         """CURVE: the frames, noting the authenticated key's tenant/role for the sender."""
-        frames = router.recv_multipart(copy=False)
+        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
         if len(frames) >= 2:
             with contextlib.suppress(zmq.ZMQError):  # no ZAP on the engine's inproc connections
                 self._user_of[frames[0].bytes] = frames[1].get("User-Id")
@@ -416,7 +419,10 @@ class Server:
                 started = self._started.pop((command.client, command.request_id), now)
                 waited = now - started
                 counters = self._tenant_counters(command.client)
-                self.timing.miss_answered(command.tier, len(command.slots) - command.hits, waited)
+                session = self.sessions.get(command.client)
+                self.timing.miss_answered(
+                    command.tier, len(command.slots) - command.hits, waited, session and session.tenant
+                )
                 if command.hits < len(command.slots):
                     self.acquires["waited"] += 1
                     self.acquires["stall_s"] += waited
@@ -448,20 +454,21 @@ class Server:
         body = proto.LeaseReply(reply.lease_id, reply.tier, reply.slots, reply.hits)
         payload = proto.encode_reply(reply.request_id, body)
         misses = len(reply.slots) - reply.hits
-        release_at = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
-        if release_at is not None and release_at > self.clock():
+        release = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
+        if release is not None and release.at > self.clock():
             # A private tenant: not faster than its own cache would have been (daemon/core/isolation.py).
             self.timing.held_back += 1
-            self.timing.held_back_s += release_at - self.clock()
-            heapq.heappush(self._held, (release_at, next(self._held_seq), reply.client, payload))
+            self.timing.held_back_s += release.at - self.clock()
+            self.held.hold(release, reply.client, payload)
             return
         self._send(reply.client, payload)
 
-    def _send_held(self, now: float) -> None:
-        """Send the held-back replies whose time has come."""
-        while self._held and self._held[0][0] <= now:
-            _, _, identity, payload = heapq.heappop(self._held)
+    def _send_held(self) -> None:
+        """Wait until the next held-back reply is due; send every reply due by then."""
+        self.held.wait_for_next(self.clock)
+        for identity, payload, release in self.held.due(self.clock()):
             self._send(identity, payload)
+            self.held.sent(release, self.clock())
 
     def tenant_policy(self, tenant: str) -> TenantPolicy:
         return self.config.tenants.get(tenant, SHARED)

@@ -57,6 +57,12 @@ def daemon_stats(server: Server) -> dict[str, Any]:
     stats["isolation"] = {
         "private_replies_held": server.timing.held_back,
         "private_held_s": server.timing.held_back_s,
+        # Held-back hits (waits drawn from real misses) and real misses must look alike:
+        # as often past the grid's first point, as late after their due time.
+        "grid_points": {
+            k: {"replies": n, "past_first": late} for k, (n, late) in server.timing.grid_points.items()
+        },
+        "late_us": server.held.late_us(),
         "miss_s": dict(server.timing.miss_s),
     }
     stats["tenants"] = {
