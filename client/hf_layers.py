@@ -2,11 +2,11 @@
 
 Shared by `expertd.client.hf` (offload) and `expertd.traces.record` (the routing recorder).
 Supported: the layout of transformers >= 5, where every sparse MoE block has a router child
-(``gate`` or ``router``: ``hidden [T, D] -> (logits, weights [T, k], experts [T, k])``) and an
-experts child holding stacked ``gate_up_proj [E, 2F, D]`` and ``down_proj [E, D, F]`` parameters
-that it runs through the configured experts implementation (Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE, DeepSeek-V2/V3 and others built the same way). Older per-expert ``nn.Linear`` modules
-are recognised and refused by name.
+(``gate`` or ``router``) and an experts child holding the experts' stacked parameters, as
+`expertd.daemon.protocol.families` lists them per family: ``gate_up_proj [E, 2F, D]`` and
+``down_proj [E, D, F]`` for most, transposed and with biases for GPT-OSS, transposed for
+Llama-4, ``mlp.w1/v1/w2 [E * F, D]`` for DBRX. What a router returns is the family's too
+(`MoELayer.routing`). Older per-expert ``nn.Linear`` modules are recognised and refused by name.
 
 Shape legend: T tokens of a forward pass (batch rows times positions), D hidden size,
 F expert FFN size, E routed experts per layer, k experts per token.
@@ -21,8 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from expertd.daemon.protocol.families import FAMILY_OF, NAMING_WEIGHTS
+
 ROUTER_NAMES = ("gate", "router")
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)(?:\.|$)")
+#: The expert parameter sets of the families, the largest first (GPT-OSS's holds the plain one).
+PARAM_SETS = sorted({tuple(sorted(w)) for w in NAMING_WEIGHTS.values()}, key=len, reverse=True)
 
 
 class ModelLayoutError(ValueError):
@@ -39,6 +43,8 @@ class MoELayer:
     block: nn.Module
     router: Any  # transformers modules: their attributes are dynamic
     experts: Any
+    params: tuple[str, ...] = ("down_proj", "gate_up_proj")  # the experts' parameters (dotted names)
+    router_output: str = "logits, weights, experts"  # what the router returns (the family's)
 
     @property
     def num_experts(self) -> int:
@@ -50,7 +56,22 @@ class MoELayer:
         known = getattr(self.experts, "expert_bytes", None)
         if known is not None:
             return int(known)
-        return (self.experts.gate_up_proj.nbytes + self.experts.down_proj.nbytes) // self.num_experts
+        return sum(self.experts.get_parameter(p).nbytes for p in self.params) // self.num_experts
+
+    def routing(self, output: Any) -> tuple[Tensor, Tensor]:
+        """(experts [T, k], weights [T, k]) of the router's ``output``, as the block computes them."""
+        if self.router_output == "logits" and isinstance(output, Tensor):  # DBRX: the block picks
+            weights, experts = self.block.route_tokens_to_experts(output)
+            return experts, weights
+        if self.router_output == "scores, logits" and isinstance(output, tuple) and len(output) == 2:
+            values, experts = torch.topk(output[1], int(self.router.top_k), dim=1)  # Llama-4's own pick
+            return experts, torch.sigmoid(values.float())
+        if isinstance(output, tuple) and len(output) == 3:
+            return output[2], output[1]
+        raise ModelLayoutError(
+            f"router of MoE layer {self.index} ({type(self.router).__name__}) returned "
+            f"{type(output).__name__}; expected {self.router_output}"
+        )
 
 
 def transformers_version() -> str:
@@ -61,10 +82,14 @@ def transformers_version() -> str:
     return str(transformers.__version__)
 
 
-def _is_fused_experts(module: nn.Module) -> bool:
-    params = module._parameters
-    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
-    return gate_up is not None and down is not None and gate_up.dim() == 3 and down.dim() == 3
+def expert_params(module: nn.Module) -> tuple[str, ...] | None:
+    """The stacked expert parameters ``module`` holds (a `PARAM_SETS` entry), or None."""
+    names = {name: p for name, p in module.named_parameters()}
+    for params in PARAM_SETS:
+        if set(params) <= set(names):
+            stacked = names[params[0]].dim() == 3 or "." in params[0]  # DBRX's [E * F, D] rows
+            return params if stacked else None
+    return None
 
 
 def find_moe_layers(model: nn.Module, *, offloaded_ok: bool = False) -> list[MoELayer]:
@@ -73,6 +98,8 @@ def find_moe_layers(model: nn.Module, *, offloaded_ok: bool = False) -> list[MoE
     ``offloaded_ok``: blocks whose experts `expertd.client.hf.offload` replaced count too (the
     recorder only needs the routers); otherwise an offloaded model is refused.
     """
+    family = FAMILY_OF.get(str(getattr(getattr(model, "config", None), "model_type", None)))
+    router_output = family.router if family is not None else "logits, weights, experts"
     found: list[MoELayer] = []
     per_expert: list[str] = []
     offloaded: list[str] = []
@@ -88,7 +115,7 @@ def find_moe_layers(model: nn.Module, *, offloaded_ok: bool = False) -> list[MoE
             first = type(experts[0]).__name__ if len(experts) else "nothing"
             per_expert.append(f"{path}.experts (ModuleList of {len(experts)} {first})")
             continue
-        elif not _is_fused_experts(experts):
+        elif expert_params(experts) is None:
             continue
         router_name = next((n for n in ROUTER_NAMES if isinstance(block._modules.get(n), nn.Module)), None)
         if router_name is None:
@@ -99,7 +126,9 @@ def find_moe_layers(model: nn.Module, *, offloaded_ok: bool = False) -> list[MoE
         match = _LAYER_INDEX.search(path)
         if match is None:
             raise ModelLayoutError(f"{path}: cannot tell its decoder layer (no 'layers.N' in the path)")
-        found.append(MoELayer(len(found), int(match[1]), path, block, block._modules[router_name], experts))
+        params = getattr(experts, "expert_params", None) or expert_params(experts)
+        router = block._modules[router_name]
+        found.append(MoELayer(len(found), int(match[1]), path, block, router, experts, params, router_output))
     if offloaded and not offloaded_ok:
         raise ModelLayoutError(f"{type(model).__name__} is already offloaded ({offloaded[0]}, ...)")
     if not found:
@@ -111,12 +140,13 @@ def find_moe_layers(model: nn.Module, *, offloaded_ok: bool = False) -> list[MoE
             )
         raise ModelLayoutError(
             f"no sparse MoE block in {type(model).__name__}: expected modules with an `experts` child "
-            f"holding gate_up_proj/down_proj parameters beside a router ({' or '.join(ROUTER_NAMES)})"
+            f"holding {' or '.join('/'.join(p) for p in PARAM_SETS)} parameters beside a router "
+            f"({' or '.join(ROUTER_NAMES)})"
         )
     decoder_layers = [layer.decoder_layer for layer in found]
     if decoder_layers != sorted(set(decoder_layers)):
         raise ModelLayoutError(f"MoE blocks are not one per decoder layer in order: {decoder_layers}")
-    shapes = {(tuple(x.experts.gate_up_proj.shape), tuple(x.experts.down_proj.shape)) for x in found
+    shapes = {tuple(tuple(x.experts.get_parameter(p).shape) for p in x.params) for x in found
               if not offloaded}  # fmt: skip
     if len(shapes) > 1:
         raise ModelLayoutError(f"MoE layers have different expert shapes: {sorted(shapes)}")

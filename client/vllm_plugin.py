@@ -42,14 +42,19 @@ import torch
 from torch import Tensor
 
 from expertd.client.client import ExpertClient, Lease
-from expertd.client.hf import FUSED_NAMES, SPLIT_NAMES
 from expertd.client.views import torch_dtype
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
+from expertd.daemon.protocol.families import ExpertLayout
 
 ENV_ADDRESS = "EXPERTD_VLLM"  # 1: the default address; an ipc:// or tcp:// address; unset/0: off
 ENV_TIER = "EXPERTD_VLLM_TIER"  # where leases are taken (default: the daemon's default tier)
 ENV_HINT = "EXPERTD_VLLM_HINT"  # 0: no hints for the next layer
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+#: (gate, up, down) tensor names of a plain SwiGLU store expert, per checkpoint naming; or (gate_up, down).
+SPLIT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+FUSED_NAMES = ("gate_up_proj", "down_proj")
 
 
 class VllmLayoutError(ValueError):
@@ -125,6 +130,19 @@ def store_layer(client: ExpertClient, layer_name: str, shapes: dict[str, tuple[i
             f"{layer_name}: decoder layer {decoder_layer} is not in the daemon's store of {client.model!r} "
             f"(its MoE layers are decoder layers {layers})"
         )
+    recorded = client.info.get("expert_layout")
+    if recorded is not None:
+        layout = ExpertLayout.from_json(recorded)
+        if (
+            layout.transposed
+            or layout.bias
+            or layout.gate_up != "concatenated"
+            or layout.experts_call != "routed"
+        ):
+            raise VllmLayoutError(
+                f"the daemon's store holds {layout.family} experts (transposed {layout.transposed}, bias "
+                f"{layout.bias}, gate/up {layout.gate_up}); the vLLM plugin serves plain SwiGLU experts only"
+            )
     tensors = {t.name: t for t in client.layout}
     names = next((n for n in (*SPLIT_NAMES, FUSED_NAMES) if set(n) == set(tensors)), None)
     if names is None:

@@ -19,8 +19,10 @@ def _hello(**changes) -> proto.HelloReply:
     return proto.HelloReply(**fields)
 
 
+LAYOUT = {"family": "gpt_oss", "weights": {"gate_up_proj": ["gate_up_proj"]}, "transposed": True}
 REPLIES = [
     (proto.Op.HELLO, _hello()),
+    (proto.Op.HELLO, _hello(expert_layout=LAYOUT)),
     (proto.Op.ACQUIRE, proto.LeaseReply(7, "device", (3, 1), 1)),
     (proto.Op.RELEASE, proto.Done()),
     (proto.Op.STATS, proto.StatsReply({"tiers": {"host": {"hits": 3}}})),
@@ -62,6 +64,7 @@ def test_a_reply_from_another_protocol_version_is_refused_by_name():
         (proto.Op.ACQUIRE, {"lease": 1, "tier": "host"}, "acquire reply is malformed"),
         (proto.Op.ACQUIRE, {"lease": "x", "tier": "host", "slots": [1]}, "acquire reply is malformed"),
         (proto.Op.HELLO, {"protocol": proto.PROTOCOL_VERSION}, "hello reply lacks"),
+        (proto.Op.HELLO, {**_hello().to_wire(), "expert_layout": 3}, "expert_layout must be a map or nil"),
     ],
 )
 def test_malformed_replies_are_protocol_errors(op, ok, message):

@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from daemon_util import EXPERTD, DaemonProcess  # noqa: E402
 from expertd.client import ExpertClient  # noqa: E402
 from expertd.client.hf import ModelLayoutError, offload  # noqa: E402
 from expertd.client.hf_layers import find_moe_layers  # noqa: E402
-from expertd.client.hf_tiny import TINY, byte_prompt, tiny_model  # noqa: E402
+from expertd.client.hf_tiny import TINY, byte_prompt, installed, tiny_model  # noqa: E402
+from expertd.daemon.protocol.families import FAMILIES, readme_line  # noqa: E402
 from expertd.daemon.store.manifest import CheckpointError  # noqa: E402
 from expertd.daemon.store.pack_hf import pack_hf  # noqa: E402
 
@@ -63,21 +66,60 @@ def serve(store: Path, workdir: Path, device_slots: int, device: str = "cpu") ->
 
 
 def load(model_dir: Path, dtype: torch.dtype, implementation: str | None = None):
+    """The model, every weight in freshly allocated (64-byte aligned) memory.
+
+    On the CPU a matmul's last bits depend on the weights' address: safetensors may load a
+    tensor at any 8-byte boundary (Granite's and DBRX's experts, which transformers renames
+    rather than converts, land at 8 or 40 mod 64), and the very same model then computes other
+    logits than its own deepcopy. expertd's slots are 256-byte aligned; so are these weights.
+    """
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, experts_implementation=implementation
     )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.data_ptr() % 64:
+                param.data = param.data.clone()
     return model.eval()
 
 
 def expert_tensors(model) -> list[torch.Tensor]:
-    return [t for x in find_moe_layers(model) for t in (x.experts.gate_up_proj, x.experts.down_proj)]
+    return [x.experts.get_parameter(p) for x in find_moe_layers(model) for p in x.params]
 
 
 def generate(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
 
 
-@pytest.mark.parametrize("name", list(TINY))
+def run_matches_the_model(
+    model_dir: Path,
+    store: Path,
+    workdir: Path,
+    dtype: torch.dtype,
+    implementation,
+    device_slots: int,
+    *,
+    hint: bool = False,
+):
+    """Offload a fresh copy of the model through a daemon of ``device_slots`` device slots: its
+    logits and greedy tokens equal the untouched copy's. Returns the `Offload`."""
+    reference, model = load(model_dir, dtype, implementation), load(model_dir, dtype, implementation)
+    ids = byte_prompt(PROMPT)
+    with torch.no_grad():
+        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
+    daemon = serve(store, workdir, device_slots=device_slots)
+    try:
+        with ExpertClient(daemon.address) as client:
+            run = offload(model, client, hint=hint)
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, want_logits)
+                assert torch.equal(generate(model, ids), want_tokens)
+    finally:
+        daemon.kill()
+    return run
+
+
+@pytest.mark.parametrize("name", installed())
 def test_offloaded_model_equals_the_model_bit_for_bit(name, checkpoints, workdir):
     """The model's own router, the daemon's weights: logits and greedy tokens are the model's."""
     model_dir, store = checkpoints(name)
@@ -118,20 +160,23 @@ def test_offloaded_model_equals_the_model_bit_for_bit(name, checkpoints, workdir
 def test_bf16_and_chunks_smaller_than_a_layer_stay_exact(implementation, checkpoints, workdir):
     """bf16, each experts implementation, and a device tier smaller than one layer's experts."""
     model_dir, store = checkpoints("qwen3_moe", torch.bfloat16)
-    reference = load(model_dir, torch.bfloat16, implementation)
-    model = load(model_dir, torch.bfloat16, implementation)
-    ids = byte_prompt(PROMPT)
-    with torch.no_grad():
-        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
-    daemon = serve(store, workdir, device_slots=12)  # a layer has 32 experts; the prompt routes to more
-    try:
-        with ExpertClient(daemon.address) as client:
-            run = offload(model, client)
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, want_logits)
-                assert torch.equal(generate(model, ids), want_tokens)
-    finally:
-        daemon.kill()
+    # a layer has 32 experts; the prompt routes to more than 12
+    run = run_matches_the_model(model_dir, store, workdir, torch.bfloat16, implementation, device_slots=12)
+    assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
+
+
+@pytest.mark.parametrize(
+    ("name", "implementation"),
+    [("gpt_oss", "eager"), ("gpt_oss", "grouped_mm"), ("gpt_oss", "batched_mm"), ("llama4_text", None),
+     ("dbrx", None)],
+)  # fmt: skip
+def test_biased_transposed_dense_and_split_experts_stay_exact_in_chunks(
+    name, implementation, checkpoints, workdir
+):
+    """GPT-OSS (biases, [in, out] weights, interleaved gate/up) in each implementation, Llama-4's
+    dense experts and DBRX's w1/v1/w2, on a device tier of 3 slots: every layer in chunks."""
+    model_dir, store = checkpoints(name)
+    run = run_matches_the_model(model_dir, store, workdir, torch.float32, implementation, 3, hint=True)
     assert run.stats.chunked > 0, "the prefill should have needed more experts than the tier holds"
 
 
@@ -146,20 +191,7 @@ def test_a_store_whose_gate_and_up_are_apart_still_computes_exactly(implementati
     manifest = pack_hf(base / "model", base / "store")
     gate, up = manifest.tensors[0], manifest.tensors[1]
     assert up.offset > gate.offset + gate.nbytes, "the test needs padding between gate and up"
-    reference = load(base / "model", torch.bfloat16, implementation)
-    model = load(base / "model", torch.bfloat16, implementation)
-    ids = byte_prompt(PROMPT)
-    with torch.no_grad():
-        want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
-    daemon = serve(base / "store", workdir, device_slots=12)
-    try:
-        with ExpertClient(daemon.address) as client:
-            offload(model, client)
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, want_logits)
-                assert torch.equal(generate(model, ids), want_tokens)
-    finally:
-        daemon.kill()
+    run_matches_the_model(base / "model", base / "store", workdir, torch.bfloat16, implementation, 12)
 
 
 @pytest.mark.gpu
@@ -246,6 +278,10 @@ def test_pack_from_hf_on_the_command_line(checkpoints, workdir):
     assert "packed 4 layers x 16 experts" in out.stdout
     manifest = json.loads((workdir / "olmoe-cli" / "manifest.json").read_text())
     assert manifest["checkpoint_layers"] == [0, 1, 2, 3]
+    info = subprocess.run(
+        [*EXPERTD, "store", "info", str(workdir / "olmoe-cli")], capture_output=True, text=True, timeout=60
+    )
+    assert "layout     olmoe: gate_up_proj = gate_proj + up_proj, down_proj = down_proj;" in info.stdout
 
 
 def test_the_demo_generates_through_expertd_and_reports():
@@ -256,3 +292,135 @@ def test_the_demo_generates_through_expertd_and_reports():
     assert "the same tokens as the model with its experts in memory: yes" in report
     for line in ("tokens/s", "device hit rate", "stall", "bytes moved", "expertd pack --from-hf"):
         assert line in report
+
+
+def test_readme_lists_the_families_this_file_runs():
+    """README.md's list is generated from the covered families (`python -m expertd.client.hf_tiny`)."""
+    assert {f.model_types[0] for f in FAMILIES} == set(TINY), "every family in the table has a tiny model"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("<!-- families:", 1)[1].split("-->", 1)[1].split("<!-- /families -->", 1)[0]
+    assert listed.strip() == readme_line(installed()), "regenerate: python -m expertd.client.hf_tiny"
+
+
+def _config(model_dir: Path, **changes) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "message"),
+    [
+        (
+            "gpt_oss",
+            {"quantization_config": {"quant_method": "mxfp4"}},
+            r"gpt_oss: its experts are quantized \(mxfp4\)",
+        ),
+        ("mixtral", {"model_type": "jetmoe"}, r"model type 'jetmoe' is not a MoE family expertd supports"),
+        (
+            "gpt_oss",
+            {"model_type": "mixtral"},
+            r"mixtral: Mixtral experts are w1, w3, w2 \(mixtral naming\); the checkpoint has gate_up_proj, "
+            r"gate_up_proj_bias, down_proj, down_proj_bias \(fused naming\)",
+        ),
+    ],
+    ids=["quantized", "unknown-family", "layout-differs"],
+)
+def test_pack_from_hf_refuses_an_unsupported_layout_at_once(family, changes, message, checkpoints, workdir):
+    """Refused before anything is written, in well under a second, naming the family and what differs."""
+    model_dir, _ = checkpoints(family)
+    bad = workdir / f"unsupported-{family}-{len(changes)}-{next(iter(changes))}"
+    shutil.copytree(model_dir, bad)
+    _config(bad, **changes)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        pack_hf(bad, workdir / "never")
+    assert time.perf_counter() - started < 1.0
+    assert not (workdir / "never").exists()
+    assert not list(workdir.glob(".never*")), "not even a temporary store"
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "message"),
+    [
+        ("dbrx", {"ffn_config": {"moe_num_experts": 4, "ffn_hidden_size": 32}},
+         r"dbrx: expert tensor w1 is \[64, 64\] in the checkpoint; config.json \(F=32, D=64\) makes it "
+         r"\[32, 64\]"),
+        ("llama4_text", {"moe_layers": [1, 3]},
+         r"MoE layers \[1, 3\], the checkpoint has experts in layers \[0, 1, 2, 3\]"),
+        ("granitemoe", {"num_local_experts": 16}, r"16 routed experts per layer, the checkpoint has 8"),
+        ("gpt_oss", {"intermediate_size": 16}, r"gate_up_proj is \[64, 64\] .* makes it \[64, 32\]"),
+    ],
+    ids=["dbrx-experts", "llama4-layers", "granite-count", "gpt-oss-ffn"],
+)  # fmt: skip
+def test_pack_from_hf_cross_checks_config_and_checkpoint_for_every_family(
+    family, changes, message, checkpoints, workdir
+):
+    model_dir, _ = checkpoints(family)
+    bad = workdir / f"mismatch-{family}"
+    shutil.copytree(model_dir, bad)
+    _config(bad, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        pack_hf(bad, workdir / "never")
+    assert not (workdir / "never").exists()
+
+
+def test_a_router_that_cannot_give_a_hint_turns_hints_off_once_and_generation_goes_on(checkpoints, workdir):
+    """MiniMax-M2's router takes e_score_correction_bias; here one router refuses any call but its
+    block's: offload warns once, stops hinting, and the tokens are still the model's."""
+    model_dir, store = checkpoints("minimax_m2")
+    reference, model = load(model_dir, torch.float32), load(model_dir, torch.float32)
+    ids = byte_prompt(PROMPT)
+    with torch.no_grad():
+        want_tokens = generate(reference, ids)
+    router = find_moe_layers(model)[2].router
+    by_block: list[int] = []
+    router.register_forward_pre_hook(lambda module, args: by_block.append(1))
+    real_forward = router.forward
+
+    def forward(*args, **kwargs):
+        if not by_block:
+            raise RuntimeError("this router only runs inside its block")
+        by_block.clear()
+        return real_forward(*args, **kwargs)
+
+    router.forward = forward
+    daemon = serve(store, workdir, device_slots=8)
+    try:
+        with ExpertClient(daemon.address) as client:
+            run = offload(model, client, hint=True)
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
+                assert torch.equal(generate(model, ids), want_tokens)
+    finally:
+        daemon.kill()
+    said = [w for w in caught if "hints turned off" in str(w.message)]
+    assert len(said) == 1 and "MiniMaxM2TopKRouter" in str(said[0].message)
+    assert run.hint is False and run.stats.hints > 0  # layer 1's hint went out before layer 2 failed
+
+
+def test_a_store_packed_before_layouts_were_recorded_still_serves(checkpoints, workdir):
+    """Backward compatible: a manifest without expert_layout is read as plain SwiGLU named by its
+    tensors -- right for a plain family; Llama-4's transposed experts are refused by name."""
+    for family in ("qwen3_moe", "llama4_text"):
+        model_dir, store = checkpoints(family)
+        old = workdir / f"old-{family}"
+        shutil.copytree(store, old)
+        manifest = json.loads((old / "manifest.json").read_text())
+        del manifest["expert_layout"]
+        (old / "manifest.json").write_text(json.dumps(manifest))
+        reference, model = load(model_dir, torch.float32), load(model_dir, torch.float32)
+        ids = byte_prompt(PROMPT)
+        daemon = serve(old, workdir, device_slots=16)
+        try:
+            with ExpertClient(daemon.address) as client:
+                if family == "llama4_text":
+                    with pytest.raises(
+                        ModelLayoutError, match=r"packed before .*transposed False, the model's True"
+                    ):
+                        offload(model, client)
+                    continue
+                offload(model, client)
+                with torch.no_grad():
+                    assert torch.equal(model(ids).logits, reference(ids).logits)
+        finally:
+            daemon.kill()

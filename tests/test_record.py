@@ -52,6 +52,21 @@ def test_a_forward_pass_is_recorded_as_the_routers_chose(workdir):
     assert (trace.phase == PHASE_PREFILL).all()
 
 
+@pytest.mark.parametrize("name", ["llama4_text", "dbrx"])
+def test_routers_that_return_scores_or_logits_are_recorded_as_their_blocks_choose(name, workdir):
+    """Llama-4's router returns (scores, logits), DBRX's only logits (its block picks): each family's
+    own top-k is what the trace holds."""
+    model = tiny_model(name)
+    ids = byte_prompt("routing, token by token")
+    with torch.no_grad(), record(model, workdir / f"{name}.etrace") as recorder:
+        out = model(ids, output_router_logits=True)
+    trace = read_trace(recorder.path)
+    top_k = trace.meta.top_k
+    for layer, logits in enumerate(out.router_logits):  # [T, E] each
+        chosen = logits.float().topk(top_k, dim=-1).indices  # softmax and sigmoid keep the order
+        assert np.array_equal(np.sort(trace.experts[trace.layer == layer], -1), np.sort(chosen.numpy(), -1))
+
+
 def test_generations_are_requests_with_prefill_then_decode_and_no_padding(workdir):
     model = tiny_model("olmoe")
     batch = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])

@@ -241,6 +241,17 @@ def _set(path: tuple, value: object):
         (_set(("num_experts",), 65), "entries for 2 layers x 65 experts"),
         (_set(("data_file",), "../elsewhere.bin"), "plain file name"),
         (_set(("raw_bytes",), True), "raw_bytes: expected int, got bool"),
+        (
+            _set(("expert_layout",), {"family": "x", "weights": {"gate_up_proj": ["nope"]}}),
+            r"weights: names \['nope'\], not in",
+        ),
+        (_set(("expert_layout",), {"weights": {}}), r"expert_layout\.weights: expected parameter name"),
+        (_set(("expert_layout",), {"weights": {"a": ["b"]}}), r"expert_layout: missing field 'family'"),
+        (
+            _set(("expert_layout",), {"family": "x", "weights": {"a": ["b"]}, "bias": "yes"}),
+            r"expert_layout\.bias: expected true",
+        ),
+        (_set(("expert_layout",), {"weights": {"a": ["b"]}, "colour": 1}), r"unknown fields \['colour'\]"),
     ],
 )
 def test_bad_manifest_is_refused_naming_the_field(store: Path, tmp_path: Path, edit, message: str) -> None:

@@ -105,7 +105,8 @@ class Recorder:
     def _router_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._pass is not None:  # a router called outside a pass (a hint) is not routing
-                self._routing[index] = (output[2].detach(), output[1].detach())
+                experts, weights = self.layers[index].routing(output)
+                self._routing[index] = (experts.detach(), weights.detach())
 
         return hook
 

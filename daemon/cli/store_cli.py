@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from expertd.daemon.cli.main import EXIT_FAILED, EXIT_OK, CliError
+from expertd.daemon.protocol.families import ExpertLayout
 
 CODEC_CHOICES = ("none", "lz4-planes")
 # expertd.daemon.store.pack.SYNTHETIC_PRESETS, named here so that `--help` imports nothing heavy
@@ -166,6 +167,19 @@ def _open_manifest(path: str) -> Any:
         raise CliError(str(exc)) from None
 
 
+def _layout_line(layout: ExpertLayout | None) -> str:
+    if layout is None:
+        return "not recorded (packed before expert layouts were): plain SwiGLU named by its tensors"
+    weights = ", ".join(f"{name} = {' + '.join(parts)}" for name, parts in layout.weights.items())
+    flags = [f for f, on in (("transposed", layout.transposed), ("biased", layout.bias)) if on]
+    flags += [
+        f"gate/up {layout.gate_up}",
+        f"{layout.experts_call} experts",
+        f"activation {layout.activation}",
+    ]
+    return f"{layout.family}: {weights}; {', '.join(flags)}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     m = _open_manifest(args.dir)
     layers = m.checkpoint_layers
@@ -186,6 +200,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{_size(m.raw_bytes)} raw ({m.raw_bytes} B), slot {m.slot_bytes} B, dtype {m.dtype}",
         ),
         *[("tensor", f"{t.name:<16} {t.dtype:<9} {list(t.shape)!s:<16} @ {t.offset}") for t in m.tensors],
+        ("layout", _layout_line(m.expert_layout)),
         ("codec", ", ".join(f"{c} x{n}" for c, n in sorted(codecs.items()))),
         (
             "stored",

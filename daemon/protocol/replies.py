@@ -35,6 +35,9 @@ class HelloReply:
     default_tier: str
     heartbeat_s: float
     lease_timeout_s: float
+    # how the store's tensors make the model's expert parameters (`expertd.daemon.protocol.families`);
+    # None: a store packed before layouts were recorded, or an older daemon
+    expert_layout: Mapping[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -51,7 +54,9 @@ class HelloReply:
                 "unsupported_version",
             )
         missing = [
-            f.name for f in dataclasses.fields(cls) if f.name not in ok and f.name != "checkpoint_layers"
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in ok and f.name not in ("checkpoint_layers", "expert_layout")
         ]
         if missing:
             raise ProtocolError(f"hello reply lacks {', '.join(missing)}")
@@ -75,6 +80,7 @@ class HelloReply:
                 default_tier=str(ok["default_tier"]),
                 heartbeat_s=float(ok["heartbeat_s"]),
                 lease_timeout_s=float(ok["lease_timeout_s"]),
+                expert_layout=_optional_map(ok.get("expert_layout"), "expert_layout"),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ProtocolError(f"hello reply is malformed ({type(exc).__name__}: {exc})") from None
@@ -82,6 +88,12 @@ class HelloReply:
     def model_key(self) -> tuple[Any, ...]:
         """What must not change across a daemon restart for a client's views to stay right."""
         return (self.model, self.num_layers, self.num_experts, self.tensors)
+
+
+def _optional_map(value: Any, name: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a map or nil, not {type(value).__name__}")
+    return None if value is None else dict(value)
 
 
 @dataclasses.dataclass(frozen=True)

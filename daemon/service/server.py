@@ -371,6 +371,7 @@ class Server:
             checkpoint_layers=tuple(manifest.checkpoint_layers),
             dtype=manifest.dtype,
             tensors=manifest.tensors,
+            expert_layout=None if manifest.expert_layout is None else manifest.expert_layout.to_json(),
             raw_bytes=manifest.raw_bytes,
             slot_bytes=manifest.slot_bytes,
             tiers=tiers,

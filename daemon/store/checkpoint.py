@@ -8,6 +8,10 @@ Supported namings (``{p}`` is any prefix such as ``model.`` or ``language_model.
   tensor under the expert, such as FP8 ``weight_scale_inv``)
 - ``fused`` (Llama-4, GPT-OSS): ``{p}layers.{l}.feed_forward|mlp.experts.gate_up_proj``,
   ``...down_proj`` and friends, each with a leading expert dimension
+- ``granite`` (Granite-MoE, Granite-4): ``{p}layers.{l}.block_sparse_moe.input_linear.weight``
+  and ``output_linear.weight``, each with a leading expert dimension
+- ``dbrx``: ``{p}blocks.{l}.ffn.experts.mlp.w1|v1|w2``, the experts' rows stacked as
+  ``[E * F, D]`` (E from config.json's ``ffn_config.moe_num_experts``)
 
 Shared experts (``shared_experts``, ``shared_expert``), routers and dense layers do not
 match and are left to the client. Headers are read with ``safe_open`` (no tensor data);
@@ -38,10 +42,20 @@ FUSED_RE = re.compile(
     r"^(?P<prefix>(?:.+\.)?)layers\.(?P<layer>\d+)\.(?P<block>mlp|feed_forward)"
     r"\.experts\.(?P<name>[A-Za-z_][^.]*)$"
 )
+GRANITE_RE = re.compile(
+    r"^(?P<prefix>(?:.+\.)?)layers\.(?P<layer>\d+)\.(?P<block>block_sparse_moe)"
+    r"\.(?P<name>input_linear|output_linear)\.weight$"
+)
+DBRX_RE = re.compile(
+    r"^(?P<prefix>(?:.+\.)?)blocks\.(?P<layer>\d+)\.(?P<block>ffn)\.experts\.mlp\.(?P<name>w1|v1|w2)$"
+)
+#: Stacked namings: (regex, naming); every expert's tensor is one slice of a stacked tensor.
+STACKED = ((FUSED_RE, "fused"), (GRANITE_RE, "granite"), (DBRX_RE, "dbrx"))
 SUPPORTED = (
     "layers.{l}.block_sparse_moe.experts.{e}.w1.weight (Mixtral), "
     "layers.{l}.mlp.experts.{e}.gate_proj.weight (Qwen-MoE, OLMoE, DeepSeek), "
-    "layers.{l}.feed_forward.experts.gate_up_proj (fused: Llama-4, GPT-OSS)"
+    "layers.{l}.feed_forward.experts.gate_up_proj (fused: Llama-4, GPT-OSS), "
+    "layers.{l}.block_sparse_moe.input_linear.weight (Granite), blocks.{l}.ffn.experts.mlp.w1 (DBRX)"
 )
 
 # safetensors dtype codes -> torch dtype names (the store's dtype vocabulary)
@@ -60,7 +74,18 @@ SAFETENSORS_DTYPES = {
     "BOOL": "bool",
 }
 # Blob order: gate before up before down, whatever the naming.
-_ORDER = ("w1", "gate_proj", "w3", "up_proj", "gate_up_proj", "w2", "down_proj")
+_ORDER = (
+    "w1",
+    "gate_proj",
+    "v1",
+    "w3",
+    "up_proj",
+    "gate_up_proj",
+    "input_linear",
+    "w2",
+    "down_proj",
+    "output_linear",
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +118,9 @@ class CheckpointPlan:
     tensors: tuple[TensorSpec, ...]
     raw_bytes: int
     skipped_layers: tuple[int, ...]
-    # blob tensor name -> (checkpoint name template with {layer} and {expert}, fused?)
-    sources: dict[str, tuple[str, bool]]
+    # blob tensor name -> (checkpoint name template with {layer} and {expert}, rows): rows 0: a
+    # tensor per expert; -1: a leading expert dimension; n > 0: expert e is rows [e*n, (e+1)*n)
+    sources: dict[str, tuple[str, int]]
     files: dict[str, str]  # checkpoint tensor name -> shard file name
     _handles: dict[str, Any] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
@@ -120,8 +146,13 @@ class CheckpointPlan:
             name = self.source_name(layer_index, expert, spec.name)
             file = self.files[name]
             handle = self._handle(file)
-            _, fused = self.sources[spec.name]
-            tensor = handle.get_slice(name)[expert] if fused else handle.get_tensor(name)
+            _, rows = self.sources[spec.name]
+            if rows == 0:
+                tensor = handle.get_tensor(name)
+            elif rows < 0:
+                tensor = handle.get_slice(name)[expert]
+            else:
+                tensor = handle.get_slice(name)[expert * rows : (expert + 1) * rows]
             if tuple(tensor.shape) != spec.shape or str(tensor.dtype) != f"torch.{spec.dtype}":
                 raise CheckpointError(
                     f"{name} in {file}: read {list(tensor.shape)} {tensor.dtype}, "
@@ -178,7 +209,7 @@ def _list_tensors(directory: Path) -> dict[str, _Found]:
                 keys = set(handle.keys())
                 names = wanted[file] if wanted is not None else sorted(keys)
                 for name in names:
-                    if not (PER_EXPERT_RE.match(name) or FUSED_RE.match(name)):
+                    if not (PER_EXPERT_RE.match(name) or _stacked_match(name)[0]):
                         others.append(name)
                         continue
                     if name not in keys:
@@ -202,6 +233,14 @@ def _list_tensors(directory: Path) -> dict[str, _Found]:
     return found
 
 
+def _stacked_match(name: str) -> tuple[re.Match[str] | None, str]:
+    for regex, naming in STACKED:
+        match = regex.match(name)
+        if match:
+            return match, naming
+    return None, ""
+
+
 def scan_checkpoint(directory: str | Path) -> CheckpointPlan:
     """Detect the expert naming and layout; raises `CheckpointError` naming what is wrong."""
     directory = Path(directory)
@@ -215,12 +254,13 @@ def scan_checkpoint(directory: str | Path) -> CheckpointPlan:
     per_expert: dict[int, dict[int, dict[str, _Found]]] = defaultdict(lambda: defaultdict(dict))
     fused: dict[int, dict[str, _Found]] = defaultdict(dict)
     styles: set[tuple[str, str]] = set()  # (prefix, block)
+    stacked_naming = "fused"
     for name, info in found.items():
         match = PER_EXPERT_RE.match(name)
         if match:
             per_expert[int(match["layer"])][int(match["expert"])][match["name"]] = info
         else:
-            match = FUSED_RE.match(name)
+            match, stacked_naming = _stacked_match(name)
             assert match is not None
             fused[int(match["layer"])][match["name"]] = info
         styles.add((match["prefix"], match["block"]))
@@ -265,28 +305,42 @@ def scan_checkpoint(directory: str | Path) -> CheckpointPlan:
                         )
                     _check_like(found_info, ref)
         specs = [(_blob_name(s), reference[s].dtype, reference[s].shape) for s in suffixes]
-        sources = {_blob_name(s): (template.replace("{suffix}", s), False) for s in suffixes}
+        sources = {_blob_name(s): (template.replace("{suffix}", s), 0) for s in suffixes}
     else:
-        naming = "fused"
-        template = f"{prefix}layers.{{layer}}.{block}.experts.{{name}}"
+        naming = stacked_naming
+        template = {
+            "fused": f"{prefix}layers.{{layer}}.{block}.experts.{{name}}",
+            "granite": f"{prefix}layers.{{layer}}.{block}.{{name}}.weight",
+            "dbrx": f"{prefix}blocks.{{layer}}.{block}.experts.mlp.{{name}}",
+        }[naming]
         names = sorted({n for x in layers for n in fused[x]}, key=_order_key)
         reference = fused[layers[0]]
         first = reference[names[0]] if names[0] in reference else next(iter(reference.values()))
-        num_experts = first.shape[0]
+        num_experts, rows = first.shape[0], -1
+        if naming == "dbrx":  # [E * F, D]: only the config knows E
+            num_experts = _dbrx_experts(directory, config)
+            rows = first.shape[0] // num_experts
+            if rows * num_experts != first.shape[0]:
+                raise CheckpointError(
+                    f"{first.name}: {first.shape[0]} rows are not {num_experts} experts "
+                    f"(config.json ffn_config.moe_num_experts) of equal size"
+                )
         for layer in layers:
             for n in names:
                 stacked = fused[layer].get(n)
                 name = template.format(layer=layer, name=n)
                 if stacked is None or n not in reference:
                     raise CheckpointError(f"{directory}: missing expert tensor {name}")
-                if len(stacked.shape) < 2 or stacked.shape[0] != num_experts:
+                leading = num_experts if rows < 0 else num_experts * rows
+                if len(stacked.shape) < 2 or stacked.shape[0] != leading:
                     raise CheckpointError(
                         f"{name} in {stacked.file}: shape {list(stacked.shape)}, expected a leading "
-                        f"expert dimension of {num_experts} and at least 2 dimensions"
+                        f"expert dimension of {leading} and at least 2 dimensions"
                     )
                 _check_like(stacked, reference[n])
-        specs = [(n, reference[n].dtype, reference[n].shape[1:]) for n in names]
-        sources = {n: (template.replace("{name}", n), True) for n in names}
+        each = (lambda shape: shape[1:]) if rows < 0 else (lambda shape: (rows, *shape[1:]))
+        specs = [(n, reference[n].dtype, each(reference[n].shape)) for n in names]
+        sources = {n: (template.replace("{name}", n), rows) for n in names}
 
     tensors, raw_bytes = layout_tensors(specs)
     name_or_path, model_type = config.get("_name_or_path"), config.get("model_type")
@@ -305,6 +359,17 @@ def scan_checkpoint(directory: str | Path) -> CheckpointPlan:
         sources=sources,
         files={name: info.file for name, info in found.items()},
     )
+
+
+def _dbrx_experts(directory: Path, config: dict[str, Any]) -> int:
+    ffn = config.get("ffn_config")
+    count = ffn.get("moe_num_experts") if isinstance(ffn, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise CheckpointError(
+            f"{directory}: DBRX stacks its experts' rows ([E * F, D]); config.json's "
+            f"ffn_config.moe_num_experts must say E (found {count!r:.40})"
+        )
+    return count
 
 
 def _check_like(info: _Found, ref: _Found) -> None:

@@ -10,6 +10,10 @@ both the raw and the stored bytes. Layers are MoE layer indices ``0..L-1``;
 Everything read from disk is untrusted: `load_manifest` checks types, bounds and
 consistency and raises `StoreFormatError` naming the offending field. This module is
 pure (no torch, no I/O beyond reading the manifest) so the daemon core can import it.
+
+``expert_layout`` (optional, `expertd.daemon.protocol.families.ExpertLayout`) says how the expert's
+tensors make the model's expert parameters and compute; stores packed before it existed have
+none and are read as plain SwiGLU experts named by their tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expertd.daemon.protocol.families import ExpertLayout
 from expertd.daemon.protocol.tensors import DTYPE_BYTES, TensorSpec
 
 STORE_FORMAT = "expertd-store"
@@ -115,6 +120,7 @@ class StoreManifest:
     source: dict[str, Any] = field(default_factory=dict)
     data_file: str = DATA_NAME
     version: int = STORE_FORMAT_VERSION
+    expert_layout: ExpertLayout | None = None  # None: a store packed before layouts were recorded
 
     @property
     def slot_bytes(self) -> int:
@@ -144,6 +150,7 @@ class StoreManifest:
         raise KeyError(f"no tensor {name!r} in the expert layout ({[t.name for t in self.tensors]})")
 
     def to_json(self) -> dict[str, Any]:
+        layout = {} if self.expert_layout is None else {"expert_layout": self.expert_layout.to_json()}
         return {
             "format": STORE_FORMAT,
             "version": self.version,
@@ -157,6 +164,7 @@ class StoreManifest:
             "raw_bytes": self.raw_bytes,
             "slot_bytes": self.slot_bytes,
             "tensors": [t.to_json() for t in self.tensors],
+            **layout,
             "data_file": self.data_file,
             "data_bytes": self.data_bytes,
             "source": self.source,
@@ -386,6 +394,16 @@ def _parse_manifest(obj: Any) -> StoreManifest:
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise StoreFormatError(f"{w}.source: expected an object")
+    layout = None
+    if "expert_layout" in obj:
+        try:
+            layout = ExpertLayout.from_json(obj["expert_layout"], f"{w}.expert_layout")
+        except ValueError as exc:
+            raise StoreFormatError(str(exc)) from None
+        names = {t.name for t in tensors}
+        missing = sorted({n for parts in layout.weights.values() for n in parts} - names)
+        if missing:
+            raise StoreFormatError(f"{w}.expert_layout.weights: names {missing}, not in the tensors")
     return StoreManifest(
         model=_get(obj, "model", str, w),
         architecture=_get(obj, "architecture", str, w),
@@ -401,4 +419,5 @@ def _parse_manifest(obj: Any) -> StoreManifest:
         source=source,
         data_file=data_file,
         version=version,
+        expert_layout=layout,
     )

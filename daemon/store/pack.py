@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from expertd.daemon.store.checkpoint import scan_checkpoint
+from expertd.daemon.protocol.families import ExpertLayout
+from expertd.daemon.store.checkpoint import CheckpointPlan, scan_checkpoint
 from expertd.daemon.store.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
 from expertd.daemon.store.manifest import (
     BLOB_ALIGN_BYTES,
@@ -387,11 +388,20 @@ def pack_safetensors(
     force: bool = False,
     progress: bool = False,
     group: str | int | None = None,
+    expert_layout: ExpertLayout | None = None,
+    check: Callable[[CheckpointPlan], None] | None = None,
 ) -> StoreManifest:
-    """Pack a Hugging Face checkpoint's routed experts; raises `CheckpointError` on bad input."""
+    """Pack a Hugging Face checkpoint's routed experts; raises `CheckpointError` on bad input.
+
+    ``check``: called with the scanned checkpoint before anything is written (raise to refuse).
+    ``expert_layout``: recorded in the manifest (`expertd pack --from-hf` knows it).
+    """
     check_options(out_dir, codec, lz4_level, force, group)
     with scan_checkpoint(checkpoint_dir) as plan:
+        if check is not None:
+            check(plan)
         meta = {
+            "expert_layout": expert_layout,
             "model": plan.model,
             "architecture": plan.architecture,
             "naming": plan.naming,
