@@ -270,7 +270,8 @@ class Offload:
         self.hint = hint
         self.stats = OffloadStats()
         self.freed_bytes = 0
-        slots = int(client.info["tiers"][tier]["slots"])
+        handle = client.info["tiers"][tier]
+        slots = int(handle.get("max_pinned", handle["slots"]))  # what one client may pin of the tier
         self.max_per_acquire = min(slots, MAX_EXPERTS_PER_MESSAGE)
         self.chunk = max(1, min(slots // 2, MAX_EXPERTS_PER_MESSAGE))
         self._pending: dict[int, tuple[list[int], PendingAcquire]] = {}

@@ -96,6 +96,7 @@ class CheckpointPlan:
     # blob tensor name -> (checkpoint name template with {layer} and {expert}, fused?)
     sources: dict[str, tuple[str, bool]]
     files: dict[str, str]  # checkpoint tensor name -> shard file name
+    top_k: int = 0  # config.json's num_experts_per_tok (0: not stated)
     _handles: dict[str, Any] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
 
@@ -304,7 +305,16 @@ def scan_checkpoint(directory: str | Path) -> CheckpointPlan:
         skipped_layers=skipped,
         sources=sources,
         files={name: info.file for name, info in found.items()},
+        top_k=_experts_per_token(config, num_experts),
     )
+
+
+def _experts_per_token(config: dict, num_experts: int) -> int:
+    """config.json's ``num_experts_per_tok`` (or its text_config's), if it is a sane count."""
+    text = config.get("text_config")
+    nested = text.get("num_experts_per_tok") if isinstance(text, dict) else None
+    value = config.get("num_experts_per_tok", nested)
+    return value if isinstance(value, int) and 0 < value <= num_experts else 0
 
 
 def _check_like(info: _Found, ref: _Found) -> None:

@@ -37,6 +37,7 @@ class ErrorCode:
     TOO_MANY_PENDING = "too_many_pending"
     UNKNOWN_LEASE = "unknown_lease"
     LOAD_FAILED = "load_failed"
+    CAPACITY = "capacity"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import dataclasses
 import grp
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import zmq
 from expertd.daemon import protocol as proto
 from expertd.daemon.auth import AuthError, ClientKey, CurveAuthenticator, new_admin_token, server_keys
 from expertd.daemon.config import ServeConfig
+from expertd.daemon.local_trust import UntrustedPath, make_socket_dir
 
 log = logging.getLogger("expertd")
 
@@ -67,8 +69,14 @@ def listen(
         listener.engine_curve = _enable_curve(context, router, config.auth_keys_dir, closers)
     else:
         path = Path(address[len("ipc://") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
+        _own_socket_dir(path, config.auth_socket_group)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(info.st_mode):
+                raise StartupError(f"{path} exists and is not a socket: refusing to replace it")
             if answers(context, address):
                 raise StartupError(f"another expertd is serving at {address}")
             path.unlink()  # left behind by a daemon that died
@@ -94,6 +102,19 @@ def listen(
     router.bind(listener.completion_address)
     router.setsockopt(zmq.RCVTIMEO, int(tick_s * 1000))
     return listener
+
+
+def _own_socket_dir(path: Path, group: str | None) -> None:
+    """The socket's directory is the daemon's alone (made 0700/0750 here, or refused by name)."""
+    try:
+        gid = None if not group else grp.getgrnam(group).gr_gid
+        make_socket_dir(path.parent, gid)
+    except KeyError:
+        raise StartupError(f"[auth] socket_group {group!r}: no such group") from None
+    except UntrustedPath as exc:
+        raise StartupError(f"socket directory: {exc}; remove it or choose another [server] address") from None
+    except OSError as exc:
+        raise StartupError(f"socket directory {path.parent}: {exc.strerror}") from None
 
 
 def _enable_curve(

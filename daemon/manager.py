@@ -68,6 +68,13 @@ class ManagerConfig:
     max_queued_prefetches: int = 256  # per link; further prefetches are dropped
     expert_bytes: int = 0  # for byte counters only
     prefetch: PrefetchConfig = PrefetchConfig()  # predictor None: no prefetching
+    max_pinned_share: float = 1.0  # most of a tier one client may pin (leased or asked for)...
+    min_pinned: int = 1  # ...but never less than this (one layer's top-k)
+    capacity_wait_s: float = float("inf")  # an acquire not admitted this long is refused, naming why
+
+    def pin_cap(self, slots: int) -> int:
+        """Slots of a tier of ``slots`` one client may pin at once."""
+        return min(slots, max(self.min_pinned, int(self.max_pinned_share * slots)))
 
     def __post_init__(self) -> None:
         if self.host_slots < 1:
@@ -90,6 +97,7 @@ class _Pending:
     keys: list[int]
     t0: int  # access time of keys[0]; keys[i] is access t0 + i
     forward: int  # the client's forward pass this acquire belongs to
+    since: float = 0.0  # when it arrived
     admitted: bool = False
     pinned: dict[int, int] = dataclasses.field(default_factory=dict)  # key -> slot it pinned
     waiting: set[int] = dataclasses.field(default_factory=set)  # keys not ready yet
@@ -111,6 +119,7 @@ class _Client:
     last_layer: int = 1 << 30
     leases: set[int] = dataclasses.field(default_factory=set)
     pending: set[int] = dataclasses.field(default_factory=set)  # request ids
+    pins: dict[str, int] = dataclasses.field(default_factory=dict)  # tier -> slots leased or asked for
 
 
 class CacheManager:
@@ -191,6 +200,15 @@ class CacheManager:
                 released = True
         if released and (self.transfers.any_queued() or any(self._admission.values())):
             out = self._settle()  # what waited for those slots goes first
+        held, cap = state.pins.get(tier, 0), self.config.pin_cap(self.tiers[tier].num_slots)
+        if held + len(experts) > cap:
+            text = (
+                f"this client would pin {held + len(experts)} of the {tier} tier's "
+                f"{self.tiers[tier].num_slots} slots ({held} held); one client may pin {cap} "
+                "([clients] max_pinned_share): release leases first"
+            )
+            return [*out, ErrorReply(client, request_id, ErrorCode.CAPACITY, text)]
+        state.pins[tier] = held + len(experts)
         if layer <= state.last_layer:  # a new forward pass starts at the first layer again
             state.forward = next(self._forwards)
         state.last_layer = layer
@@ -209,7 +227,7 @@ class CacheManager:
         plan = None
         if self.prefetcher is not None:  # a miss: what it evicts depends on what it teaches
             plan = self.prefetcher.on_acquire(state.tenant, (client, request), layer, experts)
-        pending = _Pending(client, request_id, tier, keys, t0, state.forward)
+        pending = _Pending(client, request_id, tier, keys, t0, state.forward, now)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
         self._admission[tier].append(pending)
@@ -387,7 +405,25 @@ class CacheManager:
         out: list[Command] = []
         for client in [c for c, s in self._clients.items() if s.last_seen < deadline and not s.pending]:
             out.extend(self.client_gone(client))
+        for name, queue in self._admission.items():
+            stuck = [p for p in queue if now - p.since >= self.config.capacity_wait_s]
+            if stuck:
+                why = self._capacity_text(name, stuck[0].client)
+                for pending in stuck:
+                    self._abandon(pending)
+                    out.append(ErrorReply(pending.client, pending.request_id, ErrorCode.CAPACITY, why))
+                out.extend(self._settle())
         return out
+
+    def _capacity_text(self, tier: str, client: ClientId) -> str:
+        """Why an acquire still waits: how much of the tier others pin."""
+        table = self.tiers[tier]
+        others = sum(1 for c, s in self._clients.items() if c != client and s.pins.get(tier, 0) > 0)
+        clients = f"{others} other client{'s' if others != 1 else ''}"
+        return (
+            f"waiting for capacity: {table.pinned_slots} of {table.num_slots} {tier} slots pinned by "
+            f"{clients} (refused after {self.config.capacity_wait_s:g} s, [clients] capacity_wait_s)"
+        )
 
     def preload(self, tier: str, keys: Iterable[int]) -> None:
         """Mark ``keys`` resident at start (a warm tier), without transfers."""
@@ -406,6 +442,10 @@ class CacheManager:
         """Ready keys of ``tier`` and their slots."""
         target = self.tiers[tier]
         return {k: s for k, s in target.slot_of.items() if s not in target.filling}
+
+    def max_pinned(self, client: ClientId) -> dict[str, int]:
+        """Per tier: the most slots one client may pin at once."""
+        return {name: self.config.pin_cap(table.num_slots) for name, table in self.tiers.items()}
 
     def client_summary(self) -> dict[ClientId, tuple[int, int]]:
         """Per client: (leases held, acquires waiting)."""
@@ -586,6 +626,7 @@ class CacheManager:
         state = self._clients.get(lease.client)
         if state is not None:
             state.leases.discard(lease_id)
+            state.pins[lease.tier] -= len(lease.slots)
 
     def _abandon(self, pending: _Pending) -> None:
         """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""
@@ -593,6 +634,7 @@ class CacheManager:
         state = self._clients.get(pending.client)
         if state is not None:
             state.pending.discard(pending.request_id)
+            state.pins[pending.tier] -= len(pending.keys)
         if not pending.admitted:
             self._admission[pending.tier].remove(pending)
             return

@@ -161,6 +161,9 @@ class Partitions:
         partition, local_id = self._transfers.pop(transfer_id)
         return self._out(partition, self._managers[partition].transfer_done(local_id, ok, error))
 
+    def max_pinned(self, client: ClientId) -> dict[str, int]:
+        return self._route(client)[1].max_pinned(client)
+
     def client_summary(self) -> dict[ClientId, tuple[int, int]]:
         out: dict[ClientId, tuple[int, int]] = {}
         for manager in self._managers.values():

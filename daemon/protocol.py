@@ -107,6 +107,12 @@ class PermissionDenied(ExpertdError):
     code = "forbidden"
 
 
+class UntrustedSocket(ExpertdError):
+    """The ipc:// socket could have been put there by another local user: nothing was sent to it."""
+
+    code = "untrusted_socket"
+
+
 class ShuttingDown(ExpertdError):
     """The daemon is stopping and takes no new work."""
 

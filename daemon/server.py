@@ -32,6 +32,7 @@ from expertd.daemon.events import DEVICE, HOST, ErrorReply, Predict, Reply, Star
 from expertd.daemon.faults import read_errors_from_env
 from expertd.daemon.isolation import PrivateTiming
 from expertd.daemon.listener import StartupError, listen, share_slabs
+from expertd.daemon.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
 from expertd.daemon.manager import ManagerConfig
 from expertd.daemon.partitions import PartitionError, Partitions
 from expertd.daemon.prefetch import PrefetchConfig
@@ -46,6 +47,36 @@ DAEMON_VERSION = "0.1.0"
 SHARED = TenantPolicy()
 TICK_S = 0.1  # lease expiry and watchdog granularity
 STATUS_EVERY_S = 5.0
+PEER_CHECK_S = 0.5  # how often ipc:// clients' processes are checked for having exited
+
+
+def _top_k(manifest: Any) -> int:
+    """Experts one token uses per layer, as the store recorded it (1 where it did not)."""
+    top_k = manifest.source.get("top_k")
+    if isinstance(top_k, int) and 0 < top_k <= manifest.num_experts:
+        return top_k
+    log.warning("the store does not record its model's top-k (packed by an older expertd): assuming 1")
+    return 1
+
+
+def tier_slots(key: str, size: Any, manifest: Any, top_k: int) -> int:
+    """Slots of a tier of ``size``: at most one per expert of the store (logged when shrunk),
+    and refused when one layer's top-k would not fit."""
+    num_keys = manifest.num_layers * manifest.num_experts
+    slot_bytes = manifest.slot_bytes
+    asked = size.slots(slot_bytes)
+    if asked < top_k:
+        raise StartupError(
+            f"[tiers] {key} {size} holds {asked} slot(s) of {slot_bytes} bytes; one layer's top-{top_k} "
+            f"needs {top_k}: every acquire would fail"
+        )
+    if asked > num_keys:
+        log.warning(
+            "[tiers] %s %s is more than the store's %d experts (%.1f MiB): allocating %d slots",
+            key, size, num_keys, num_keys * slot_bytes / 2**20, num_keys,
+        )  # fmt: skip
+        return num_keys
+    return asked
 
 
 def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
@@ -69,6 +100,8 @@ class Session:
     since: float
     role: str = "client"  # or "admin": shutdown, every tenant's stats
     requests: int = 0
+    uid: int = -1  # ipc://: the peer's user as the kernel says (-1: tcp://, unknown)
+    started: int | None = None  # ipc://: the peer process's start time, to tell it died
 
 
 @dataclasses.dataclass
@@ -98,6 +131,8 @@ class Server:
         self.acquires = {"count": 0, "waited": 0, "stall_s": 0.0, "max_stall_s": 0.0, "errors": 0}
         self.tenants: dict[str, TenantCounters] = {}
         self._user_of: dict[bytes, str] = {}  # CURVE: sender identity -> its key's tenant/role
+        self._last_frame: Any = None  # ipc://: the message being handled, for its peer credentials
+        self._peers_checked_at = 0.0
         self.admin_token: str | None = None
         self._held: list[tuple[float, int, Any, bytes]] = []  # private tenants' replies, held back
         self._held_seq = itertools.count()
@@ -129,23 +164,15 @@ class Server:
             raise StartupError(f"cannot open store {cfg.store}: {exc}") from None
         self._closers.append(self.reader)
         manifest = self.manifest = self.reader.manifest
-        num_keys = manifest.num_layers * manifest.num_experts
-        slot_bytes = manifest.slot_bytes
-        host_slots = min(cfg.tiers_host_size.slots(slot_bytes), num_keys)
-        if host_slots < 1:
-            raise StartupError(
-                f"[tiers] host_size {cfg.tiers_host_size} holds no slot of {slot_bytes} bytes (one expert)"
-            )
+        top_k = self.top_k = _top_k(manifest)
+        host_slots = tier_slots("host_size", cfg.tiers_host_size, manifest, top_k)
         try:
+            slot_bytes = manifest.slot_bytes
             self.host = HostSlab("host", host_slots, slot_bytes)
             self._closers.append(self.host)
             self.device = None
             if cfg.tiers_device != "off":
-                device_slots = min(cfg.tiers_device_size.slots(slot_bytes), num_keys)
-                if device_slots < 1:
-                    raise StartupError(
-                        f"[tiers] device_size {cfg.tiers_device_size} holds no slot of {slot_bytes} bytes"
-                    )
+                device_slots = tier_slots("device_size", cfg.tiers_device_size, manifest, top_k)
                 if cfg.tiers_device == "cpu":
                     self.device = CpuDeviceSlab("device", device_slots, slot_bytes)
                 else:
@@ -187,6 +214,9 @@ class Server:
             max_queued_prefetches=cfg.transfers_max_queued_prefetches,
             expert_bytes=manifest.raw_bytes,
             prefetch=prefetch,
+            max_pinned_share=cfg.clients_max_pinned_share,
+            min_pinned=top_k,
+            capacity_wait_s=cfg.clients_capacity_wait_s,
         )
         try:
             self.manager = Partitions(manager_config, shares)
@@ -285,7 +315,7 @@ class Server:
                     router.setsockopt(zmq.RCVTIMEO, int(TICK_S * 1000))
                     timeout_set = False
                 try:
-                    frames = router.recv_multipart() if not curve else self._recv_with_user(router)
+                    frames = self._recv_with_peer(router) if not curve else self._recv_with_user(router)
                 except zmq.Again:
                     frames = None
                 now = self.clock()
@@ -329,6 +359,12 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to stop; it does within a tick."""
         self._stopping = True
+
+    def _recv_with_peer(self, router: zmq.Socket) -> list[bytes]:
+        """ipc://: the frames, keeping the last one: its Peer-Address names the sender's uid/pid."""
+        frames = router.recv_multipart(copy=False)
+        self._last_frame = frames[-1]
+        return [frame.bytes for frame in frames]
 
     def _recv_with_user(self, router: zmq.Socket) -> list[bytes]:
         """CURVE: the frames, noting the authenticated key's tenant/role for the sender."""
@@ -472,15 +508,30 @@ class Server:
                 f"{self.config.clients_max_clients} clients connected",
             )
             return
-        tenant, role = self._credentials(identity, hello)
-        self.sessions[identity] = Session(hello.client, tenant, hello.pid, now, role)
+        peer = None if self.curve else Peer.from_property(_peer_address(self._last_frame))
+        try:
+            tenant, role = self._credentials(identity, hello, peer)
+        except Refused as exc:
+            log.warning(
+                "refused client %s (uid %s, pid %s): %s",
+                hello.client, peer.uid if peer else "?", peer.pid if peer else "?", exc,
+            )  # fmt: skip
+            self._send_error(identity, request_id, "forbidden", str(exc))
+            return
+        session = Session(hello.client, tenant, hello.pid, now, role)
+        if peer is not None:  # the kernel's word, not the hello's
+            session.pid, session.uid, session.started = peer.pid, peer.uid, process_start(peer.pid)
+        self.sessions[identity] = session
         isolation = self.tenant_policy(tenant).isolation
         self.manager.set_tenant(identity, tenant, now, tenant if isolation == "partitioned" else None)
-        log.info("client %s (tenant %s, %s, pid %d) connected", hello.client, tenant, role, hello.pid)
-        self._send_ok(identity, request_id, self.hello_reply())
+        log.info(
+            "client %s (tenant %s, %s, uid %d, pid %d) connected",
+            hello.client, tenant, role, session.uid, session.pid,
+        )  # fmt: skip
+        self._send_ok(identity, request_id, self.hello_reply(identity))
 
-    def _credentials(self, identity: bytes, hello: proto.Hello) -> tuple[str, str]:
-        """The tenant and role of a new session: bound to its key over tcp://, claimed over ipc://."""
+    def _credentials(self, identity: bytes, hello: proto.Hello, peer: Peer | None) -> tuple[str, str]:
+        """The tenant and role of a new session: its key's over tcp://, its OS user's over ipc://."""
         if self.curve:
             tenant, role = parse_user_id(self._user_of.get(identity) or "?/none")
             if tenant != hello.tenant and hello.tenant != "default":
@@ -488,18 +539,20 @@ class Server:
                     "client %s claimed tenant %s; its key says %s", hello.client, hello.tenant, tenant
                 )
             return tenant, role
-        admin = self.config.auth_ipc_admin == "all" or (
+        token_ok = (
             self.admin_token is not None
             and hello.token is not None
             and hmac.compare_digest(hello.token, self.admin_token)
         )
-        return hello.tenant, "admin" if admin else "client"
+        return ipc_identity(peer, hello.tenant, self.config.tenants, self.config.auth_ipc_admin, token_ok)
 
-    def hello_reply(self) -> dict[str, Any]:
+    def hello_reply(self, identity: bytes) -> dict[str, Any]:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
         if self.device is not None:
             tiers[DEVICE] = self.device.handle()
+        for tier, cap in self.manager.max_pinned(identity).items():
+            tiers[tier]["max_pinned"] = cap  # what this client may pin at once ([clients] max_pinned_share)
         return {
             "protocol": proto.PROTOCOL_VERSION,
             "daemon": DAEMON_VERSION,
@@ -518,7 +571,16 @@ class Server:
         }
 
     def _expire(self, now: float) -> None:
-        """Clients silent past the lease timeout lose their leases and their session."""
+        """Clients silent past the lease timeout, or whose process exited, lose their leases and session."""
+        if now - self._peers_checked_at >= PEER_CHECK_S:
+            self._peers_checked_at = now
+            for identity, session in list(self.sessions.items()):
+                if session.uid >= 0 and process_gone(session.pid, session.started):
+                    log.warning(
+                        "client %s (pid %d) exited without bye: its leases were released",
+                        session.name, session.pid,
+                    )  # fmt: skip
+                    self._forget(identity)
         self._execute(self.manager.tick(now), now)
         for identity in [i for i in self.sessions if not self.manager.knows(i)]:
             session = self.sessions.pop(identity)
@@ -709,6 +771,13 @@ class Server:
         if listener is not None:
             listener.remove_files()
         self.notifier.close()
+
+
+def _peer_address(frame: Any) -> str | None:
+    try:
+        return frame.get("Peer-Address") if frame is not None else None
+    except zmq.ZMQError:  # not reported by this libzmq
+        return None
 
 
 def _in_main_thread() -> bool:
