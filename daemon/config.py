@@ -218,7 +218,12 @@ class Size:
         return self.amount if self.unit == "slots" else self.amount // slot_bytes
 
     def __str__(self) -> str:
-        return f"{self.amount} slots" if self.unit == "slots" else f"{self.amount / 2**20:g}MiB"
+        if self.unit == "slots":
+            return f"{self.amount} slots"
+        for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if self.amount % factor == 0:
+                return f"{self.amount // factor}{unit}"
+        return f"{self.amount / 2**20:.3g}MiB" if self.amount >= 2**20 else f"{self.amount}B"
 
 
 def parse_size(text: object, where: str) -> Size:
