@@ -124,6 +124,22 @@ def as_root_or_skip() -> None:
         pytest.skip("needs root to act as a second local user (CI runs as root)")
 
 
+def _import_before_dropping_root() -> None:
+    """What a forked child will import lazily, imported while it can still read the interpreter's files."""
+    import importlib
+
+    for module in (
+        "hmac", "expertd.daemon.cli", "expertd.daemon.serve_cli", "expertd.daemon.server",
+        "expertd.daemon.status_view", "expertd.daemon.prefetch_state", "expertd.policies.registry",
+        "expertd.client.client",
+    ):  # fmt: skip
+        importlib.import_module(module)
+    from expertd.policies.registry import policy_class
+
+    for name in ("lru", "predictive", "layer-distance"):
+        policy_class(name)
+
+
 def run_as(uid: int, gid: int, fn, *args, groups: tuple[int, ...] = (), timeout_s: float = 60.0):
     """``fn(*args)`` in a forked child running as ``uid``/``gid``; its JSON-able result.
 
@@ -139,6 +155,7 @@ def run_as(uid: int, gid: int, fn, *args, groups: tuple[int, ...] = (), timeout_
     if pid == 0:  # the child: never returns
         os.close(read_end)
         try:
+            _import_before_dropping_root()
             os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
@@ -191,6 +208,7 @@ class ForkedDaemon:
                 os.dup2(log_fd, 2)
                 sys.stdout = sys.stderr = os.fdopen(os.dup(log_fd), "w", buffering=1)
                 logging.root.handlers.clear()  # pytest's capture handlers: serve configures its own
+                _import_before_dropping_root()
                 os.setgroups(groups or [])
                 os.setgid(gid)
                 os.setuid(uid)
