@@ -51,7 +51,8 @@ def test_pack_serve_as_a_service_user_status_and_a_client(service_user, short_di
     os.chmod(short_dir, 0o755)  # a parent other users may enter, as /run and /var/lib are
     store = short_dir / "store"
     subprocess.run(
-        [*EXPERTD, "pack", "--synthetic", "mixtral-8x7b", "--scale", "64", "--layers", "2", "--quiet", str(store)],
+        [*EXPERTD, "pack", "--synthetic", "mixtral-8x7b", "--scale", "64", "--layers", "2", "--quiet",
+         str(store)],
         check=True, capture_output=True,
     )  # fmt: skip
     run_dir = short_dir / "run"  # what systemd's RuntimeDirectory=expertd, RuntimeDirectoryMode=0750 make
