@@ -19,6 +19,8 @@ from daemon_util import EXPERTD, DaemonProcess, RawClient, as_root_or_skip, ping
 
 from expertd.client import ExpertClient
 from expertd.daemon import protocol as proto
+from expertd.daemon.config import TenantPolicy
+from expertd.daemon.local_trust import Peer, Refused, ipc_identity
 from expertd.daemon.pack import pack_synthetic
 
 NOBODY = pwd.getpwnam("nobody")
@@ -266,3 +268,55 @@ def test_a_killed_clients_slots_come_back_long_before_the_lease_timeout(store, s
         assert "client holder (pid" in daemon.log() and "exited without bye" in daemon.log()
     finally:
         daemon.kill()
+
+
+# --- the rules, without a second user ----------------------------------------------------------
+
+
+def test_libzmq_reports_the_kernels_credentials_of_an_ipc_peer(short_dir):
+    context = zmq.Context.instance()
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        router.bind(f"ipc://{short_dir}/peer.sock")
+        dealer.connect(f"ipc://{short_dir}/peer.sock")
+        dealer.send(b"hello")
+        assert router.poll(5000)
+        frame = router.recv_multipart(copy=False)[-1]
+        peer = Peer.from_property(frame.get("Peer-Address"))
+        assert peer == Peer(os.getuid(), os.getgid(), os.getpid())
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+
+
+TENANTS = {
+    "alice": TenantPolicy("partitioned", 0.5, uids=frozenset({NOBODY.pw_uid})),
+    "ops": TenantPolicy(gids=frozenset({12345})),
+}
+
+
+@pytest.mark.parametrize(
+    ("claim", "expected"),
+    [("default", "alice"), ("alice", "alice"), ("ops", None), ("nobody", None), ("root", None)],
+)
+def test_a_listed_user_is_its_tenant_whatever_it_claims(claim, expected):
+    peer = Peer(NOBODY.pw_uid, NOBODY.pw_gid, 1)
+    if expected is None:
+        with pytest.raises(Refused, match=f"may not act as tenant '{claim}': its tenant is alice"):
+            ipc_identity(peer, claim, TENANTS, "owner", token_ok=False)
+    else:
+        assert ipc_identity(peer, claim, TENANTS, "owner", token_ok=False) == (expected, "client")
+
+
+def test_an_unlisted_user_is_the_tenant_named_after_it_and_the_owner_may_be_anyone():
+    stranger = Peer(NOBODY.pw_uid, NOBODY.pw_gid, 1)
+    assert ipc_identity(stranger, "default", {}, "owner", False) == ("nobody", "client")
+    assert ipc_identity(stranger, "nobody", {}, "all", False) == ("nobody", "admin")
+    with pytest.raises(Refused):
+        ipc_identity(stranger, "alice", {}, "all", False)
+    owner = Peer(os.geteuid(), os.getegid(), 1)
+    assert ipc_identity(owner, "alice", TENANTS, "owner", False) == ("alice", "admin")
+    assert ipc_identity(owner, "bob", TENANTS, "token", False) == ("bob", "client")
+    assert ipc_identity(owner, "bob", TENANTS, "token", True) == ("bob", "admin")
+    with pytest.raises(Refused, match="peer credentials"):
+        ipc_identity(None, "default", {}, "all", False)
