@@ -47,6 +47,12 @@ class Partitions:
                     raise PartitionError(
                         f"partition shares {dict(shares)} leave no {tier} slot for the shared tenants"
                     )
+                if total and size < config.min_pinned:
+                    who = f"tenant {partition}" if partition else "the shared tenants"
+                    raise PartitionError(
+                        f"{who} would get {size} {tier} slot(s), "
+                        f"fewer than one layer's top-{config.min_pinned}"
+                    )
                 sizes[tier] = size
             self._base[partition] = dict(offsets)
             for tier, size in sizes.items():

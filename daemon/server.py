@@ -164,7 +164,7 @@ class Server:
             raise StartupError(f"cannot open store {cfg.store}: {exc}") from None
         self._closers.append(self.reader)
         manifest = self.manifest = self.reader.manifest
-        top_k = self.top_k = _top_k(manifest)
+        top_k = _top_k(manifest)
         host_slots = tier_slots("host_size", cfg.tiers_host_size, manifest, top_k)
         try:
             slot_bytes = manifest.slot_bytes

@@ -320,3 +320,16 @@ def test_an_unlisted_user_is_the_tenant_named_after_it_and_the_owner_may_be_anyo
     assert ipc_identity(owner, "bob", TENANTS, "token", True) == ("bob", "admin")
     with pytest.raises(Refused, match="peer credentials"):
         ipc_identity(None, "default", {}, "all", False)
+
+
+def test_a_partition_too_small_for_top_k_is_refused_by_name():
+    from expertd.daemon.manager import ManagerConfig
+    from expertd.daemon.partitions import PartitionError, Partitions
+    from expertd.policies.base import Geometry
+
+    config = ManagerConfig(Geometry(2, 8), host_slots=16, device_slots=8, min_pinned=2)
+    Partitions(config, {"alice": 0.25})  # 2 of 8 device slots: one layer's top-2 fits
+    with pytest.raises(
+        PartitionError, match="tenant alice would get 1 device slot.s., fewer than one layer's top-2"
+    ):
+        Partitions(config, {"alice": 0.125})
