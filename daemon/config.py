@@ -181,7 +181,7 @@ KEYS: tuple[Key, ...] = (
         0.5,
         "Most of a tier one client may pin at once (leased, or asked for by its waiting acquires), "
         "but never less than one layer's top-k; an acquire past it is refused at once, so one client "
-        "cannot starve the rest.",
+        "cannot starve the rest. 1: no cap.",
     ),  # fmt: skip
     Key(
         "clients",

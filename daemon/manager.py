@@ -68,12 +68,14 @@ class ManagerConfig:
     max_queued_prefetches: int = 256  # per link; further prefetches are dropped
     expert_bytes: int = 0  # for byte counters only
     prefetch: PrefetchConfig = PrefetchConfig()  # predictor None: no prefetching
-    max_pinned_share: float = 1.0  # most of a tier one client may pin (leased or asked for)...
+    max_pinned_share: float = 1.0  # most of a tier one client may pin (leased or asked for; 1: no cap)...
     min_pinned: int = 1  # ...but never less than this (one layer's top-k)
     capacity_wait_s: float = float("inf")  # an acquire not admitted this long is refused, naming why
 
     def pin_cap(self, slots: int) -> int:
-        """Slots of a tier of ``slots`` one client may pin at once."""
+        """Slots of a tier of ``slots`` one client may pin at once, counting its waiting acquires."""
+        if self.max_pinned_share >= 1.0:  # no cap: a client may even queue past the tier, waiting on itself
+            return 1 << 62
         return min(slots, max(self.min_pinned, int(self.max_pinned_share * slots)))
 
     def __post_init__(self) -> None:
@@ -445,7 +447,10 @@ class CacheManager:
 
     def max_pinned(self, client: ClientId) -> dict[str, int]:
         """Per tier: the most slots one client may pin at once."""
-        return {name: self.config.pin_cap(table.num_slots) for name, table in self.tiers.items()}
+        return {
+            name: min(table.num_slots, self.config.pin_cap(table.num_slots))
+            for name, table in self.tiers.items()
+        }
 
     def client_summary(self) -> dict[ClientId, tuple[int, int]]:
         """Per client: (leases held, acquires waiting)."""
