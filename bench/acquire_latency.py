@@ -36,7 +36,7 @@ from daemon_util import DaemonProcess  # noqa: E402
 
 from expertd.client import ExpertClient  # noqa: E402
 from expertd.daemon import protocol as proto  # noqa: E402
-from expertd.daemon.pack import pack_synthetic  # noqa: E402
+from expertd.daemon.store.pack import pack_synthetic  # noqa: E402
 
 ECHO = textwrap.dedent(
     """

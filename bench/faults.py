@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import fault_campaign as fc  # noqa: E402
 from daemon_util import DaemonProcess  # noqa: E402
 
-from expertd.daemon.pack import pack_synthetic  # noqa: E402
-from expertd.daemon.store import load_manifest  # noqa: E402
+from expertd.daemon.store.manifest import load_manifest  # noqa: E402
+from expertd.daemon.store.pack import pack_synthetic  # noqa: E402
 
 
 class MemoryWatch:

@@ -4,7 +4,7 @@
 
 expertd copies an expert from a slot of its host slab (POSIX shared memory registered
 with cudaHostRegister) into a slot of its device slab on a dedicated stream
-(`expertd.daemon.engine.cuda_copier`). The baseline copies the same bytes from a
+(`expertd.daemon.service.engine.cuda_copier`). The baseline copies the same bytes from a
 torch pinned tensor (``pin_memory=True``) to the GPU, slot by slot, with the same
 synchronisation. Goal: ratio >= 0.9. Without CUDA it says so and exits 0. The last
 line of stdout is one JSON object.
@@ -31,8 +31,8 @@ def main() -> int:
         print(json.dumps({"bench": "h2d_bandwidth", "skipped": "no CUDA"}))
         return 0
 
-    from expertd.daemon.engine import cuda_copier
-    from expertd.daemon.slabs import CudaDeviceSlab, HostSlab
+    from expertd.daemon.service.engine import cuda_copier
+    from expertd.daemon.service.slabs import CudaDeviceSlab, HostSlab
 
     slot_bytes = args.slot_mib << 20
     device_slots = 8

@@ -74,7 +74,7 @@ def simulated_hints(trace, ahead: int | None, accuracy: float, seed: int = 0) ->
 
 
 def run_one(job: dict) -> dict:
-    from expertd.daemon.defaults import prefetch_config
+    from expertd.daemon.core.defaults import prefetch_config
     from expertd.traces.replay import geometry_of, parse_capacity, replay_hits, replay_timed
     from expertd.traces.timing import build_timing
 
@@ -109,7 +109,7 @@ def run_one(job: dict) -> dict:
 
 
 def main() -> int:
-    from expertd.daemon.defaults import prefetch_config
+    from expertd.daemon.core.defaults import prefetch_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--traces", default="mixtral,llama4")

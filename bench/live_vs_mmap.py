@@ -120,8 +120,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=REPO / "out" / "bench-live", help="store location")
     args = parser.parse_args()
 
-    from expertd.daemon.pack import pack_synthetic
-    from expertd.daemon.store import load_manifest
+    from expertd.daemon.store.manifest import load_manifest
+    from expertd.daemon.store.pack import pack_synthetic
     from expertd.traces.live import PrivateDaemon
     from expertd.traces.replay_cli import load_for_replay
 

@@ -17,8 +17,8 @@ import random
 import sys
 import time
 
-from expertd.daemon.defaults import prefetch_config
-from expertd.daemon.prefetch import Prefetcher
+from expertd.daemon.core.defaults import prefetch_config
+from expertd.daemon.core.prefetch import Prefetcher
 from expertd.policies.base import Geometry
 
 GEOMETRIES = {"4x8": Geometry(4, 8), "llama4 24x128": Geometry(24, 128)}

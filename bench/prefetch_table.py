@@ -75,8 +75,8 @@ def load(name: str):
 
 def run_one(job: dict) -> dict:
     """One timed replay: ``job`` names trace, part, capacity, config, profile."""
-    from expertd.daemon.defaults import prefetch_config
-    from expertd.daemon.prefetch import PrefetchConfig
+    from expertd.daemon.core.defaults import prefetch_config
+    from expertd.daemon.core.prefetch import PrefetchConfig
     from expertd.policies.base import PolicyError
     from expertd.traces.replay import geometry_of, parse_capacity, replay_hits, replay_timed
     from expertd.traces.timing import build_timing

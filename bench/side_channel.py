@@ -34,7 +34,7 @@ from daemon_util import DaemonProcess  # noqa: E402
 
 from expertd import traces  # noqa: E402
 from expertd.client import ExpertClient  # noqa: E402
-from expertd.daemon.pack import pack_synthetic  # noqa: E402
+from expertd.daemon.store.pack import pack_synthetic  # noqa: E402
 from expertd.traces.format import read_trace  # noqa: E402
 from expertd.traces.replay import forward_ids  # noqa: E402
 

@@ -31,16 +31,16 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from expertd.daemon.codec import (
+from expertd.daemon.store.codec import (
     LZ4_BACKEND,
     EncodedBlob,
     PlaneDecoder,
     PlaneEncoder,
     lz4_decompress_into,
 )
-from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_synthetic
-from expertd.daemon.reader import StoreReader, alloc_aligned
-from expertd.daemon.store import StoreError, StoreManifest, load_manifest
+from expertd.daemon.store.manifest import StoreError, StoreManifest, load_manifest
+from expertd.daemon.store.pack import SYNTHETIC_PRESETS, pack_synthetic
+from expertd.daemon.store.reader import StoreReader, alloc_aligned
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30

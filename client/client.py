@@ -33,7 +33,6 @@ import zmq
 
 from expertd.client.lease import Lease, PendingAcquire
 from expertd.client.views import SlabViews, TensorLayout, parse_layout
-from expertd.daemon.local_trust import check_before_connect
 from expertd.daemon.protocol import (
     MAX_RELEASES_PER_ACQUIRE,
     PROTOCOL_VERSION,
@@ -55,7 +54,8 @@ from expertd.daemon.protocol import (
     decode_reply,
     encode_request,
 )
-from expertd.daemon.slabs import SlabError
+from expertd.daemon.service.local_trust import check_before_connect
+from expertd.daemon.service.slabs import SlabError
 
 log = logging.getLogger("expertd.client")
 
@@ -104,7 +104,7 @@ class ExpertClient:
         if not root, this user or `expertd` (default: $EXPERTD_DAEMON_USER): an ipc:// socket in a
         directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent."""
         if address is None:
-            from expertd.daemon.config import default_address
+            from expertd.daemon.service.config import default_address
 
             address = default_address()
         check_before_connect(address, daemon_user, connect_timeout_s)  # before a socket exists
@@ -603,7 +603,7 @@ class ExpertClient:
 
 def _use_curve(sock: zmq.Socket, server_key: Any, client_key: Any) -> None:
     """tcp://: authenticate with CURVE (the daemon refuses anything else)."""
-    from expertd.daemon.auth import AuthError, read_certificate
+    from expertd.daemon.service.auth import AuthError, read_certificate
 
     server_key = server_key or os.environ.get("EXPERTD_SERVER_KEY")
     client_key = client_key or os.environ.get("EXPERTD_CLIENT_KEY")

@@ -25,7 +25,7 @@ from expertd.client.client import ExpertClient
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
 
 if TYPE_CHECKING:
-    from expertd.daemon.reader import StoreReader
+    from expertd.daemon.store.reader import StoreReader
 
 ExpertWeights = Mapping[str, Tensor]  # one expert's tensors by checkpoint name
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from expertd.daemon.protocol import ProtocolError
-from expertd.daemon.slabs import open_shm_readonly
+from expertd.daemon.service.slabs import open_shm_readonly
 
 SHM_KINDS = frozenset({"host", "cpu"})
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from expertd.daemon.cli import main
+from expertd.daemon.cli.main import main
 
 sys.exit(main())

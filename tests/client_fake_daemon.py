@@ -17,8 +17,8 @@ from typing import Any
 import zmq
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.reader import StoreReader
-from expertd.daemon.slabs import HostSlab
+from expertd.daemon.service.slabs import HostSlab
+from expertd.daemon.store.reader import StoreReader
 
 _tags = itertools.count()
 

@@ -79,7 +79,7 @@ class DaemonProcess:
 
 def ping(address: str, timeout_ms: int = 1000) -> bool:
     """Does a daemon answer at ``address``? (the probe the daemon itself uses at start)"""
-    from expertd.daemon.listener import answers
+    from expertd.daemon.service.listener import answers
 
     return answers(zmq.Context.instance(), address, timeout_ms)
 
@@ -129,8 +129,8 @@ def _import_before_dropping_root() -> None:
     import importlib
 
     for module in (
-        "hmac", "expertd.daemon.cli", "expertd.daemon.serve_cli", "expertd.daemon.server",
-        "expertd.daemon.status_view", "expertd.daemon.prefetch_state", "expertd.policies.registry",
+        "hmac", "expertd.daemon.cli.main", "expertd.daemon.cli.serve_cli", "expertd.daemon.service.server",
+        "expertd.daemon.cli.status_view", "expertd.daemon.core.prefetch_state", "expertd.policies.registry",
         "expertd.client.client",
     ):  # fmt: skip
         importlib.import_module(module)
@@ -212,7 +212,7 @@ class ForkedDaemon:
                 os.setgroups(groups or [])
                 os.setgid(gid)
                 os.setuid(uid)
-                from expertd.daemon.cli import main
+                from expertd.daemon.cli.main import main
 
                 code = main(argv)
             except BaseException as exc:  # noqa: BLE001 - into the log, then out

@@ -27,7 +27,7 @@ import xxhash
 from daemon_util import EXPERTD, DaemonProcess, RawClient
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.store import load_manifest
+from expertd.daemon.store.manifest import load_manifest
 
 OPS = ["hello", "acquire", "release", "hint", "stats", "ping", "end", "bye", "load_state", "nonsense", ""]
 FIELDS = ["layer", "experts", "tier", "release", "request", "lease", "leases", "scores", "client", "tenant",

@@ -8,7 +8,7 @@ import stat
 
 from daemon_util import DaemonProcess
 
-from expertd.daemon.pack import pack_synthetic
+from expertd.daemon.store.pack import pack_synthetic
 
 
 def test_the_socket_group_may_map_the_shared_memory_slabs_read_only(short_dir):

@@ -14,9 +14,9 @@ from daemon_util import EXPERTD, DaemonProcess, RawClient
 
 from expertd.client import ExpertClient
 from expertd.daemon import protocol as proto
-from expertd.daemon.auth import AuthError, allow, load_clients, new_keypair, revoke
-from expertd.daemon.cli import main
-from expertd.daemon.pack import pack_synthetic
+from expertd.daemon.cli.main import main
+from expertd.daemon.service.auth import AuthError, allow, load_clients, new_keypair, revoke
+from expertd.daemon.store.pack import pack_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +228,8 @@ def test_partition_shares_that_leave_nothing_for_the_others_are_refused(store, s
 def test_a_start_that_fails_after_binding_leaves_no_socket_file(short_dir):
     import zmq
 
-    from expertd.daemon.config import ServeConfig
-    from expertd.daemon.listener import StartupError, listen
+    from expertd.daemon.service.config import ServeConfig
+    from expertd.daemon.service.listener import StartupError, listen
 
     config = ServeConfig.from_mapping({"auth": {"socket_group": "no-such-group-expertd"}}, "test")
     context, closers = zmq.Context(), []

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from expertd.client import ClientExperts, DaemonUnavailable, ExpertClient, MemoryExperts, MoEBlock, MoEConfig
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.reader import StoreReader
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.reader import StoreReader
 
 CONFIG = MoEConfig(hidden_size=32, num_experts=64, top_k=8, norm_topk_prob=False)  # olmoe-1b-7b / 64
 NUM_LAYERS = 3  # 192 experts

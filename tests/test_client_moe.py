@@ -12,8 +12,8 @@ from client_fake_daemon import FakeDaemon
 
 from expertd.client import ClientExperts, ExpertClient, MemoryExperts, MoEBlock, MoEConfig
 from expertd.client.moe import route, swiglu_names
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.reader import StoreReader
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.reader import StoreReader
 
 OLMOE = MoEConfig(hidden_size=32, num_experts=64, top_k=8, norm_topk_prob=False)  # olmoe-1b-7b / 64
 MIXTRAL = MoEConfig(hidden_size=64, num_experts=8, top_k=2)  # mixtral-8x7b / 64

@@ -20,7 +20,7 @@ from expertd.client import (
 )
 from expertd.client.client import RELEASE_FLUSH_COUNT
 from expertd.daemon import protocol as proto
-from expertd.daemon.pack import pack_synthetic
+from expertd.daemon.store.pack import pack_synthetic
 
 
 @pytest.fixture(scope="module")

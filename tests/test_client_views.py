@@ -13,9 +13,9 @@ from client_fake_daemon import FakeDaemon
 
 from expertd.client import ExpertClient
 from expertd.client.views import SlabViews, parse_layout
-from expertd.daemon.pack import pack_synthetic
 from expertd.daemon.protocol import ProtocolError
-from expertd.daemon.reader import StoreReader
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.reader import StoreReader
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_layout_outside_the_slot_is_refused() -> None:
 _CHILD = """
 import gc, sys, torch
 from expertd.client.views import SlabViews, parse_layout
-from expertd.daemon.slabs import HostSlab
+from expertd.daemon.service.slabs import HostSlab
 
 slab = HostSlab("viewtest", 2, 4096)
 slab.slot(1)[:4] = [1, 2, 3, 4]
@@ -111,7 +111,7 @@ print(views.tensors(1)["w"].flatten().tolist(), views.tensors(1)["w"].device, fl
 def test_cuda_slab_views_through_ipc() -> None:
     import msgpack
 
-    from expertd.daemon.slabs import CudaDeviceSlab
+    from expertd.daemon.service.slabs import CudaDeviceSlab
 
     slab = CudaDeviceSlab(2, 4096)
     slab.slot(1)[256 : 256 + 24].view(torch.float32).copy_(torch.arange(6, dtype=torch.float32))

@@ -18,9 +18,9 @@ import pytest
 from daemon_util import EXPERTD, DaemonProcess, RawClient, ping
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.reader import StoreReader
-from expertd.daemon.slabs import open_shm_readonly
+from expertd.daemon.service.slabs import open_shm_readonly
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.reader import StoreReader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -322,7 +322,7 @@ def test_the_systemd_unit_verifies(tmp_path):
 
 
 def test_config_reference_and_example_match_the_code():
-    from expertd.daemon.config import ServeConfig, config_doc
+    from expertd.daemon.service.config import ServeConfig, config_doc
 
     assert (REPO / "docs" / "config.md").read_text() == config_doc(), "run: expertd serve --print-config-doc"
     example = ServeConfig.load(REPO / "packaging" / "expertd.toml")  # every key known and valid

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.pack import pack_synthetic
+from expertd.daemon.store.pack import pack_synthetic
 
 
 @pytest.fixture(scope="module")

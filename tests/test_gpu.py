@@ -15,10 +15,10 @@ from daemon_util import DaemonProcess
 
 from expertd.client import ExpertClient
 from expertd.client.moe import ClientExperts, MemoryExperts, MoEBlock, MoEConfig
-from expertd.daemon.engine import cuda_copier
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.reader import StoreReader
-from expertd.daemon.slabs import CudaDeviceSlab, HostSlab
+from expertd.daemon.service.engine import cuda_copier
+from expertd.daemon.service.slabs import CudaDeviceSlab, HostSlab
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.reader import StoreReader
 
 pytestmark = pytest.mark.gpu
 
@@ -128,7 +128,7 @@ def test_closing_a_client_waits_for_the_gpu_work_still_reading_its_leases(store,
 
 def test_live_replay_on_a_cuda_device_tier(tmp_path, capsys):
     """`replay --live --live-device cuda`: real host->device copies, the FFNs on the GPU."""
-    from expertd.daemon.cli import main
+    from expertd.daemon.cli.main import main
 
     out = tmp_path / "live.json"
     args = ["granite", "--live", "--live-device", "cuda", "--live-scale", "4", "--max-tokens", "16"]

@@ -23,8 +23,8 @@ from expertd.client import ExpertClient  # noqa: E402
 from expertd.client.hf import ModelLayoutError, offload  # noqa: E402
 from expertd.client.hf_layers import find_moe_layers  # noqa: E402
 from expertd.client.hf_tiny import TINY, byte_prompt, tiny_model  # noqa: E402
-from expertd.daemon.pack_hf import pack_hf  # noqa: E402
-from expertd.daemon.store import CheckpointError  # noqa: E402
+from expertd.daemon.store.manifest import CheckpointError  # noqa: E402
+from expertd.daemon.store.pack_hf import pack_hf  # noqa: E402
 
 PROMPT = "The cache holds a quarter"
 NEW_TOKENS = 8

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from expertd.daemon.events import DEVICE
-from expertd.daemon.isolation import PrivateTiming
+from expertd.daemon.core.events import DEVICE
+from expertd.daemon.core.isolation import PrivateTiming
 from expertd.policies.base import Geometry
 
 GEOMETRY = Geometry(num_layers=2, num_experts=64)

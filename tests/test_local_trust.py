@@ -19,9 +19,9 @@ from daemon_util import EXPERTD, DaemonProcess, RawClient, as_root_or_skip, ping
 
 from expertd.client import ExpertClient
 from expertd.daemon import protocol as proto
-from expertd.daemon.config import TenantPolicy
-from expertd.daemon.local_trust import Peer, Refused, ipc_identity
-from expertd.daemon.pack import pack_synthetic
+from expertd.daemon.service.config import TenantPolicy
+from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity
+from expertd.daemon.store.pack import pack_synthetic
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -323,8 +323,8 @@ def test_an_unlisted_user_is_the_tenant_named_after_it_and_the_owner_may_be_anyo
 
 
 def test_a_partition_too_small_for_top_k_is_refused_by_name():
-    from expertd.daemon.manager import ManagerConfig
-    from expertd.daemon.partitions import PartitionError, Partitions
+    from expertd.daemon.core.manager import ManagerConfig
+    from expertd.daemon.core.partitions import PartitionError, Partitions
     from expertd.policies.base import Geometry
 
     config = ManagerConfig(Geometry(2, 8), host_slots=16, device_slots=8, min_pinned=2)

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from expertd.daemon.manager import (
+from expertd.daemon.core.manager import (
     DEVICE,
     H2D,
     HOST,

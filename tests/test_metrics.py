@@ -14,11 +14,11 @@ from daemon_util import DaemonProcess  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from expertd.client import ExpertClient  # noqa: E402
-from expertd.daemon.cli import CliError  # noqa: E402
-from expertd.daemon.config import ConfigError, ServeConfig  # noqa: E402
-from expertd.daemon.pack import pack_synthetic  # noqa: E402
-from expertd.daemon.serve_cli import format_status  # noqa: E402
-from expertd.daemon.status_view import CLEAR, watch  # noqa: E402
+from expertd.daemon.cli.main import CliError  # noqa: E402
+from expertd.daemon.cli.serve_cli import format_status  # noqa: E402
+from expertd.daemon.cli.status_view import CLEAR, watch  # noqa: E402
+from expertd.daemon.service.config import ConfigError, ServeConfig  # noqa: E402
+from expertd.daemon.store.pack import pack_synthetic  # noqa: E402
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from policy_traces import load_trace
 
-from expertd.daemon.prefetch_state import StateError, learn_state, read_state, write_state
+from expertd.daemon.core.prefetch_state import StateError, learn_state, read_state, write_state
 from expertd.policies.base import Geometry, PolicyError
 from expertd.policies.predict_activation import ActivationMatrix
 from expertd.policies.predict_combined import Combined
@@ -177,7 +177,7 @@ def test_state_file_of_another_model_or_garbage_is_refused(tmp_path):
 def test_a_state_path_that_is_no_regular_file_is_refused_without_blocking(tmp_path, monkeypatch):
     import os
 
-    from expertd.daemon import prefetch_state
+    from expertd.daemon.core import prefetch_state
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # no writer: a blocking open or read would hang the daemon's loop

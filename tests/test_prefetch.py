@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from expertd.daemon import defaults
-from expertd.daemon.events import DEVICE, H2D, HOST, Predict, Priority, Reply, StartTransfer
-from expertd.daemon.manager import CacheManager, ManagerConfig
-from expertd.daemon.prefetch import PrefetchConfig, Prefetcher, PrefetchPlan
+from expertd.daemon.core import defaults
+from expertd.daemon.core.events import DEVICE, H2D, HOST, Predict, Priority, Reply, StartTransfer
+from expertd.daemon.core.manager import CacheManager, ManagerConfig
+from expertd.daemon.core.prefetch import PrefetchConfig, Prefetcher, PrefetchPlan
 from expertd.policies.base import Geometry
 from expertd.policies.predictor import Prediction, Predictor, register_predictor
 
@@ -300,8 +300,8 @@ def test_the_default_prefetch_settings_are_valid_and_used_by_replay_default():
 
 
 def test_serve_without_flags_runs_exactly_replays_default():
-    from expertd.daemon.config import ServeConfig
-    from expertd.daemon.server import prefetch_settings
+    from expertd.daemon.service.config import ServeConfig
+    from expertd.daemon.service.server import prefetch_settings
 
     config = ServeConfig.from_mapping({})
     policy, prefetch = defaults.resolve("default")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from daemon_util import EXPERTD, DaemonProcess, RawClient
 
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.prefetch_state import learn_state, write_state
-from expertd.daemon.store import load_manifest
+from expertd.daemon.core.prefetch_state import learn_state, write_state
+from expertd.daemon.store.manifest import load_manifest
+from expertd.daemon.store.pack import pack_synthetic
 from expertd.policies.base import Geometry
 
 

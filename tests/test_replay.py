@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from expertd import traces
-from expertd.daemon.cli import main
-from expertd.daemon.prefetch import PrefetchConfig
+from expertd.daemon.cli.main import main
+from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry
 from expertd.policies.registry import available, make_policy
 from expertd.traces.format import read_trace
@@ -217,7 +217,7 @@ def test_timed_replay_of_a_recorded_trace_takes_the_expert_size_it_carries(tmp_p
 
 
 def test_live_replay_of_the_default_runs_what_serve_runs_without_flags(tmp_path, capsys):
-    from expertd.daemon import defaults
+    from expertd.daemon.core import defaults
 
     out = tmp_path / "live.json"
     args = ["granite", "--live", "--live-scale", "16", "--max-tokens", "6", "--capacity", "0.25"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import store_checkpoints as ckpt
 
-from expertd.daemon.cli import main
-from expertd.daemon.pack import SYNTHETIC_PRESETS
-from expertd.daemon.store import load_manifest
-from expertd.daemon.store_cli import PRESET_NAMES
+from expertd.daemon.cli.main import main
+from expertd.daemon.cli.store_cli import PRESET_NAMES
+from expertd.daemon.store.manifest import load_manifest
+from expertd.daemon.store.pack import SYNTHETIC_PRESETS
 
 SMALL = ["--synthetic", "olmoe-1b-7b", "--scale", "32", "--layers", "2", "--quiet"]
 

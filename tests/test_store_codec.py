@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expertd.daemon.codec import (
+from expertd.daemon.store.codec import (
     INTERLEAVE_CHUNK,
     LZ4_BACKEND,
     CodecError,

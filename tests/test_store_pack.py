@@ -11,10 +11,10 @@ import store_checkpoints as ckpt
 import torch
 from safetensors.torch import save_file
 
-from expertd.daemon import pack as pack_module
-from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
-from expertd.daemon.reader import StoreReader
-from expertd.daemon.store import CheckpointError, StoreError, load_manifest
+from expertd.daemon.store import pack as pack_module
+from expertd.daemon.store.manifest import CheckpointError, StoreError, load_manifest
+from expertd.daemon.store.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
+from expertd.daemon.store.reader import StoreReader
 
 
 def assert_store_matches(store: Path, expected: ckpt.Experts) -> None:

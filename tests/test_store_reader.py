@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from expertd.daemon.pack import pack_synthetic
-from expertd.daemon.reader import StoreReader, alloc_aligned
-from expertd.daemon.store import (
+from expertd.daemon.store.manifest import (
     BLOB_ALIGN_BYTES,
     MANIFEST_NAME,
     CorruptExpertError,
@@ -23,6 +21,8 @@ from expertd.daemon.store import (
     StoreFormatError,
     StoreTruncatedError,
 )
+from expertd.daemon.store.pack import pack_synthetic
+from expertd.daemon.store.reader import StoreReader, alloc_aligned
 
 PRESET = dict(preset="olmoe-1b-7b", scale=32, layers=2)  # 64 experts of 24 KiB per layer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from expertd.daemon.cli import main
+from expertd.daemon.cli.main import main
 from expertd.traces import shipped
 from expertd.traces.format import MAGIC
 

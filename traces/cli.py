@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from expertd.daemon.cli import EXIT_OK, CliError
+from expertd.daemon.cli.main import EXIT_OK, CliError
 
 
 def register(subparsers: Any) -> None:

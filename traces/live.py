@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from expertd.daemon.defaults import DEFAULT_NAME
+from expertd.daemon.core.defaults import DEFAULT_NAME
 from expertd.traces.replay import forward_ids
 from expertd.traces.trace import Trace
 
@@ -38,7 +38,7 @@ PRESET_OF_MODEL = {
 
 def preset_for(meta: Any) -> str:
     """The synthetic preset with the shapes of ``meta``'s model; ValueError if there is none."""
-    from expertd.daemon.pack import SYNTHETIC_PRESETS
+    from expertd.daemon.store.pack import SYNTHETIC_PRESETS
 
     preset = next((p for m, p in PRESET_OF_MODEL.items() if m in meta.model.lower()), None)
     if preset is None:
@@ -131,7 +131,7 @@ class MmapSource:
     """The page-cache baseline (llama.cpp's way): views of an mmap of the store's data file."""
 
     def __init__(self, store_dir: Path) -> None:
-        from expertd.daemon.store import CODEC_NONE, load_manifest
+        from expertd.daemon.store.manifest import CODEC_NONE, load_manifest
 
         self.manifest = manifest = load_manifest(store_dir)
         if any(e.codec != CODEC_NONE for e in manifest.experts):
@@ -246,7 +246,7 @@ def live_sweep(
         raise ValueError("--live-device cuda: this machine has no CUDA device")
     import tempfile
 
-    from expertd.daemon.pack import pack_synthetic
+    from expertd.daemon.store.pack import pack_synthetic
 
     meta = trace.meta
     num_keys = meta.num_layers * meta.num_experts

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from expertd.daemon.defaults import resolve as resolve_default
-from expertd.daemon.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Predict, Reply, StartTransfer
-from expertd.daemon.manager import CacheManager, ManagerConfig
-from expertd.daemon.prefetch import PrefetchConfig
+from expertd.daemon.core.defaults import resolve as resolve_default
+from expertd.daemon.core.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Predict, Reply, StartTransfer
+from expertd.daemon.core.manager import CacheManager, ManagerConfig
+from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry, PolicyError
 from expertd.policies.registry import make_policy, parse_spec, policy_class
 from expertd.traces.timing import TimingModel
@@ -292,7 +292,7 @@ def sweep(
 ) -> list[ReplayRow]:
     """Every policy at every capacity (slots), each row with its Belady bound.
 
-    ``default`` names expertd's default configuration (`expertd.daemon.defaults`): its
+    ``default`` names expertd's default configuration (`expertd.daemon.core.defaults`): its
     device policy with its own prefetch settings; ``prefetch`` applies to the others.
     """
     for spec in policies:

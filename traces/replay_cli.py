@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from expertd.daemon.cli import CliError
+from expertd.daemon.cli.main import CliError
 from expertd.traces.timing import DEFAULT_PROFILE, MODEL_SIZES, PROFILES
 
 DEFAULT_CAPACITIES = "0.05,0.1,0.25,0.5"
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         prefetch = None
         geometry = Geometry(meta.num_layers, meta.num_experts)
         if args.predictor:
-            from expertd.daemon.prefetch import PrefetchConfig
+            from expertd.daemon.core.prefetch import PrefetchConfig
 
             prefetch = PrefetchConfig(
                 args.predictor,
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError("--predictor needs --timed (prefetching is a matter of time)")
         predictor_state = None
         if args.load_state is not None:
-            from expertd.daemon.prefetch_state import StateError, read_state
+            from expertd.daemon.core.prefetch_state import StateError, read_state
 
             if not args.timed:
                 raise CliError("--load-state needs --timed (only timed runs predict)")
@@ -243,8 +243,8 @@ def run(args: argparse.Namespace) -> int:
 
 def save_state(trace, predictor: str | None, geometry, out: Path) -> None:
     """Learn ``predictor``'s statistics (the default's if None) from ``trace`` and write them to ``out``."""
-    from expertd.daemon import defaults
-    from expertd.daemon.prefetch_state import learn_state, write_state
+    from expertd.daemon.core import defaults
+    from expertd.daemon.core.prefetch_state import learn_state, write_state
 
     spec = predictor or defaults.PREFETCH["predictor"]
     assert spec is not None
@@ -329,7 +329,7 @@ def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
 
 def run_live(args: argparse.Namespace, trace) -> int:
     """`replay --live`: a real daemon per policy and capacity; measured stalls and tokens/s."""
-    from expertd.daemon.defaults import DEFAULT_NAME
+    from expertd.daemon.core.defaults import DEFAULT_NAME
     from expertd.policies.base import PolicyError
     from expertd.policies.registry import available
     from expertd.traces.live import live_sweep

@@ -57,7 +57,7 @@ def watch(
     out: Any = None,
 ) -> int:
     """Redraw ``page(fetch())`` every ``every_s`` seconds until Ctrl-C."""
-    from expertd.daemon.cli import CliError
+    from expertd.daemon.cli.main import CliError
 
     out = out or sys.stdout
     previous: dict[str, Any] | None = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import lz4.block
 import numpy as np
 
-from expertd.daemon.store import CODEC_LZ4_PLANES, CODEC_NONE, PLANE_COUNT
+from expertd.daemon.store.manifest import CODEC_LZ4_PLANES, CODEC_NONE, PLANE_COUNT
 
 MIN_COMPRESSION_RATIO = 1.05  # below this a blob is stored raw: decoding costs CPU
 LZ4_MAX_INPUT_BYTES = 0x7E000000  # LZ4_MAX_INPUT_SIZE: larger planes are stored raw

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon.checkpoint import scan_checkpoint
-from expertd.daemon.store import CheckpointError, StoreManifest
+from expertd.daemon.store.checkpoint import scan_checkpoint
+from expertd.daemon.store.manifest import CheckpointError, StoreManifest
 
 HF_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 # Where configs keep the routed experts per layer (transformers 5 writes num_local_experts for most).
@@ -80,7 +80,7 @@ def pack_hf(
     model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], **options: Any
 ) -> StoreManifest:
     """Check ``model_dir``'s config against its experts, then pack them (`pack_safetensors` options)."""
-    from expertd.daemon.pack import pack_safetensors
+    from expertd.daemon.store.pack import pack_safetensors
 
     check_hf_model(model_dir)
     return pack_safetensors(model_dir, out_dir, **options)

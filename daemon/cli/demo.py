@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from expertd.daemon import defaults
-from expertd.daemon.cli import CliError
+from expertd.daemon.cli.main import CliError
+from expertd.daemon.core import defaults
 
 
 def register(subparsers) -> None:
@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.capacity < 1:
         raise CliError(f"--capacity must be a fraction in (0, 1), got {args.capacity}")
     if args.trace is not None:
-        from expertd.daemon import demo_trace
+        from expertd.daemon.cli import demo_trace
 
         args.policy = args.policy or "layer-distance"
         return demo_trace.run(args)
     args.policy = args.policy or defaults.DEVICE_POLICY  # what serve runs without flags
-    from expertd.daemon import demo_hf
+    from expertd.daemon.cli import demo_hf
 
     return demo_hf.run(args)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from expertd.daemon.store import StoreError
+from expertd.daemon.store.manifest import StoreError
 
 ENV = "EXPERTD_INJECT_READ_ERRORS"
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from expertd.daemon.codec import CodecError, PlaneDecoder
-from expertd.daemon.store import (
+from expertd.daemon.store.codec import CodecError, PlaneDecoder
+from expertd.daemon.store.manifest import (
     BLOB_ALIGN_BYTES,
     CODEC_LZ4_PLANES,
     CODEC_NONE,

@@ -25,20 +25,26 @@ from typing import Any
 import zmq
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.auth import parse_user_id
-from expertd.daemon.config import ServeConfig, TenantPolicy
-from expertd.daemon.engine import ENGINE_PREFIX, TransferEngine, cpu_copier, cuda_copier, decode_completion
-from expertd.daemon.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
-from expertd.daemon.faults import read_errors_from_env
-from expertd.daemon.isolation import PrivateTiming
-from expertd.daemon.listener import StartupError, listen, share_slabs
-from expertd.daemon.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
-from expertd.daemon.manager import ManagerConfig
-from expertd.daemon.partitions import PartitionError, Partitions
-from expertd.daemon.prefetch import PrefetchConfig
-from expertd.daemon.reader import StoreReader
-from expertd.daemon.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
-from expertd.daemon.systemd import Notifier
+from expertd.daemon.core.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
+from expertd.daemon.core.isolation import PrivateTiming
+from expertd.daemon.core.manager import ManagerConfig
+from expertd.daemon.core.partitions import PartitionError, Partitions
+from expertd.daemon.core.prefetch import PrefetchConfig
+from expertd.daemon.service.auth import parse_user_id
+from expertd.daemon.service.config import ServeConfig, TenantPolicy
+from expertd.daemon.service.engine import (
+    ENGINE_PREFIX,
+    TransferEngine,
+    cpu_copier,
+    cuda_copier,
+    decode_completion,
+)
+from expertd.daemon.service.faults import read_errors_from_env
+from expertd.daemon.service.listener import StartupError, listen, share_slabs
+from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
+from expertd.daemon.service.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
+from expertd.daemon.service.systemd import Notifier
+from expertd.daemon.store.reader import StoreReader
 from expertd.policies.base import Geometry
 
 log = logging.getLogger("expertd")
@@ -223,7 +229,7 @@ class Server:
         except PartitionError as exc:
             raise StartupError(f"[tenants]: {exc}") from None
         if cfg.prefetch_state is not None:
-            from expertd.daemon.prefetch_state import StateError
+            from expertd.daemon.core.prefetch_state import StateError
 
             try:
                 self._load_predictor_state(cfg.prefetch_state)
@@ -260,7 +266,7 @@ class Server:
         self.engine.start()
         self._closers.append(self.engine)
         if cfg.metrics_port:
-            from expertd.daemon.metrics import MetricsExporter, MetricsUnavailable
+            from expertd.daemon.service.metrics import MetricsExporter, MetricsUnavailable
 
             try:
                 self.metrics = MetricsExporter(cfg.metrics_port, cfg.metrics_address)
@@ -277,7 +283,7 @@ class Server:
 
     def _load_predictor_state(self, path: Path) -> None:
         """The statistics every tenant's predictor starts from; `StateError` naming the problem."""
-        from expertd.daemon.prefetch_state import StateError, read_state
+        from expertd.daemon.core.prefetch_state import StateError, read_state
         from expertd.policies.base import PolicyError
 
         if self.manager.config.prefetch.predictor is None:
@@ -479,7 +485,7 @@ class Server:
 
     def _load_state_now(self, identity: bytes, request_id: int, path: Path) -> None:
         """Admin `load_state`: as ``[prefetch] state``, while serving (the loop pauses to read it)."""
-        from expertd.daemon.prefetch_state import StateError
+        from expertd.daemon.core.prefetch_state import StateError
 
         try:
             self._load_predictor_state(path)
@@ -652,7 +658,7 @@ class Server:
         misses = len(reply.slots) - reply.hits
         release_at = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
         if release_at is not None and release_at > self.clock():
-            # A private tenant: not faster than its own cache would have been (daemon/isolation.py).
+            # A private tenant: not faster than its own cache would have been (daemon/core/isolation.py).
             self.timing.held_back += 1
             self.timing.held_back_s += release_at - self.clock()
             heapq.heappush(self._held, (release_at, next(self._held_seq), reply.client, payload))

@@ -23,7 +23,7 @@ import math
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 
-from expertd.daemon.events import DEVICE, H2D, LOAD
+from expertd.daemon.core.events import DEVICE, H2D, LOAD
 from expertd.policies.base import EvictionPolicy, Geometry
 from expertd.policies.registry import make_policy
 

@@ -23,8 +23,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from expertd.daemon.events import H2D, LOAD, StartTransfer
-from expertd.daemon.store import StoreError
+from expertd.daemon.core.events import H2D, LOAD, StartTransfer
+from expertd.daemon.store.manifest import StoreError
 
 log = logging.getLogger("expertd.engine")
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon.cli import EXIT_FAILED, CliError
+from expertd.daemon.cli.main import EXIT_FAILED, CliError
 
 DAEMON_USER_HELP = (
     "the user that runs the daemon, if not root, you or `expertd` (default: $EXPERTD_DAEMON_USER): "
@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 
 def load_config(args: argparse.Namespace):
-    from expertd.daemon.config import ConfigError, ServeConfig
+    from expertd.daemon.service.config import ConfigError, ServeConfig
 
     try:
         config = ServeConfig.load(args.config) if args.config else ServeConfig.from_mapping({}, "flags")
@@ -98,7 +98,7 @@ def load_config(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     if args.print_config_doc:
-        from expertd.daemon.config import config_doc
+        from expertd.daemon.service.config import config_doc
 
         print(config_doc(), end="")
         return 0
@@ -108,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from expertd.daemon.server import Server, StartupError
+    from expertd.daemon.service.server import Server, StartupError
     from expertd.policies.base import PolicyError
 
     try:
@@ -130,8 +130,8 @@ def admin_request(
     import zmq
 
     from expertd.daemon import protocol as proto
-    from expertd.daemon.config import default_address
-    from expertd.daemon.local_trust import check_before_connect
+    from expertd.daemon.service.config import default_address
+    from expertd.daemon.service.local_trust import check_before_connect
 
     address = address or default_address()
     try:
@@ -145,7 +145,7 @@ def admin_request(
     sock.setsockopt(zmq.LINGER, 200)
     token = None
     if address.startswith("ipc://"):  # the admin token beside the socket, if this user may read it
-        from expertd.daemon.auth import read_admin_token
+        from expertd.daemon.service.auth import read_admin_token
 
         token = read_admin_token(Path(address[len("ipc://") :] + ".admin-token"))
     else:
@@ -178,8 +178,8 @@ def run_status(args: argparse.Namespace) -> int:
         return admin_request(args.address, proto.Stats(), args.timeout_s, args.daemon_user)
 
     if args.watch and not args.json:
-        from expertd.daemon.config import default_address
-        from expertd.daemon.status_view import watch
+        from expertd.daemon.cli.status_view import watch
+        from expertd.daemon.service.config import default_address
 
         return watch(fetch, format_status, args.watch, args.address or default_address())
     while True:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
-from expertd.daemon.events import (
+from expertd.daemon.core.events import (
     DEVICE,
     H2D,
     HOST,
@@ -45,9 +45,9 @@ from expertd.daemon.events import (
     Reply,
     StartTransfer,
 )
-from expertd.daemon.prefetch import DEFAULT_TENANT, PrefetchConfig, Prefetcher, PrefetchPlan
-from expertd.daemon.slots import REJECTED, SlotTable
-from expertd.daemon.transfers import Transfer, Transfers
+from expertd.daemon.core.prefetch import DEFAULT_TENANT, PrefetchConfig, Prefetcher, PrefetchPlan
+from expertd.daemon.core.slots import REJECTED, SlotTable
+from expertd.daemon.core.transfers import Transfer, Transfers
 from expertd.policies.base import Geometry
 from expertd.policies.registry import make_policy
 

@@ -9,10 +9,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from expertd.daemon.cli import EXIT_FAILED, EXIT_OK, CliError
+from expertd.daemon.cli.main import EXIT_FAILED, EXIT_OK, CliError
 
 CODEC_CHOICES = ("none", "lz4-planes")
-# expertd.daemon.pack.SYNTHETIC_PRESETS, named here so that `--help` imports nothing heavy
+# expertd.daemon.store.pack.SYNTHETIC_PRESETS, named here so that `--help` imports nothing heavy
 PRESET_NAMES = (
     "mixtral-8x7b",
     "deepseek-v2-lite",
@@ -75,8 +75,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from expertd.daemon.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
-    from expertd.daemon.store import StoreError
+    from expertd.daemon.store.manifest import StoreError
+    from expertd.daemon.store.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
 
     try:
         if args.from_safetensors is not None or args.from_hf is not None:
@@ -84,7 +84,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             if given:
                 raise CliError(f"{', '.join(given)} only apply to --synthetic")
             if args.from_hf is not None:
-                from expertd.daemon.pack_hf import pack_hf as pack_checkpoint
+                from expertd.daemon.store.pack_hf import pack_hf as pack_checkpoint
             else:
                 pack_checkpoint = pack_safetensors
             manifest = pack_checkpoint(
@@ -128,7 +128,7 @@ def _size(n: float) -> str:
 
 
 def _open_manifest(path: str) -> Any:
-    from expertd.daemon.store import StoreError, load_manifest
+    from expertd.daemon.store.manifest import StoreError, load_manifest
 
     try:
         return load_manifest(path)
@@ -172,8 +172,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from expertd.daemon.reader import StoreReader, alloc_aligned
-    from expertd.daemon.store import CorruptExpertError, StoreError
+    from expertd.daemon.store.manifest import CorruptExpertError, StoreError
+    from expertd.daemon.store.reader import StoreReader, alloc_aligned
 
     if args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")

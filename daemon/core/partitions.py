@@ -17,8 +17,8 @@ import itertools
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from expertd.daemon.events import TIER_OF_LINK, ClientId, Command, Predict, Reply, StartTransfer
-from expertd.daemon.manager import CacheManager, ManagerConfig
+from expertd.daemon.core.events import TIER_OF_LINK, ClientId, Command, Predict, Reply, StartTransfer
+from expertd.daemon.core.manager import CacheManager, ManagerConfig
 
 SHARED_POOL = ""  # the partition of every tenant that has none of its own
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from expertd.daemon.cli import EXIT_FAILED, CliError
+from expertd.daemon.cli.main import EXIT_FAILED, CliError
 
 
 def _say(text: str) -> None:
@@ -23,7 +23,7 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from expertd.daemon.pack import pack_synthetic
+    from expertd.daemon.store.pack import pack_synthetic
     from expertd.traces.live import ClientSource, PrivateDaemon, drive, preset_for
     from expertd.traces.replay import replay_timed
     from expertd.traces.replay_cli import load_for_replay

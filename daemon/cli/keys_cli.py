@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from expertd.daemon.cli import CliError
+from expertd.daemon.cli.main import CliError
 
 
 def register(subparsers) -> None:
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    from expertd.daemon.auth import SERVER_KEY, AuthError, new_keypair
+    from expertd.daemon.service.auth import SERVER_KEY, AuthError, new_keypair
 
     if args.server == bool(args.name):
         raise CliError("give a client NAME, or --server for the daemon's key")
@@ -51,7 +51,7 @@ def run_new(args: argparse.Namespace) -> int:
 
 
 def run_allow(args: argparse.Namespace) -> int:
-    from expertd.daemon.auth import AuthError, allow
+    from expertd.daemon.service.auth import AuthError, allow
 
     try:
         path = allow(args.dir, args.public_key, args.tenant, args.role, args.name)
@@ -62,7 +62,7 @@ def run_allow(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from expertd.daemon.auth import AuthError, load_clients
+    from expertd.daemon.service.auth import AuthError, load_clients
 
     try:
         clients = load_clients(args.dir)
@@ -75,7 +75,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from expertd.daemon.auth import AuthError, revoke
+    from expertd.daemon.service.auth import AuthError, revoke
 
     try:
         revoke(args.dir, args.name)

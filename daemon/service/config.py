@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon import defaults
-from expertd.daemon.local_trust import resolve_group, resolve_user
+from expertd.daemon.core import defaults
+from expertd.daemon.service.local_trust import resolve_group, resolve_user
 
 
 class ConfigError(ValueError):
@@ -396,7 +396,7 @@ def config_doc() -> str:
     lines = [
         "# expertd.toml reference",
         "",
-        "Generated from `expertd/daemon/config.py`. Unknown keys are errors.",
+        "Generated from `expertd/daemon/service/config.py`. Unknown keys are errors.",
         "",
     ]
     section = None

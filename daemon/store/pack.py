@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from expertd.daemon.checkpoint import scan_checkpoint
-from expertd.daemon.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
-from expertd.daemon.store import (
+from expertd.daemon.store.checkpoint import scan_checkpoint
+from expertd.daemon.store.codec import LZ4_HC_MAX_LEVEL, PlaneEncoder
+from expertd.daemon.store.manifest import (
     BLOB_ALIGN_BYTES,
     CODEC_NONE,
     CODECS,

@@ -1,6 +1,6 @@
 """expertd's default configuration, in one place: the device policy, the predictor, prefetching.
 
-`expertd serve` without flags runs exactly this (daemon/config.py takes its defaults from
+`expertd serve` without flags runs exactly this (daemon/service/config.py takes its defaults from
 here) and `expertd replay --policy default` replays exactly this, so what the docs
 measure is what the daemon does. How it was chosen, on which part of which traces, and
 what it achieves on the rest: docs/prefetch.md. Plain values only: importing this module
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from expertd.daemon.prefetch import PrefetchConfig
+    from expertd.daemon.core.prefetch import PrefetchConfig
 
 #: The name `expertd replay --policy` knows this configuration by.
 DEFAULT_NAME = "default"
@@ -37,7 +37,7 @@ PREFETCH: dict[str, Any] = {
 
 def prefetch_config() -> PrefetchConfig:
     """The default prefetch settings as the cache manager takes them."""
-    from expertd.daemon.prefetch import PrefetchConfig
+    from expertd.daemon.core.prefetch import PrefetchConfig
 
     return PrefetchConfig(**PREFETCH)
 

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "expertd.traces.replay_cli",  # replay
     "expertd.traces.cli",  # trace convert, trace stats
-    "expertd.daemon.store_cli",  # pack, store info, store verify
-    "expertd.daemon.serve_cli",  # serve, status, shutdown
-    "expertd.daemon.keys_cli",  # keys new, allow, list, revoke
-    "expertd.daemon.demo",  # demo
+    "expertd.daemon.cli.store_cli",  # pack, store info, store verify
+    "expertd.daemon.cli.serve_cli",  # serve, status, shutdown
+    "expertd.daemon.cli.keys_cli",  # keys new, allow, list, revoke
+    "expertd.daemon.cli.demo",  # demo
 )
 
 EXIT_OK = 0

@@ -5,7 +5,7 @@ then first come first served) or running (it holds a destination slot; at most t
 depth run at once). This module keeps that book and each link's counters, and decides one
 thing itself: whether a prefetch may start within its share of the link (at most `share`
 of any `window` consecutive starts). Which transfer to start and into which slot is the
-manager's business (daemon/manager.py); nothing here touches a tier.
+manager's business (daemon/core/manager.py); nothing here touches a tier.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 
-from expertd.daemon.events import H2D, LINKS, LOAD, TIER_OF_LINK, Priority, StartTransfer
+from expertd.daemon.core.events import H2D, LINKS, LOAD, TIER_OF_LINK, Priority, StartTransfer
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expertd.daemon.cli import EXIT_FAILED, CliError
+from expertd.daemon.cli.main import EXIT_FAILED, CliError
 
 # The default model: Qwen3-MoE's shape of routing (64 experts, top-8) over 12 layers, tiny dims.
 # Weights are drawn wider than the usual init (std 0.02): at that scale a random network's hidden
@@ -73,7 +73,7 @@ def _demo(args: argparse.Namespace, workdir: Path, torch: Any, transformers: Any
     from expertd.client.hf_layers import find_moe_layers
     from expertd.client.hf_tiny import byte_prompt, tiny_model
     from expertd.client.record import record
-    from expertd.daemon.pack_hf import pack_hf
+    from expertd.daemon.store.pack_hf import pack_hf
     from expertd.traces.format import read_trace
     from expertd.traces.live import PrivateDaemon
     from expertd.traces.replay import replay_hits

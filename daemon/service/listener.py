@@ -6,7 +6,7 @@ completions. ``ipc://``: the socket file is owner-only (0600), or owner and one 
 (0640); ``[auth] ipc_admin = "token"`` writes an admin token beside the socket. A socket
 file left by a daemon that died is replaced; one that still answers is refused.
 ``tcp://``: CURVE only, through pyzmq's ZAP authenticator with the listed client keys
-(daemon/auth.py); the engine gets a key of its own. docs/security.md says why.
+(daemon/service/auth.py); the engine gets a key of its own. docs/security.md says why.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import zmq
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.auth import AuthError, ClientKey, CurveAuthenticator, new_admin_token, server_keys
-from expertd.daemon.config import ServeConfig
-from expertd.daemon.local_trust import UntrustedPath, make_socket_dir
+from expertd.daemon.service.auth import AuthError, ClientKey, CurveAuthenticator, new_admin_token, server_keys
+from expertd.daemon.service.config import ServeConfig
+from expertd.daemon.service.local_trust import UntrustedPath, make_socket_dir
 
 log = logging.getLogger("expertd")
 

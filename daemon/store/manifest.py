@@ -3,7 +3,7 @@
 A store directory holds ``manifest.json`` and ``experts.bin``. Each routed expert is one
 blob: its tensors laid out back to back (the layout is the same for every expert,
 `TensorSpec` offsets inside the raw blob), stored at a `BLOB_ALIGN_BYTES`-aligned offset
-of the data file, raw or compressed (`expertd.daemon.codec`), with xxhash64 checksums of
+of the data file, raw or compressed (`expertd.daemon.store.codec`), with xxhash64 checksums of
 both the raw and the stored bytes. Layers are MoE layer indices ``0..L-1``;
 ``checkpoint_layers`` maps them back to the checkpoint's layer ids.
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from expertd.daemon.store import CheckpointError, TensorSpec, layout_tensors
+from expertd.daemon.store.manifest import CheckpointError, TensorSpec, layout_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -1,0 +1,1 @@
+"""The `expertd` command line: every subcommand, the status view and the demos."""

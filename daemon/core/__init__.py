@@ -1,0 +1,1 @@
+"""The pure cache core: the manager, its slots, transfers, prefetching and tenants; no sockets, no I/O."""
