@@ -47,21 +47,21 @@ def group_name(gid: int) -> str:
 
 def resolve_user(user: str | int) -> int:
     """A uid from a user name or number; KeyError names an unknown one."""
-    if isinstance(user, int) or user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise KeyError(f"no user {user!r}") from None
+    return _resolve(user, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def resolve_group(group: str | int) -> int:
-    if isinstance(group, int) or group.isdigit():
-        return int(group)
+    """A gid from a group name or number; KeyError names an unknown one."""
+    return _resolve(group, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def _resolve(name: str | int, lookup: Any, what: str) -> int:
+    if isinstance(name, int) or name.isdigit():
+        return int(name)
     try:
-        return grp.getgrnam(group).gr_gid
+        return int(lookup(name))
     except KeyError:
-        raise KeyError(f"no group {group!r}") from None
+        raise KeyError(f"no {what} {name!r}") from None
 
 
 def trusted_owners(daemon_user: str | Iterable[str | int] | None = None) -> frozenset[int]:
