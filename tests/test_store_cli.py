@@ -74,6 +74,27 @@ def test_verify_reports_experts_past_the_end_of_a_truncated_file(
     assert "layer 1, expert 62" in out and "layer 1, expert 63" in out and "2 of 128" in out
 
 
+@pytest.mark.parametrize("extra_bytes", [-4096, 4096])
+def test_info_fails_on_a_data_file_of_the_wrong_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_bytes: int
+) -> None:
+    store = tmp_path / "s"
+    run(["pack", *SMALL, str(store)], capsys)
+    code, out, _ = run(["store", "info", str(store)], capsys)
+    assert code == 0 and "FAILED" not in out
+    data_bytes = load_manifest(store).data_bytes
+    with open(store / "experts.bin", "r+b") as f:
+        f.truncate(data_bytes + extra_bytes)
+    code, out, _ = run(["store", "info", str(store)], capsys)
+    assert code == 1
+    size = data_bytes + extra_bytes
+    if extra_bytes < 0:
+        said = f"is truncated: {size} of the manifest's {data_bytes} bytes"
+    else:
+        said = f"has {size} bytes, the manifest says {data_bytes}: not the file it was packed with"
+    assert out.splitlines()[-1] == f"FAILED: {store / 'experts.bin'} {said}"
+
+
 def test_pack_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = str(tmp_path / "s")
     run(["pack", *SMALL, store], capsys)

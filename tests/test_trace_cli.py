@@ -63,6 +63,15 @@ def test_convert_then_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "temporal reuse" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["granite", "granite-3.0-1b-a400m"])
+def test_stats_takes_the_trace_names_replay_takes(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "stats", str(shipped()), "--json"]) == 0
+    by_path = json.loads(capsys.readouterr().out)
+    assert main(["trace", "stats", name, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_path
+    assert by_path["model"].startswith("ibm-granite/granite-3.0-1b-a400m")
+
+
 def test_formats_lists_every_converter(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trace", "formats"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
@@ -82,7 +91,10 @@ def test_bad_trace_files_give_one_line_errors_and_exit_2(
 @pytest.mark.parametrize(
     ("argv", "problem"),
     [
-        (["trace", "stats", "missing.etrace"], "missing.etrace: No such file or directory"),
+        (
+            ["trace", "stats", "missing.etrace"],
+            "missing.etrace: no such file, and no shipped trace of that name",
+        ),
         (["trace", "convert", "-f", "nope", ".", "-o", "x.etrace"], "unknown trace format 'nope'"),
         (["trace", "convert", "-f", "granite-json", "missing", "-o", "x"], "missing: no such file"),
     ],

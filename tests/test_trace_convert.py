@@ -302,6 +302,22 @@ def test_mixtral_errors_name_file_and_line(tmp_path: Path, line: str, problem: s
     assert problem in fails("mixtral-jsonl", tmp_path / "humaneval_routing.jsonl", tmp_path)
 
 
+def test_mixtral_skips_a_cut_final_line_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "src" / "humaneval_routing.jsonl"
+    write_processed(path, {0: 3})
+    whole = run("mixtral-jsonl", path, tmp_path)
+    cut = path.read_text()
+    path.write_text(cut + cut.splitlines()[0][:40])  # a writer stopped 40 bytes into line 97
+    trace = run("mixtral-jsonl", path, tmp_path)
+    assert f"{path}:97: truncated final row skipped (not JSON" in capsys.readouterr().err
+    assert trace.meta.extra["truncated_rows_skipped"] == [f"{path}:97"]
+    assert np.array_equal(trace.experts, whole.experts) and len(trace) == 96
+    path.write_text(cut + cut.splitlines()[0][:40] + "\n")  # a newline after it: not a cut, a bad line
+    assert "humaneval_routing.jsonl:97: not JSON" in fails("mixtral-jsonl", path, tmp_path)
+
+
 def test_mixtral_decode_pass_must_hold_one_token(tmp_path: Path) -> None:
     write_raw(tmp_path / "routing_raw.jsonl", 0, prompt=2, decode=1)
     text = (tmp_path / "routing_raw.jsonl").read_text().replace('"token_pos": 0', '"token_pos": 1')
@@ -369,6 +385,46 @@ def test_csv_rows_grouped_by_layer_become_token_order(tmp_path: Path) -> None:
     ],
 )
 def test_csv_errors_name_file_and_line(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.csv").write_text(csv_text({1: [[1, 2]], 2: [[3, 4]]}))
+    (tmp_path / "src" / "b.csv").write_text(text)
+    assert problem in fails("moe-beyond-csv", tmp_path / "src", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("tail", "problem"),
+    [
+        ('2,0,tok1,"[3, ', "Activated Expert IDs '[3, ' is not a list of ints"),  # cut inside the id list
+        ("2,0,t", "3 fields, the header has 4"),  # cut in a field, no final newline
+        ("2,0\n", "2 fields, the header has 4"),  # fewer fields than the header, even with a newline
+    ],
+)
+def test_csv_truncated_final_row_is_skipped_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tail: str, problem: str
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text(csv_text({1: [[1, 2], [5, 6]], 2: [[3, 4], [7, 8]]}))
+    (src / "b.csv").write_text(csv_text({1: [[1, 2], [5, 6]], 2: [[3, 4]]}) + tail)
+    trace = run("moe-beyond-csv", src, tmp_path)
+    where = f"{src / 'b.csv'}:5"
+    assert f"warning: {where}: truncated final row skipped ({problem})" in capsys.readouterr().err
+    assert trace.meta.extra["truncated_rows_skipped"] == [where]
+    assert trace.meta.extra["missing_cells_by_request"] == {"b": 1}  # the cut row's cell, counted
+    assert trace.select(trace.request == 1).experts.tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (csv_text({1: [[1, 2]]}) + "2,0,x\n" + csv_text({2: [[3, 4]]})[len(CSV_HEADER) :],
+         "b.csv:3: 3 fields, the header has 4"),  # a cut row that is not the last one
+        (csv_text({1: [[1, 2]]}) + 'y,0,x,"[3, 4]"', "b.csv:3: Layer ID 'y' is not an integer"),  # whole, bad
+    ],
+)  # fmt: skip
+def test_csv_malformed_rows_other_than_a_cut_last_one_still_fail(
+    tmp_path: Path, text: str, problem: str
+) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.csv").write_text(csv_text({1: [[1, 2]], 2: [[3, 4]]}))
     (tmp_path / "src" / "b.csv").write_text(text)

@@ -36,7 +36,11 @@ def register(subparsers: Any) -> None:
     convert.set_defaults(func=cmd_convert)
 
     stats = commands.add_parser("stats", help="tokens, layers, skew and temporal reuse of a trace")
-    stats.add_argument("file", metavar="FILE", help="an .etrace file")
+    stats.add_argument(
+        "file",
+        metavar="TRACE",
+        help="an .etrace file, or a trace's name as `expertd replay` takes it (granite)",
+    )
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=cmd_stats)
 
@@ -72,10 +76,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from expertd.traces.format import read_trace
+    from expertd.traces.replay_cli import resolve_trace
     from expertd.traces.stats import format_stats, trace_stats
 
     try:
-        stats = trace_stats(read_trace(args.file))
+        stats = trace_stats(read_trace(resolve_trace(args.file)))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,18 @@ def natural_key(path: Path) -> tuple[Any, ...]:
     """Sort key: folders by name, then numeric stems by value (2.json before 10.json)."""
     stem = path.stem
     return (path.parent.as_posix(), not stem.isdigit(), int(stem) if stem.isdigit() else 0, stem)
+
+
+def skip_truncated_final_row(where: str, problem: str) -> str:
+    """Warn that the final row at ``where`` (file:line) is skipped as cut short; returns ``where``.
+
+    A dump whose writer was stopped mid-row ends in a partial row; the rows before it are
+    whole, so the run goes on without it. Converters call this only for the last row of a file
+    that fails to parse and is visibly cut (no final newline, or fewer fields than the header):
+    anything else malformed still fails the run.
+    """
+    print(f"expertd trace: warning: {where}: truncated final row skipped ({problem})", file=sys.stderr)
+    return where
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

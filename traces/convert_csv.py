@@ -6,14 +6,17 @@ layer is token n of the request. Layer ids are renumbered 0..L-1 in ascending or
 file's ids define them; they are kept in ``meta.extra["moe_layer_ids"]``). A layer with fewer rows
 than the others leaves the last tokens without it: the rows are kept and the missing cells counted
 in ``meta.extra``. ``Batch Number`` must be an integer; ``Token`` is not used. The CSVs do not
-say how many experts a layer has: the default is DeepSeek-V2-Lite's 64.
+say how many experts a layer has: the default is DeepSeek-V2-Lite's 64. A file whose last row was
+cut short (its writer stopped mid-row) loses that row with a warning; ``meta.extra`` lists where.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -23,6 +26,7 @@ from expertd.traces.convert import (
     expert_problem,
     make_meta,
     progress,
+    skip_truncated_final_row,
     source_files,
 )
 from expertd.traces.format import TraceFormatError, TraceWriter
@@ -55,11 +59,29 @@ def _expert_ids(where: str, text: str, top_k: int | None) -> list[int]:
     return ids
 
 
-def _read_layers(path: Path, top_k: int | None) -> dict[int, tuple[list[int], list[list[int]]]]:
-    """Layer id -> (line numbers, expert id lists) of one CSV, rows in file order."""
-    layers: dict[int, tuple[list[int], list[list[int]]]] = {}
+class _Lines:
+    """A text file's lines, remembering the last one read (to see whether the file ends mid-row)."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+        self.last = ""
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.file:
+            self.last = line
+            yield line
+
+
+Layers = dict[int, tuple[list[int], list[list[int]]]]
+
+
+def _read_layers(path: Path, top_k: int | None) -> tuple[Layers, str | None]:
+    """Layer id -> (line numbers, expert id lists) of one CSV, rows in file order; and where a
+    truncated final row was skipped, if one was."""
+    layers: Layers = {}
     with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
+        lines = _Lines(file)
+        reader = csv.reader(lines)
         header = [name.strip() for name in next(reader, [])]
         for name in COLUMNS:
             if name not in header:
@@ -70,18 +92,46 @@ def _read_layers(path: Path, top_k: int | None) -> dict[int, tuple[list[int], li
             if not any(cell.strip() for cell in row):
                 continue
             where = f"{path}:{number}"
-            if len(row) != len(header):
-                raise TraceFormatError(f"{where}: {len(row)} fields, the header has {len(header)}")
-            layer = _int_field(where, "Layer ID", row[at[0]])
-            _int_field(where, "Batch Number", row[at[1]])
-            ids = _expert_ids(where, row[at[3]], top_k)
+            try:
+                if len(row) != len(header):
+                    raise TraceFormatError(f"{where}: {len(row)} fields, the header has {len(header)}")
+                layer = _int_field(where, "Layer ID", row[at[0]])
+                _int_field(where, "Batch Number", row[at[1]])
+                ids = _expert_ids(where, row[at[3]], top_k)
+            except TraceFormatError as exc:
+                ends_mid_row = not lines.last.endswith("\n") or len(row) < len(header)
+                cut = ends_mid_row and _whole_but_last(row, len(header), at, top_k)
+                if cut and not any(any(cell.strip() for cell in rest) for rest in reader):  # the final row
+                    return _nonempty(path, layers), skip_truncated_final_row(
+                        where, str(exc).removeprefix(where + ": ")
+                    )
+                raise
             top_k = len(ids)
             if layer != last and layer in layers:
                 raise TraceFormatError(f"{where}: layer {layer} again (rows must be grouped by layer)")
-            lines, experts = layers.setdefault(layer, ([], []))
-            lines.append(number)
+            row_lines, experts = layers.setdefault(layer, ([], []))
+            row_lines.append(number)
             experts.append(ids)
             last = layer
+    return _nonempty(path, layers), None
+
+
+def _whole_but_last(row: list[str], fields: int, at: list[int], top_k: int | None) -> bool:
+    """Whether ``row`` could be a valid row cut short: every field before its last one is valid."""
+    if len(row) > fields:
+        return False
+    try:
+        for i, text in enumerate(row[:-1]):
+            if i in (at[0], at[1]):
+                _int_field("", "", text)
+            elif i == at[3]:
+                _expert_ids("", text, top_k)
+    except TraceFormatError:
+        return False
+    return True
+
+
+def _nonempty(path: Path, layers: Layers) -> Layers:
     if not layers:
         raise TraceFormatError(f"{path}: no rows")
     return layers
@@ -89,7 +139,7 @@ def _read_layers(path: Path, top_k: int | None) -> dict[int, tuple[list[int], li
 
 def _token_order(
     path: Path,
-    layers: dict[int, tuple[list[int], list[list[int]]]],
+    layers: Layers,
     layer_ids: list[int],
     num_experts: int,
 ) -> tuple[np.ndarray, ...]:
@@ -120,7 +170,8 @@ def convert_csv(src: Path, out: Path, options: ConvertOptions) -> None:
     names = [
         path.stem if src.is_file() else path.relative_to(src).with_suffix("").as_posix() for path in files
     ]
-    first = _read_layers(files[0], None)
+    first, skipped = _read_layers(files[0], None)
+    truncated = [skipped] if skipped else []
     layer_ids = sorted(first)
     meta = make_meta(
         options,
@@ -135,10 +186,19 @@ def convert_csv(src: Path, out: Path, options: ConvertOptions) -> None:
     missing: dict[str, int] = {}
     with TraceWriter(out, meta) as writer:
         for request, path in enumerate(progress(files, "moe-beyond-csv")):
-            layers = first if request == 0 else _read_layers(path, meta.top_k)
+            layers = first
+            if request > 0:
+                layers, skipped = _read_layers(path, meta.top_k)
+                truncated += [skipped] if skipped else []
             token, layer, experts = _token_order(path, layers, layer_ids, meta.num_experts)
             writer.append(request, token, layer, experts)
             cells = (int(token.max()) + 1) * len(layer_ids) - len(token)
             if cells:
                 missing[names[request]] = cells
-        writer.update_extra({"missing_cells": sum(missing.values()), "missing_cells_by_request": missing})
+        extra: dict[str, object] = {
+            "missing_cells": sum(missing.values()),
+            "missing_cells_by_request": missing,
+        }
+        if truncated:
+            extra["truncated_rows_skipped"] = truncated
+        writer.update_extra(extra)

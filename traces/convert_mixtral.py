@@ -6,7 +6,8 @@ either ``token_idx`` (processed files: decode tokens only, counted per layer) or
 the layer does not go up). A request (``dataset/problem_id``) found in a raw file is taken from
 it and its processed rows are ignored: the raw file has the prefill, and its decode tokens stay
 aligned across layers where a processed ``token_idx`` shifts after a dropped row. Rows the
-profiler dropped (gates [0.5, 0.5]) stay missing; ``meta.extra`` counts them per request.
+profiler dropped (gates [0.5, 0.5]) stay missing; ``meta.extra`` counts them per request. A file
+whose last line was cut short (not JSON, no final newline) loses that line with a warning.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from expertd.traces.convert import (
     expert_problem,
     make_meta,
     progress,
+    skip_truncated_final_row,
     source_files,
 )
 from expertd.traces.format import PHASE_DECODE, PHASE_PREFILL, TraceFormatError, TraceWriter
@@ -72,8 +74,11 @@ def _check_record(where: str, record: Any, pos_key: str) -> None:
         raise TraceFormatError(f"{where}: 'gating_probs' must be a list of {TOP_K} finite numbers")
 
 
-def _read_file(path: Path) -> dict[str, _Records] | None:
-    """Records by request name; None if the file holds no routing records (e.g. outputs)."""
+def _read_file(path: Path, truncated: list[str]) -> dict[str, _Records] | None:
+    """Records by request name; None if the file holds no routing records (e.g. outputs).
+
+    A cut final line is skipped and its location appended to ``truncated``.
+    """
     requests: dict[str, _Records] = {}
     pos_key = ""
     with open(path, encoding="utf-8") as file:
@@ -84,6 +89,9 @@ def _read_file(path: Path) -> dict[str, _Records] | None:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
+                if not text.endswith("\n") and requests:  # the last line, and the writer stopped in it
+                    truncated.append(skip_truncated_final_row(where, f"not JSON ({exc.msg})"))
+                    break
                 raise TraceFormatError(f"{where}: not JSON ({exc.msg})") from None
             if not pos_key:
                 if isinstance(record, dict) and "layer" not in record and "experts" not in record:
@@ -160,8 +168,9 @@ def convert_mixtral(src: Path, out: Path, options: ConvertOptions) -> None:
     chosen: dict[str, _Records] = {}
     ignored: dict[str, str] = {}
     files = source_files(src, ".jsonl")
+    truncated: list[str] = []
     for path in progress(files, "mixtral-jsonl"):
-        found = _read_file(path)
+        found = _read_file(path, truncated)
         if found is None:
             if path == src:
                 raise TraceFormatError(f"{path}:1: not a routing record (no 'layer', 'experts')")
@@ -193,6 +202,7 @@ def convert_mixtral(src: Path, out: Path, options: ConvertOptions) -> None:
             "missing_cells_by_request": missing,
             "request_files": {name: chosen[name].path.name for name in names},
             "ignored_processed_files": ignored,
+            **({"truncated_rows_skipped": truncated} if truncated else {}),
         },
         has_scores=True,
         has_phase=True,

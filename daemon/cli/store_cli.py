@@ -7,6 +7,7 @@ import sys
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 from expertd.daemon.cli.main import EXIT_FAILED, EXIT_OK, CliError
@@ -58,6 +59,11 @@ def register(subparsers: Any) -> None:
         "--lz4-level", type=int, default=0, metavar="L", help="0: fast lz4 (default); 1-12: lz4-HC"
     )
     pack.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    pack.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="readable by this group only (directories 0750, files 0640); default: by everyone (0755, 0644)",
+    )
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
     pack.set_defaults(func=cmd_pack)
 
@@ -75,8 +81,25 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    from expertd.daemon.store.partials import PackInterrupted, signals_unwind
+
+    try:
+        with signals_unwind():  # SIGTERM/SIGINT: unwind, so the partial store is removed
+            return _pack(args)
+    except PackInterrupted as exc:
+        print(f"expertd pack: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _pack(args: argparse.Namespace) -> int:
     from expertd.daemon.store.manifest import StoreError
-    from expertd.daemon.store.pack import SYNTHETIC_PRESETS, pack_safetensors, pack_synthetic
+    from expertd.daemon.store.pack import (
+        SYNTHETIC_PRESETS,
+        pack_safetensors,
+        pack_synthetic,
+        store_modes,
+        unreachable_ancestors,
+    )
 
     try:
         if args.from_safetensors is not None or args.from_hf is not None:
@@ -94,6 +117,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 lz4_level=args.lz4_level,
                 force=args.force,
                 progress=not args.quiet,
+                group=args.group,
             )
         else:
             if args.synthetic not in SYNTHETIC_PRESETS:
@@ -108,9 +132,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 lz4_level=args.lz4_level,
                 force=args.force,
                 progress=not args.quiet,
+                group=args.group,
             )
     except (StoreError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    modes = store_modes(args.group)
+    blocked = unreachable_ancestors(Path(args.out), modes)
+    if blocked:  # a service user could not read the store it was packed for
+        who = "other users" if modes.gid is None else f"group {modes.gid}"
+        print(f"expertd pack: warning: {who} cannot enter {', '.join(blocked)}", file=sys.stderr)
     print(
         f"packed {manifest.num_layers} layers x {manifest.num_experts} experts "
         f"({_size(manifest.raw_bytes * len(manifest.experts))} raw, "
@@ -166,7 +196,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         print(f"{key:<10} {value}")
+    problem = _data_file_problem(Path(args.dir) / m.data_file, m.data_bytes)
+    if problem:
+        print(f"FAILED: {problem}")
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _data_file_problem(path: Path, expected_bytes: int) -> str | None:
+    """Why the data file cannot hold what the manifest says, or None."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"{path}: cannot stat: {exc.strerror}"
+    if size < expected_bytes:
+        return f"{path} is truncated: {size} of the manifest's {expected_bytes} bytes"
+    if size > expected_bytes:
+        return f"{path} has {size} bytes, the manifest says {expected_bytes}: not the file it was packed with"
+    return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

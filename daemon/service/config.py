@@ -199,7 +199,15 @@ KEYS: tuple[Key, ...] = (
         "Serve what `expertd status` shows as Prometheus metrics at http://ADDRESS:PORT/metrics; "
         "0: off. Needs `pip install 'expertd[metrics]'`.",
     ),  # fmt: skip
-    Key("metrics", "address", "str", "127.0.0.1", "Address the metrics endpoint listens on."),
+    Key(
+        "metrics",
+        "address",
+        "str",
+        "127.0.0.1",
+        "Address the metrics endpoint listens on. packaging/expertd.service lets only this host's "
+        "addresses through (`IPAddressAllow=localhost`): a remote scraper needs an `IPAddressAllow=` "
+        "drop-in.",
+    ),  # fmt: skip
 )
 _KEY_INDEX = {(k.section, k.name): k for k in KEYS}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|slots?)?\s*$", re.IGNORECASE)

@@ -2,13 +2,18 @@
 
 A pack writes into a temporary directory next to the destination and renames it into
 place only after the data file and the manifest are fsynced, so an interrupted or failed
-pack never leaves a half store at the destination.
+pack never leaves a half store at the destination. The store is readable by everyone
+(directories 0755, files 0644), or only by its owner and one group (``group``: 0750, 0640),
+whatever the packer's umask: the service that reads it usually runs as another user.
+Partial directories are owned and cleaned up as `expertd.daemon.store.partials` describes.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -30,6 +35,7 @@ from expertd.daemon.store.manifest import (
     CODECS,
     DATA_NAME,
     DTYPE_BYTES,
+    MANIFEST_NAME,
     ExpertEntry,
     StoreError,
     StoreManifest,
@@ -37,6 +43,15 @@ from expertd.daemon.store.manifest import (
     layout_tensors,
     round_up,
     save_manifest,
+)
+from expertd.daemon.store.partials import (
+    OLD_INFIX,
+    OWNER_NAME,
+    PARTIAL_INFIX,
+    release,
+    remove_stale_partials,
+    signals_deferred,
+    write_owner,
 )
 
 SYNTHETIC_STD = 0.02  # weights drawn N(0, 0.02^2), the usual init scale of trained MoE FFNs
@@ -90,13 +105,82 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_options(out_dir: str | os.PathLike[str], codec: str, lz4_level: int, force: bool) -> None:
+def _report_stderr(message: str) -> None:
+    print(f"expertd pack: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class StoreModes:
+    """Who may read a store: everyone, or its owner and the group ``gid``."""
+
+    gid: int | None = None
+
+    @property
+    def dir_mode(self) -> int:
+        return 0o755 if self.gid is None else 0o750
+
+    @property
+    def file_mode(self) -> int:
+        return 0o644 if self.gid is None else 0o640
+
+    def apply(self, path: Path | int) -> None:
+        """Set the mode (and group) of a path, or of an open file descriptor."""
+        is_dir = not isinstance(path, int) and path.is_dir()
+        mode = self.dir_mode if is_dir else self.file_mode
+        try:
+            if self.gid is not None:
+                os.chown(path, -1, self.gid)
+            os.chmod(path, mode)
+        except PermissionError:
+            raise StoreError(
+                f"{path}: cannot give it to group {self.gid} (the packer must be root or a member)"
+            ) from None
+
+
+def store_modes(group: str | int | None) -> StoreModes:
+    """The modes for ``group`` (a name or a gid; None: world-readable); unknown groups are refused."""
+    if group is None:
+        return StoreModes()
+    try:
+        gid = grp.getgrnam(group).gr_gid if isinstance(group, str) and not group.isdigit() else int(group)
+        grp.getgrgid(gid)
+    except (KeyError, ValueError):
+        raise StoreError(f"--group {group}: no such group") from None
+    return StoreModes(gid)
+
+
+def check_options(
+    out_dir: str | os.PathLike[str], codec: str, lz4_level: int, force: bool, group: str | int | None = None
+) -> None:
     """Refuse bad options before any work is done."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
     if not 0 <= lz4_level <= LZ4_HC_MAX_LEVEL:
         raise ValueError(f"lz4 level must be 0 (fast) or 1..{LZ4_HC_MAX_LEVEL}, got {lz4_level}")
     check_destination(out_dir, force=force)
+    store_modes(group)
+
+
+def _make_parents(parent: Path, modes: StoreModes) -> None:
+    """Create ``parent`` and its missing ancestors with the store's directory mode."""
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        modes.apply(path)
+
+
+def unreachable_ancestors(path: Path, modes: StoreModes) -> list[str]:
+    """The ancestors of ``path`` that the store's readers cannot enter, with their modes."""
+    blocked = []
+    for ancestor in reversed(path.resolve().parents):
+        st = ancestor.stat()
+        if st.st_mode & 0o001 or (modes.gid is not None and st.st_gid == modes.gid and st.st_mode & 0o010):
+            continue
+        blocked.append(f"{ancestor} (mode {stat.S_IMODE(st.st_mode):04o})")
+    return blocked
 
 
 def check_destination(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
@@ -121,6 +205,8 @@ class StoreWriter:
         codec: str = CODEC_NONE,
         lz4_level: int = 0,
         force: bool = False,
+        group: str | int | None = None,
+        report: Callable[[str], None] = _report_stderr,
     ) -> None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
@@ -129,13 +215,21 @@ class StoreWriter:
         self.tensors = tensors
         self.raw_bytes = raw_bytes
         self.codec = codec
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        try:
-            self._fd = os.open(self.tmp / DATA_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-        except OSError:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+        self.modes = store_modes(group)
+        _make_parents(self.out.parent, self.modes)
+        remove_stale_partials(self.out.parent, report)
+        self._fd = -1
+        with signals_deferred():  # a signal here would leak a partial nobody owns yet
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{PARTIAL_INFIX}", dir=self.out.parent))
+            try:
+                write_owner(self.tmp)
+                self.modes.apply(self.tmp)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                self._fd = os.open(self.tmp / DATA_NAME, flags, self.modes.file_mode)
+                self.modes.apply(self._fd)  # the umask may have taken bits away
+            except BaseException:
+                self.abort()
+                raise
         self._encoder = PlaneEncoder(raw_bytes, level=lz4_level) if codec != CODEC_NONE else None
         self._pad = memoryview(bytes(BLOB_ALIGN_BYTES))
         self._offset = 0
@@ -184,13 +278,17 @@ class StoreWriter:
             **meta,
         )
         save_manifest(manifest, self.tmp)
+        self.modes.apply(self.tmp / MANIFEST_NAME)
+        (self.tmp / OWNER_NAME).unlink()
         _fsync_dir(self.tmp)
         old: Path | None = None
-        if self.out.exists():
-            check_destination(self.out, force=self.force)  # it may have appeared meanwhile
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / "store")
-        os.replace(self.tmp, self.out)
+        with signals_deferred():  # between the two renames the old store is only in `old`
+            if self.out.exists():
+                check_destination(self.out, force=self.force)  # it may have appeared meanwhile
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{OLD_INFIX}", dir=self.out.parent))
+                os.replace(self.out, old / "store")
+            os.replace(self.tmp, self.out)
+            release(self.tmp)
         _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -201,6 +299,7 @@ class StoreWriter:
             os.close(self._fd)
             self._fd = -1
         shutil.rmtree(self.tmp, ignore_errors=True)
+        release(self.tmp)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -240,13 +339,16 @@ def _pack(
     lz4_level: int,
     force: bool,
     progress: bool,
+    group: str | int | None = None,
     workers: int = 1,
 ) -> StoreManifest:
     """Fill and write every expert in order; ``workers`` > 1 fills ahead on a thread pool."""
     total = num_layers * num_experts
     ring = [np.zeros(raw_bytes, dtype=np.uint8) for _ in range(workers + 1 if workers > 1 else 1)]
     with (
-        StoreWriter(out_dir, tensors, raw_bytes, codec=codec, lz4_level=lz4_level, force=force) as writer,
+        StoreWriter(
+            out_dir, tensors, raw_bytes, codec=codec, lz4_level=lz4_level, force=force, group=group
+        ) as writer,
         _progress(raw_bytes * total, total, progress) as bar,
         ThreadPoolExecutor(max_workers=workers) as pool,
     ):
@@ -285,9 +387,10 @@ def pack_safetensors(
     lz4_level: int = 0,
     force: bool = False,
     progress: bool = False,
+    group: str | int | None = None,
 ) -> StoreManifest:
     """Pack a Hugging Face checkpoint's routed experts; raises `CheckpointError` on bad input."""
-    check_options(out_dir, codec, lz4_level, force)
+    check_options(out_dir, codec, lz4_level, force, group)
     with scan_checkpoint(checkpoint_dir) as plan:
         meta = {
             "model": plan.model,
@@ -313,6 +416,7 @@ def pack_safetensors(
             lz4_level=lz4_level,
             force=force,
             progress=progress,
+            group=group,
         )
 
 
@@ -381,6 +485,7 @@ def pack_synthetic(
     lz4_level: int = 0,
     force: bool = False,
     progress: bool = False,
+    group: str | int | None = None,
 ) -> StoreManifest:
     """Pack a deterministic synthetic store with ``preset``'s expert shapes."""
     if preset not in SYNTHETIC_PRESETS:
@@ -389,7 +494,7 @@ def pack_synthetic(
     num_layers = spec.num_layers if layers is None else layers
     if not 1 <= num_layers <= spec.num_layers:
         raise StoreError(f"--layers must be in 1..{spec.num_layers} for {preset}, got {num_layers}")
-    check_options(out_dir, codec, lz4_level, force)
+    check_options(out_dir, codec, lz4_level, force, group)
     tensors, raw_bytes = synthetic_layout(spec, scale)
     meta = {
         "model": f"synthetic {preset}" + (f" / {scale:g}" if scale != 1 else ""),
@@ -420,5 +525,6 @@ def pack_synthetic(
         lz4_level=lz4_level,
         force=force,
         progress=progress,
+        group=group,
         workers=GEN_WORKERS,
     )
