@@ -333,20 +333,3 @@ def test_a_partition_too_small_for_top_k_is_refused_by_name():
         PartitionError, match="tenant alice would get 1 device slot.s., fewer than one layer's top-2"
     ):
         Partitions(config, {"alice": 0.125})
-
-
-def test_the_docs_quote_the_codes_trust_defaults():
-    """The trust defaults docs/security.md and docs/reliability.md quote are the code's."""
-    from expertd.daemon.service.config import KEYS
-
-    default = {key.attr: key.default for key in KEYS}
-    docs = Path(__file__).resolve().parents[1] / "docs"
-    security = " ".join((docs / "security.md").read_text().split())
-    reliability = " ".join((docs / "reliability.md").read_text().split())
-    assert f'`[auth] ipc_admin = "{default["auth_ipc_admin"]}"`, by kernel uid' in security
-    assert f'under the default `[auth] ipc_admin = "{default["auth_ipc_admin"]}"`' in reliability
-    assert f"`[clients] capacity_wait_s` (default {default['clients_capacity_wait_s']:g} s)" in security
-    assert (
-        default["clients_max_pinned_share"] == 0.5
-        and "max_pinned_share` of a tier (default half;" in security
-    )
