@@ -158,12 +158,7 @@ def check_socket(path: Path, owners: Collection[int]) -> None:
     except PermissionError:  # a directory above we may not even look into
         raise PermissionError(f"Permission denied: cannot look into {path.parent}") from None
     if not os.access(path.parent, os.X_OK):
-        info = os.stat(path.parent)
-        raise PermissionError(
-            f"Permission denied: {path.parent} (owner {user_name(info.st_uid)}, group "
-            f"{group_name(info.st_gid)}, mode {stat.S_IMODE(info.st_mode):04o}): "
-            f"{user_name(os.geteuid())} is not in group {group_name(info.st_gid)}"
-        )
+        raise _denied(path.parent, os.stat(path.parent))
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -176,11 +171,16 @@ def check_socket(path: Path, owners: Collection[int]) -> None:
             "refusing a stand-in for the daemon"
         )
     if not os.access(path, os.R_OK | os.W_OK):
-        raise PermissionError(
-            f"Permission denied: {path} (owner {user_name(info.st_uid)}, group {group_name(info.st_gid)}, "
-            f"mode {stat.S_IMODE(info.st_mode):04o}): {user_name(os.geteuid())} is not in group "
-            f"{group_name(info.st_gid)} (the daemon's [auth] socket_group)"
-        )
+        raise _denied(path, info)
+
+
+def _denied(path: Path, info: os.stat_result) -> PermissionError:
+    """What a user who may not reach the socket is told: whose it is, and which group opens it."""
+    return PermissionError(
+        f"Permission denied: {path} (owner {user_name(info.st_uid)}, group {group_name(info.st_gid)}, "
+        f"mode {stat.S_IMODE(info.st_mode):04o}): {user_name(os.geteuid())} is not in group "
+        f"{group_name(info.st_gid)} (the daemon's [auth] socket_group)"
+    )
 
 
 def check_before_connect(
