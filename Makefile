@@ -29,6 +29,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache  # the floors' arrows: [tool.importlinter] in pyproject.toml
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -40,7 +40,7 @@ CLIENT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from expertd.traces.live import ClientSource, MmapSource, drive
-    from expertd.traces.replay_cli import load_for_replay
+    from expertd.daemon.cli.replay_cli import load_for_replay
     mode, target, trace_name, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     trace = load_for_replay(trace_name, "all", max_tokens)
     if mode == "mmap":
@@ -120,10 +120,10 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=REPO / "out" / "bench-live", help="store location")
     args = parser.parse_args()
 
+    from expertd.daemon.cli.replay_cli import load_for_replay
     from expertd.daemon.store.manifest import load_manifest
     from expertd.daemon.store.pack import pack_synthetic
     from expertd.traces.live import PrivateDaemon
-    from expertd.traces.replay_cli import load_for_replay
 
     trace = load_for_replay(args.trace, "all", args.max_tokens)
     preset = {"granite": "granite-3.0-1b-a400m", "mixtral": "mixtral-8x7b"}.get(args.trace)

@@ -1,6 +1,6 @@
 """The timing side channel, measured: can one tenant tell which experts another just used?
 
-    .venv/bin/python bench/side_channel.py [--layers 4] [--tokens 300]
+    .venv/bin/python bench/side_channel.py [--layers 4] [--tokens 300] [--cpu-load N]
 
 A victim tenant replays real routing (the shipped Granite trace, its first ``--layers``
 MoE layers) through a daemon whose device tier (CPU stand-in) holds a quarter of the
@@ -13,6 +13,8 @@ at the best latency threshold (picked on half the probes, scored on the other ha
 the AUC, and what the mode costs: the victim's tokens/s and the device slots the attacker
 holds for itself. The host tier is warmed with every expert first (as an operator would
 preload RAM): a cold store read would otherwise tell "nobody ever used this expert".
+``--cpu-load N`` runs N busy processes beside the daemon for the whole measurement (a
+competing CPU load that anyone can reproduce); the load average is printed before and after.
 The last line of stdout is one JSON object. Numbers go to docs/security.md.
 """
 
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,11 +143,26 @@ def run_mode(
         "victim_tokens_per_s": tokens / victim_s,
         "attacker_private_device_slots": eve_slots,
         "replies_held_back": stats["isolation"]["private_replies_held"],
+        "grid_points": stats["isolation"]["grid_points"],
+        "late_us": stats["isolation"]["late_us"],
         "median_probe_ms": {
             "used": sorted(used_times)[len(used_times) // 2] * 1e3,
             "unused": sorted(unused_times)[len(unused_times) // 2] * 1e3,
         },
     }
+
+
+def print_private_mechanisms(results: list[dict]) -> None:
+    """What the private daemon saw: held-back hits (their waits drawn from real misses) and real
+    misses must land past the grid's first point as often, and leave as late after it."""
+    for kind, name in (("drawn", "held-back hits"), ("real", "real misses")):
+        replies = sum(r["grid_points"][kind]["replies"] for r in results)
+        past = sum(r["grid_points"][kind]["past_first"] for r in results)
+        late = sorted(r["late_us"][kind]["p50"] for r in results)
+        print(
+            f"private, {name:<14}: {replies:5d} held, {past / max(replies, 1):6.2%} past the grid's first "
+            f"point; released {late[len(late) // 2]:.0f} us after due (median of runs' medians)"
+        )
 
 
 def main() -> int:
@@ -153,12 +172,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode (different probe choices)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated isolation modes")
     parser.add_argument("--predictor", default=None, help="the daemon's predictor (default: serve's; none)")
+    parser.add_argument("--cpu-load", type=int, default=0, help="busy processes competing for the CPUs")
     args = parser.parse_args()
     extra = ["--predictor", args.predictor] if args.predictor else []
 
     trace = read_trace(traces.shipped())
     trace = trace.select((trace.layer < args.layers) & (forward_ids(trace) < args.tokens))
     work = Path(tempfile.mkdtemp(prefix="exd-side-", dir="/tmp"))
+    load_before = os.getloadavg()
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.cpu_load)]
     try:
         store = work / "store"
         pack_synthetic(store, "granite-3.0-1b-a400m", layers=args.layers)  # real expert size: 3 MiB
@@ -169,8 +191,17 @@ def main() -> int:
             for mode in args.modes.split(",")
         }
     finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
         shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
     print(f"victim: Granite routing, {args.layers} layers x 32 experts of 3 MiB; device tier 25% of them")
+    before, after = (" ".join(f"{x:.2f}" for x in load) for load in (load_before, load_after))
+    print(
+        f"{os.cpu_count()} CPUs, {args.cpu_load} busy processes added; "
+        f"load average (1, 5, 15 min) before {before}, after {after}"
+    )
     print(f"{args.repeats} runs per mode; accuracy and AUC: mean (min-max)")
     print(
         f"{'mode':<12} {'probes':>6} {'accuracy':>19} {'AUC':>19} {'victim tok/s':>12} {'attacker slots':>14}"
@@ -188,7 +219,10 @@ def main() -> int:
             f"{sum(area) / len(area):>7.3f} ({min(area):.3f}-{max(area):.3f}) "
             f"{speed:>12.1f} {results[0]['attacker_private_device_slots']:>14}"
         )
-    print(json.dumps({"bench": "side_channel", "summary": summary, "runs": runs}))
+    if "private" in runs:
+        print_private_mechanisms(runs["private"])
+    load = {"before": load_before, "after": load_after, "busy_processes_added": args.cpu_load}
+    print(json.dumps({"bench": "side_channel", "summary": summary, "load_average": load, "runs": runs}))
     return 0
 
 

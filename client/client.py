@@ -1,9 +1,7 @@
 """`ExpertClient`: talk to expertd, acquire experts as zero-copy torch views, release them lazily.
 
-One ZeroMQ DEALER socket per client, used under a lock by every thread. A thread that waits
-for a reply holds the socket only for short poll slices and files every reply it receives
-under its request id, so concurrent and pipelined requests each find their own reply (the
-daemon answers in completion order). A background thread pings while the client is idle,
+One ZeroMQ DEALER socket per client, shared by every thread (`expertd.client.transport`).
+A background thread pings while the client is idle,
 so the daemon keeps its leases, and sends queued releases that no acquire picked up.
 
 Releasing is lazy: `Lease.release` queues the lease id, the next acquire carries it
@@ -25,14 +23,14 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 import zmq
 
 from expertd.client.lease import Lease, PendingAcquire
-from expertd.client.views import SlabViews, TensorLayout, parse_layout
+from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S, Multiplexer
+from expertd.client.views import SlabViews
 from expertd.daemon.protocol import (
     MAX_RELEASES_PER_ACQUIRE,
     PROTOCOL_VERSION,
@@ -42,45 +40,36 @@ from expertd.daemon.protocol import (
     End,
     ExpertdError,
     Hello,
+    HelloReply,
     Hint,
+    LeaseReply,
     LoadState,
     Ping,
     ProtocolError,
     Release,
+    ReplyBody,
     Request,
     SessionError,
     Shutdown,
     Stats,
-    decode_reply,
+    StatsReply,
+    TensorSpec,
     encode_request,
+    parse_reply,
 )
-from expertd.daemon.service.local_trust import check_before_connect
-from expertd.daemon.service.slabs import SlabError
+from expertd.daemon.protocol.local import SlabError, default_address
+from expertd.daemon.protocol.socket_trust import check_before_connect
 
 log = logging.getLogger("expertd.client")
 
-POLL_SLICE_S = 0.005  # longest a waiting thread holds the socket before letting others use it
-SPIN_S = 200e-6  # a waiter first spins this long: a hit's reply comes sooner than a sleeping thread wakes
 RELEASE_LINGER_S = 0.05  # a released lease waits this long for an acquire to carry it
 RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
 BUSY_WINDOW_S = 1.0  # after a release, the background thread ticks each linger this long
 PING_AFTER_IDLE = 0.5  # ping once idle for this share of the daemon's heartbeat_s
 BYE_LINGER_MS = 200  # how long the closed socket keeps trying to deliver bye
-HELLO_KEYS = (
-    "model",
-    "num_layers",
-    "num_experts",
-    "tensors",
-    "slot_bytes",
-    "tiers",
-    "default_tier",
-    "heartbeat_s",
-)
-_MISSING = object()
-_POLLIN = int(zmq.POLLIN)
 
 
-class ExpertClient:
+class ExpertClient(Multiplexer):
     """A connection to expertd: acquire experts, release, hint, stats. Thread-safe."""
 
     def __init__(
@@ -104,47 +93,29 @@ class ExpertClient:
         if not root, this user or `expertd` (default: $EXPERTD_DAEMON_USER): an ipc:// socket in a
         directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent."""
         if address is None:
-            from expertd.daemon.service.config import default_address
-
             address = default_address()
         check_before_connect(address, daemon_user, connect_timeout_s)  # before a socket exists
         self.address = address
         self.daemon_user = daemon_user
         self.tenant = tenant
         self.name = name or _default_name()
-        self.timeout_s = timeout_s
+        super().__init__(address, timeout_s, spin_s, server_key, client_key)
         self.connect_timeout_s = connect_timeout_s
         self.release_linger_s = release_linger_s
-        self.spin_s = spin_s  # 0: never spin (a waiting thread always sleeps)
-        self.request: int | None = None  # the open generation (`begin_request`), sent with acquires
-        self._request_ids = itertools.count(1)
-        self.closed = False
-        self.info: dict[str, Any] = {}
-        self.layout: tuple[TensorLayout, ...] = ()
+        self.generation: int | None = None  # the open generation (`begin_generation`), sent with acquires
+        self._generation_ids = itertools.count(1)
+        self.info: dict[str, Any] = {}  # the hello reply's map, as it came (for display and extensions)
+        self.hello: HelloReply | None = None  # ... and parsed
+        self.layout: tuple[TensorSpec, ...] = ()
         self._slabs: dict[str, SlabViews] = {}
         self._session = 0  # bumped by every hello: leases of an older session are void
         self._stale = False  # an unsolicited no_session arrived: say hello before the next call
-        self._ids = itertools.count(1)
-        self._sock_lock = threading.Lock()
-        self._cond = threading.Condition()  # guards everything below
-        self._want = 0  # threads blocked on the socket lock to send: pollers give way
-        self._sleepers = 0  # threads in self._cond.wait
-        self._waiting: set[int] = set()
-        self._replies: dict[int, dict[str, Any] | ExpertdError] = {}
-        self._abandoned: set[int] = set()  # acquires whose lease must be released on arrival
         self._releases: list[int] = []
         self._releases_since = 0.0
         self._hello_lock = threading.Lock()
-        self._last_send = time.monotonic()
         self._wake = threading.Event()  # wakes the background thread early
         self._wake_at = 0.0  # when the background thread wakes on its own
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVTIMEO, round(POLL_SLICE_S * 1000))
         self.admin_token = admin_token
-        if address.startswith("tcp://"):
-            _use_curve(self._sock, server_key, client_key)
-        self._sock.connect(address)
         try:
             self._hello()
         except BaseException:
@@ -158,17 +129,21 @@ class ExpertClient:
 
     # --- what the daemon said at hello ------------------------------------------------------
 
+    def _hello_reply(self) -> HelloReply:
+        assert self.hello is not None, "set by the hello in __init__"
+        return self.hello
+
     @property
     def model(self) -> str:
-        return str(self.info["model"])
+        return self._hello_reply().model
 
     @property
     def num_layers(self) -> int:
-        return int(self.info["num_layers"])
+        return self._hello_reply().num_layers
 
     @property
     def num_experts(self) -> int:
-        return int(self.info["num_experts"])
+        return self._hello_reply().num_experts
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -176,11 +151,11 @@ class ExpertClient:
 
     @property
     def default_tier(self) -> str:
-        return str(self.info["default_tier"])
+        return self._hello_reply().default_tier
 
     @property
     def heartbeat_s(self) -> float:
-        return float(self.info["heartbeat_s"])
+        return self._hello_reply().heartbeat_s
 
     # --- public operations -----------------------------------------------------------------
 
@@ -215,27 +190,29 @@ class ExpertClient:
     def hint(self, layer: int, experts: Iterable[int], scores: Iterable[float] | None = None) -> None:
         """Tell the daemon ``experts`` of ``layer`` come soon (best first); no reply."""
         score_list = None if scores is None else [float(s) for s in scores]
-        self._send(Hint(int(layer), [int(e) for e in experts], score_list, self.request), reply=False)
+        self._send(Hint(int(layer), [int(e) for e in experts], score_list, self.generation), reply=False)
 
-    def begin_request(self) -> int:
+    def begin_generation(self) -> int:
         """Start a new generation: later acquires and hints belong to it (the previous one ends).
 
         The daemon's predictors keep routing history per generation; telling them where one
         ends and the next begins keeps one prompt's routing from steering the next one's.
         """
-        self.end_request()
-        self.request = next(self._request_ids)
-        return self.request
+        self.end_generation()
+        self.generation = next(self._generation_ids)
+        return self.generation
 
-    def end_request(self) -> None:
+    def end_generation(self) -> None:
         """The current generation is over (no-op if none is open)."""
-        if self.request is not None:
-            self._send(End(self.request), reply=False)
-            self.request = None
+        if self.generation is not None:
+            self._send(End(self.generation), reply=False)
+            self.generation = None
 
     def stats(self) -> dict[str, Any]:
         """The daemon's counters (a print-friendly map)."""
-        return self._call(Stats())
+        reply = self._call(Stats())
+        assert isinstance(reply, StatsReply)
+        return dict(reply.counters)
 
     def ping(self) -> float:
         """Round-trip time to the daemon, in seconds."""
@@ -283,7 +260,8 @@ class ExpertClient:
             self.close()
 
     def __repr__(self) -> str:
-        return f"ExpertClient({self.address!r}, tenant={self.tenant!r}, model={self.info.get('model')!r})"
+        model = self.hello.model if self.hello else None
+        return f"ExpertClient({self.address!r}, tenant={self.tenant!r}, model={model!r})"
 
     # --- session ---------------------------------------------------------------------------
 
@@ -292,29 +270,25 @@ class ExpertClient:
             check_before_connect(self.address, self.daemon_user, self.connect_timeout_s)
         request = Hello(PROTOCOL_VERSION, self.name, self.tenant, os.getpid(), self.admin_token)
         ok = self._wait(self._send(request, reply=True), self.connect_timeout_s, "hello")
-        if ok.get("protocol") != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"expertd at {self.address} speaks protocol {ok.get('protocol')!r}, "
-                f"this client {PROTOCOL_VERSION}"
-            )
-        missing = [key for key in HELLO_KEYS if key not in ok]
-        if missing:
-            raise ProtocolError(f"hello reply from expertd at {self.address} lacks {', '.join(missing)}")
         try:
-            layout = parse_layout(ok["tensors"], int(ok["slot_bytes"]))
-            slabs = {str(tier): SlabViews(handle, layout) for tier, handle in ok["tiers"].items()}
+            hello = HelloReply.from_wire(ok)
+        except ProtocolError as exc:
+            raise ProtocolError(f"expertd at {self.address}: {exc}", exc.code) from None
+        try:
+            slabs = {tier: SlabViews(handle, hello.tensors) for tier, handle in hello.tiers.items()}
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ProtocolError(f"hello reply is malformed ({type(exc).__name__}: {exc})") from None
         except SlabError as exc:
             raise ExpertdError(f"cannot map a slab of expertd at {self.address}: {exc}") from None
-        if self.info and _model_key(self.info) != _model_key(ok):
+        if self.hello is not None and self.hello.model_key() != hello.model_key():
             raise SessionError(
                 f"expertd at {self.address} restarted with another model "
-                f"({ok['model']!r}, {ok['num_layers']} layers x {ok['num_experts']} experts); "
-                f"this client was serving {self.info['model']!r}"
+                f"({hello.model!r}, {hello.num_layers} layers x {hello.num_experts} experts); "
+                f"this client was serving {self.hello.model!r}"
             )
         with self._cond:
-            self.info, self.layout, self._slabs = ok, layout, slabs
+            self.info, self.hello, self.layout, self._slabs = ok, hello, hello.tensors, slabs
+            self._ping_after_s = PING_AFTER_IDLE * hello.heartbeat_s
             self._session += 1
             self._stale = False
             self._releases.clear()  # leases of the old session are void
@@ -327,16 +301,17 @@ class ExpertClient:
                 log.info("expertd at %s does not know this client (restarted?): hello again", self.address)
                 self._hello()
 
-    def _call(self, request: Request) -> dict[str, Any]:
-        """Send and wait; after ``no_session``, hello again and retry once."""
+    def _call(self, request: Request) -> ReplyBody:
+        """Send and wait for the typed reply; after ``no_session``, hello again and retry once."""
         if self._stale:
             self._rehello(self._session)
         session = self._session
         try:
-            return self._wait(self._send(request, reply=True), self.timeout_s, request.op.value)
+            ok = self._wait(self._send(request, reply=True), self.timeout_s, request.op.value)
         except SessionError:
             self._rehello(session)
-            return self._wait(self._send(request, reply=True), self.timeout_s, request.op.value)
+            ok = self._wait(self._send(request, reply=True), self.timeout_s, request.op.value)
+        return parse_reply(request.op, ok)
 
     # --- acquire and release ---------------------------------------------------------------
 
@@ -349,7 +324,7 @@ class ExpertClient:
             with self._cond:
                 carried = self._releases[:MAX_RELEASES_PER_ACQUIRE]
                 del self._releases[: len(carried)]
-        request = Acquire(layer, experts, tier, carried, self.request)
+        request = Acquire(layer, experts, tier, carried, self.generation)
         try:
             return self._send(request, reply=True), request
         except DaemonUnavailable:
@@ -383,19 +358,18 @@ class ExpertClient:
         return self._lease(ok, request, session)
 
     def _lease(self, ok: dict[str, Any], request: Acquire, session: int) -> Lease:
-        try:
-            lease_id, tier, slots = int(ok["lease"]), str(ok["tier"]), tuple(int(s) for s in ok["slots"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"acquire reply is malformed ({exc!r}): {ok!r:.200}") from None
-        slab = self._slabs.get(tier)
-        if slab is None or len(slots) != len(request.experts):
-            self._release_now([lease_id])
+        reply = LeaseReply.from_wire(ok)
+        slab = self._slabs.get(reply.tier)
+        if slab is None or len(reply.slots) != len(request.experts):
+            self._release_now([reply.lease])
             raise ProtocolError(
-                f"acquire reply names tier {tier!r} (mapped: {', '.join(self._slabs)}) and "
-                f"{len(slots)} slots for {len(request.experts)} experts"
+                f"acquire reply names tier {reply.tier!r} (mapped: {', '.join(self._slabs)}) and "
+                f"{len(reply.slots)} slots for {len(request.experts)} experts"
             )
-        hits = int(ok.get("hits", 0))
-        return Lease(self, lease_id, request.layer, tuple(request.experts), tier, slots, hits, session, slab)
+        return Lease(
+            self, reply.lease, request.layer, tuple(request.experts), reply.tier, reply.slots, reply.hits,
+            session, slab,
+        )  # fmt: skip
 
     def _queue_release(self, lease: Lease) -> None:
         with self._cond:
@@ -437,136 +411,11 @@ class ExpertClient:
             elif isinstance(reply, dict) and "lease" in reply:
                 self._queue_release_id(int(reply["lease"]))
 
-    # --- transport -------------------------------------------------------------------------
-
-    def _send(self, request: Request, *, reply: bool) -> int:
-        """Send one request frame; with ``reply``, register its id for `_wait`."""
-        if self.closed:
-            raise DaemonUnavailable(f"client of expertd at {self.address} is closed")
-        request_id = next(self._ids)
-        frame = encode_request(request_id, request)
-        if reply:
-            with self._cond:
-                self._waiting.add(request_id)
-        got = self._sock_lock.acquire(blocking=False)
-        if not got:  # a waiter is polling: ask it to give way, then wait for the socket
-            with self._cond:
-                self._want += 1
-            got = self._sock_lock.acquire(timeout=self.timeout_s)
-            with self._cond:
-                self._want -= 1
-        sent = False
-        try:
-            if got:
-                self._sock.send(frame, zmq.NOBLOCK)
-                self._last_send = time.monotonic()
-                sent = True
-        except zmq.Again:
-            pass
-        finally:
-            if got:
-                self._sock_lock.release()
-            self._wake_sleepers()
-        if not sent:
-            with self._cond:
-                self._waiting.discard(request_id)
-            if reply:
-                why = "is not taking messages" if got else "is unreachable: the client socket stayed busy"
-                raise DaemonUnavailable(f"expertd at {self.address} {why} ({request.op.value} not sent)")
-            log.debug("dropped %s to %s: not sent", request.op.value, self.address)
-        return request_id
-
-    def _wake_sleepers(self) -> None:
-        """Let threads waiting on the condition look again (the socket is free, or replies came)."""
-        if self._sleepers:
-            with self._cond:
-                self._cond.notify_all()
-
-    def _has_reply(self, request_id: int) -> bool:
-        """Whether the reply to ``request_id`` is here, reading what arrived if the socket is free."""
-        if not self.closed and self._sock_lock.acquire(blocking=False):
-            try:
-                self._pump(block=False)
-            finally:
-                self._sock_lock.release()
-        with self._cond:
-            return request_id in self._replies
-
-    def _wait(self, request_id: int, timeout: float, op: str) -> dict[str, Any]:
-        """The reply to ``request_id``; raises its error, or `DaemonUnavailable` after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        spin = self.spin_s
-        while True:
-            with self._cond:
-                reply = self._replies.pop(request_id, _MISSING)
-                if reply is not _MISSING:
-                    self._waiting.discard(request_id)
-                    break
-                remaining = deadline - time.monotonic()
-                if self.closed:
-                    raise DaemonUnavailable(f"client of expertd at {self.address} is closed")
-                if remaining <= 0:
-                    self._waiting.discard(request_id)
-                    self._abandoned.add(request_id)
-                    raise DaemonUnavailable(
-                        f"expertd at {self.address} did not answer {op} within {timeout:g} s"
-                    )
-                if self._want or not self._sock_lock.acquire(blocking=False):
-                    self._sleepers += 1
-                    self._cond.wait(min(remaining, POLL_SLICE_S))
-                    self._sleepers -= 1
-                    continue
-            try:
-                self._pump(block=True, spin=spin)
-                spin = 0.0
-            finally:
-                self._sock_lock.release()
-                self._wake_sleepers()
-        if isinstance(reply, ExpertdError):
-            raise reply
-        return reply  # type: ignore[return-value]
-
-    def _pump(self, block: bool, spin: float = 0.0) -> None:
-        """With the socket lock held: wait one poll slice (if ``block``) for replies; file them all.
-
-        ``spin``: first poll without sleeping for this many seconds (the caller's CPU is idle
-        anyway, and waking a sleeping thread costs more than a hit takes).
-        """
-        if time.monotonic() - self._last_send >= PING_AFTER_IDLE * self.info.get("heartbeat_s", 1e9):
-            self._sock.send(encode_request(next(self._ids), Ping()), zmq.NOBLOCK)
-            self._last_send = time.monotonic()
-        if spin:
-            events, until = self._sock.getsockopt, time.perf_counter() + spin
-            while not events(zmq.EVENTS) & _POLLIN and time.perf_counter() < until:
-                os.sched_yield()  # a runnable daemon thread on this CPU goes first
-        try:  # a blocking recv (RCVTIMEO is one slice) wakes sooner than poll + recv
-            frame = self._sock.recv(0 if block else zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        while True:
-            try:
-                request_id, reply = decode_reply(frame)
-            except ProtocolError as exc:
-                log.warning("dropped a bad reply from %s: %s", self.address, exc)
-            else:
-                self._dispatch(request_id, reply)
-            if not self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
-                return
-            frame = self._sock.recv(zmq.NOBLOCK)
-
-    def _dispatch(self, request_id: int, reply: dict[str, Any] | ExpertdError) -> None:
-        with self._cond:
-            if request_id in self._waiting:
-                self._replies[request_id] = reply
-                return
-            abandoned = request_id in self._abandoned
-            self._abandoned.discard(request_id)
-            if isinstance(reply, SessionError):
-                self._stale = True
-            if abandoned and isinstance(reply, dict) and "lease" in reply:
-                self._queue_release_id(int(reply["lease"]))
-        if isinstance(reply, ExpertdError):
-            log.debug("expertd at %s: unawaited request %d failed: %s", self.address, request_id, reply)
+    def _unclaimed(self, reply: dict[str, Any] | ExpertdError, abandoned: bool) -> None:
+        if isinstance(reply, SessionError):
+            self._stale = True  # the daemon restarted: hello again before the next call
+        if abandoned and isinstance(reply, dict) and "lease" in reply:
+            self._queue_release_id(int(reply["lease"]))
 
     def _background_step(self) -> float:
         """Ping if idle, send releases that waited too long, drain replies; seconds to the next step."""
@@ -601,37 +450,10 @@ class ExpertClient:
         return max(0.001, min(next_flush, self._last_send + ping_every) - time.monotonic())
 
 
-def _use_curve(sock: zmq.Socket, server_key: Any, client_key: Any) -> None:
-    """tcp://: authenticate with CURVE (the daemon refuses anything else)."""
-    from expertd.daemon.service.auth import AuthError, read_certificate
-
-    server_key = server_key or os.environ.get("EXPERTD_SERVER_KEY")
-    client_key = client_key or os.environ.get("EXPERTD_CLIENT_KEY")
-    if not server_key or not client_key:
-        raise DaemonUnavailable(
-            "a tcp:// daemon needs CURVE keys: server_key= (its server.key) and client_key= (your "
-            "NAME.key_secret), or $EXPERTD_SERVER_KEY and $EXPERTD_CLIENT_KEY"
-        )
-    try:
-        server = read_certificate(Path(server_key))["public-key"]
-        own = read_certificate(Path(client_key))
-    except AuthError as exc:
-        raise DaemonUnavailable(str(exc)) from None
-    if "secret-key" not in own:
-        raise DaemonUnavailable(f"{client_key}: no secret-key (give the NAME.key_secret file)")
-    sock.curve_serverkey = server.encode()
-    sock.curve_publickey = own["public-key"].encode()
-    sock.curve_secretkey = own["secret-key"].encode()
-
-
 def _default_name() -> str:
     """The program's name and pid, e.g. ``serve.py-1234`` (``python-1234`` under ``-c``)."""
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c", "-m") else ""
     return f"{program or 'python'}-{os.getpid()}"[:128]
-
-
-def _model_key(info: dict[str, Any]) -> tuple[Any, ...]:
-    return (info["model"], info["num_layers"], info["num_experts"], info["tensors"])
 
 
 def _background(client_ref: weakref.ref[ExpertClient], wake: threading.Event) -> None:

@@ -49,6 +49,7 @@ from expertd.client.hf_layers import (
     forward_pass,
     transformers_version,
 )
+from expertd.client.views import torch_dtype
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -97,7 +98,7 @@ def _store_layout(client: ExpertClient, gate_up: Tensor, down: Tensor) -> _Layou
     roles = ("gate", "up", "down") if len(names) == 3 else ("gate_up", "down")
     for role, name in zip(roles, names, strict=True):
         t = tensors[name]
-        if t.shape != want[role] or t.dtype != gate_up.dtype:
+        if t.shape != want[role] or torch_dtype(t.dtype) != gate_up.dtype:
             raise ModelLayoutError(
                 f"the daemon's {name} is {list(t.shape)} {t.dtype}; the model's {role} projection is "
                 f"{list(want[role])} {gate_up.dtype} (another model, or packed in another dtype?)"
@@ -288,7 +289,7 @@ class Offload:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if forward_pass(args, kwargs).new_generation:
-            self.client.begin_request()  # the daemon's predictors keep history per generation
+            self.client.begin_generation()  # the daemon's predictors keep history per generation
             self.stats.generations += 1
 
     def _make_router_hook(self, index: int) -> Callable[..., None]:
@@ -406,7 +407,7 @@ class Offload:
         for index in list(self._pending):
             self._drop_pending(index)
         if not self.client.closed:
-            self.client.end_request()
+            self.client.end_generation()
 
 
 def _remap(inner: Any, experts: list[int], to: Any, device: torch.device, fill: int = -1) -> Tensor:
@@ -508,7 +509,7 @@ def offload(
 
     ``tier``: where leases are taken (default: the daemon's, the device tier if it has one).
     ``hint``: send each next layer's gate guess ahead of its acquire. ``new_generations``: a
-    forward pass with an empty cache starts a new generation at the daemon (`begin_request`).
+    forward pass with an empty cache starts a new generation at the daemon (`begin_generation`).
     Raises `ModelLayoutError` (naming what was found) if the model or the store do not match.
     """
     layers = find_moe_layers(model)

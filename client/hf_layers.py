@@ -1,6 +1,6 @@
 """Where a transformers MoE model keeps its routed experts, and what one forward pass looks like.
 
-Shared by `expertd.client.hf` (offload) and `expertd.client.record` (the routing recorder).
+Shared by `expertd.client.hf` (offload) and `expertd.traces.record` (the routing recorder).
 Supported: the layout of transformers >= 5, where every sparse MoE block has a router child
 (``gate`` or ``router``: ``hidden [T, D] -> (logits, weights [T, k], experts [T, k])``) and an
 experts child holding stacked ``gate_up_proj [E, 2F, D]`` and ``down_proj [E, D, F]`` parameters

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,15 @@ from torch import Tensor, nn
 from expertd.client.client import ExpertClient
 from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
 
-if TYPE_CHECKING:
-    from expertd.daemon.store.reader import StoreReader
+
+class ExpertReader(Protocol):
+    """What `MemoryExperts.from_store` reads through (`expertd.daemon.store.reader.StoreReader`)."""
+
+    @property
+    def manifest(self) -> Any: ...
+
+    def read_expert_tensors(self, layer: int, expert: int) -> ExpertWeights: ...
+
 
 ExpertWeights = Mapping[str, Tensor]  # one expert's tensors by checkpoint name
 
@@ -169,7 +176,7 @@ class MemoryExperts:
         self.hints: list[tuple[int, list[int], list[float]]] = []
 
     @classmethod
-    def from_store(cls, reader: StoreReader, layers: Iterable[int]) -> MemoryExperts:
+    def from_store(cls, reader: ExpertReader, layers: Iterable[int]) -> MemoryExperts:
         """Every expert of ``layers``, read and verified through ``reader``."""
         num_experts = reader.manifest.num_experts
         return cls(

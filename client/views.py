@@ -14,61 +14,28 @@ stays mapped while any old view is alive, and is returned when the last one is c
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from expertd.daemon.protocol import ProtocolError
-from expertd.daemon.service.slabs import open_shm_readonly
+from expertd.daemon.protocol import DTYPE_BYTES, ProtocolError, TensorSpec
+from expertd.daemon.protocol.local import open_shm_readonly
 
 SHM_KINDS = frozenset({"host", "cpu"})
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}  # the contract's dtype names, as torch's
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorLayout:
-    """One tensor inside a slot: name, torch dtype, shape, byte offset from the slot start."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def parse_layout(tensors: Sequence[Mapping[str, Any]], slot_bytes: int) -> tuple[TensorLayout, ...]:
-    """The hello reply's ``tensors`` as `TensorLayout`; `ProtocolError` names a bad entry."""
-    out = []
-    for spec in tensors:
-        try:
-            name, dtype_name, shape, offset = spec["name"], spec["dtype"], spec["shape"], spec["offset"]
-            dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
-            if not isinstance(dtype, torch.dtype):
-                raise ProtocolError(f"layout tensor {name!r}: unknown dtype {dtype_name!r}")
-            layout = TensorLayout(str(name), dtype, tuple(int(d) for d in shape), int(offset))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"layout tensor {spec!r:.80} is malformed ({exc})") from None
-        if layout.offset < 0 or layout.offset + layout.nbytes > slot_bytes:
-            raise ProtocolError(
-                f"layout tensor {layout.name!r} spans bytes [{layout.offset}, "
-                f"{layout.offset + layout.nbytes}) of a {slot_bytes}-byte slot"
-            )
-        if layout.offset % layout.dtype.itemsize:
-            raise ProtocolError(f"layout tensor {layout.name!r} offset {layout.offset} is misaligned")
-        out.append(layout)
-    return tuple(out)
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `TensorSpec` dtype name."""
+    return _DTYPES[name]
 
 
 class SlabViews:
     """One tier's slab mapped into this process, and the per-slot tensor views made from it."""
 
-    def __init__(self, handle: Mapping[str, Any], layout: tuple[TensorLayout, ...]) -> None:
+    def __init__(self, handle: Mapping[str, Any], layout: tuple[TensorSpec, ...]) -> None:
         self.kind = str(handle.get("kind"))
         self.num_slots = int(handle["slots"])
         self.slot_bytes = int(handle["slot_bytes"])
@@ -91,7 +58,7 @@ class SlabViews:
             views = {}
             for t in self.layout:
                 begin = start + t.offset
-                views[t.name] = self.flat[begin : begin + t.nbytes].view(t.dtype).view(t.shape)
+                views[t.name] = self.flat[begin : begin + t.nbytes].view(_DTYPES[t.dtype]).view(t.shape)
             self._slots[slot] = views
         return dict(views)
 

@@ -252,6 +252,9 @@ def test_malformed_hello_is_a_protocol_error(fake: FakeDaemon, address: str) -> 
     fake._hello = lambda: {**good(), "tiers": {"host": {"kind": "nvme", "slots": 1, "slot_bytes": 4096}}}
     with pytest.raises(ProtocolError, match="unknown tier kind 'nvme' \\(known: host, cpu, cuda\\)"):
         ExpertClient(address, connect_timeout_s=1.0)
-    fake._hello = lambda: {**good(), "protocol": 2}
-    with pytest.raises(ProtocolError, match="speaks protocol 2, this client 1"):
+    fake._hello = lambda: {**good(), "protocol": proto.PROTOCOL_VERSION + 1}
+    with pytest.raises(
+        ProtocolError,
+        match=f"speaks protocol {proto.PROTOCOL_VERSION + 1}, this client {proto.PROTOCOL_VERSION}",
+    ):
         ExpertClient(address, connect_timeout_s=1.0)

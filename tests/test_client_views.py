@@ -12,8 +12,8 @@ import torch
 from client_fake_daemon import FakeDaemon
 
 from expertd.client import ExpertClient
-from expertd.client.views import SlabViews, parse_layout
-from expertd.daemon.protocol import ProtocolError
+from expertd.client.views import SlabViews
+from expertd.daemon.protocol import ProtocolError, parse_layout
 from expertd.daemon.store.pack import pack_synthetic
 from expertd.daemon.store.reader import StoreReader
 
@@ -75,7 +75,8 @@ def test_layout_outside_the_slot_is_refused() -> None:
 
 _CHILD = """
 import gc, sys, torch
-from expertd.client.views import SlabViews, parse_layout
+from expertd.client.views import SlabViews
+from expertd.daemon.protocol import parse_layout
 from expertd.daemon.service.slabs import HostSlab
 
 slab = HostSlab("viewtest", 2, 4096)
@@ -98,7 +99,8 @@ def test_views_outlive_their_slab_and_are_read_only() -> None:
 
 _CUDA_CHILD = """
 import sys, msgpack, torch
-from expertd.client.views import SlabViews, parse_layout
+from expertd.client.views import SlabViews
+from expertd.daemon.protocol import parse_layout
 handle = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
 layout = parse_layout([{"name": "w", "dtype": "float32", "shape": [2, 3], "offset": 256}], 4096)
 views = SlabViews(handle, layout)

@@ -18,7 +18,7 @@ import pytest
 from daemon_util import EXPERTD, DaemonProcess, RawClient, ping
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.service.slabs import open_shm_readonly
+from expertd.daemon.protocol.local import open_shm_readonly
 from expertd.daemon.store.pack import pack_synthetic
 from expertd.daemon.store.reader import StoreReader
 
@@ -377,3 +377,11 @@ def test_the_trace_demo_runs_end_to_end():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tokens/s" in out.stdout and "it agrees with the daemon's" in out.stdout
     assert "stopped the daemon cleanly" in out.stdout
+
+
+def test_a_client_of_the_previous_protocol_is_told_which_versions_differ(daemon):
+    client = RawClient(daemon.address)
+    client.send_frames(msgpack.packb({"op": "hello", "id": 1, "version": 1, "client": "old"}))
+    _, error = client.recv()
+    assert isinstance(error, proto.ProtocolError) and error.code == proto.ErrorCode.UNSUPPORTED_VERSION
+    assert f"client speaks protocol 1, this daemon {proto.PROTOCOL_VERSION}" in str(error)

@@ -123,11 +123,11 @@ def test_a_hinted_prefetch_never_evicts_a_key_expected_to_be_used_sooner():
     waits = np.full(GEOMETRY.num_keys, 100.0)
     waits[resident] = 1.0  # every resident key is needed before the hinted one
     manager.prefetcher.waits = lambda: waits
-    _, started = settle(manager, manager.hint("a", 2, [0, 7], 0.0, request=1))
+    _, started = settle(manager, manager.hint("a", 2, [0, 7], 0.0, generation=1))
     assert [s for s in started if s.priority == Priority.HINT] == []
     assert set(manager.resident(DEVICE)) == set(resident)
     waits[resident] = 1000.0  # now every resident key is needed much later: the hint may take a slot
-    _, started = settle(manager, manager.hint("a", 2, [0, 7], 0.0, request=1))
+    _, started = settle(manager, manager.hint("a", 2, [0, 7], 0.0, generation=1))
     assert {s.key for s in started if s.priority == Priority.HINT} <= {GEOMETRY.key(2, 0), GEOMETRY.key(2, 7)}
     assert [s for s in started if s.priority == Priority.HINT]
 
@@ -301,7 +301,7 @@ def test_the_default_prefetch_settings_are_valid_and_used_by_replay_default():
 
 def test_serve_without_flags_runs_exactly_replays_default():
     from expertd.daemon.service.config import ServeConfig
-    from expertd.daemon.service.server import prefetch_settings
+    from expertd.daemon.service.startup import prefetch_settings
 
     config = ServeConfig.from_mapping({})
     policy, prefetch = defaults.resolve("default")

@@ -90,21 +90,21 @@ def test_an_admin_loads_statistics_into_a_running_daemon(store, short_dir):
         hello = proto.Hello(proto.PROTOCOL_VERSION, "ops", "default", 0, token_file.read_text().strip())
         assert isinstance(admin.request(1, hello), dict)
 
-        def planned_after_acquire(request_id: int, request: int) -> int:
-            reply = stranger.request(request_id, proto.Acquire(0, [0, 3], "device", request=request))
+        def planned_after_acquire(request_id: int, generation: int) -> int:
+            reply = stranger.request(request_id, proto.Acquire(0, [0, 3], "device", generation=generation))
             assert isinstance(reply, dict), reply
             stranger.request(request_id + 1, proto.Release([reply["lease"]]))
             stats = admin.request(request_id + 2, proto.Stats())
             assert isinstance(stats, dict)
             return stats["prefetch"]["planned"]
 
-        cold = planned_after_acquire(10, request=1)
+        cold = planned_after_acquire(10, generation=1)
         wrong = subprocess.run([*load, str(other)], capture_output=True, text=True)
         assert wrong.returncode != 0 and "the statistics are for model 'someone-else'" in wrong.stderr
         loaded = subprocess.run([*load, str(state)], capture_output=True, text=True)
         assert loaded.returncode == 0, loaded.stderr
         # The statistics say layer 0's experts 0 and 3 are followed by 1 and 4: prefetched now.
-        assert planned_after_acquire(20, request=2) > cold
+        assert planned_after_acquire(20, generation=2) > cold
         assert "predictor statistics loaded" in daemon.log()
         stranger.close()
         admin.close()

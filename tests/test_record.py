@@ -1,4 +1,4 @@
-"""expertd.client.record: a model's routing into an .etrace, and replay predicting the live daemon."""
+"""expertd.traces.record: a model's routing into an .etrace, and replay predicting the live daemon."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from daemon_util import DaemonProcess  # noqa: E402
 from expertd.client import ExpertClient  # noqa: E402
 from expertd.client.hf import offload  # noqa: E402
 from expertd.client.hf_tiny import byte_prompt, tiny_model  # noqa: E402
-from expertd.client.record import record  # noqa: E402
 from expertd.daemon.store.pack_hf import pack_hf  # noqa: E402
 from expertd.traces.format import PHASE_DECODE, PHASE_PREFILL, read_trace  # noqa: E402
+from expertd.traces.record import record  # noqa: E402
 from expertd.traces.replay import replay_timed  # noqa: E402
 from expertd.traces.timing import TimingModel  # noqa: E402
 

@@ -78,7 +78,7 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
 
     gate, up, down = swiglu_names(source.tensor_names)
     layers, rows, requests = trace.layer.tolist(), trace.experts.tolist(), trace.request.tolist()
-    begin_request = getattr(source, "begin_request", None)
+    begin_generation = getattr(source, "begin_generation", None)
     # A bank of random hidden states, one per row in turn. (Feeding each layer's output to
     # the next, normalised, is a power iteration: the state decays into denormals, which
     # the CPU computes a hundred times slower, and the replay would time that instead.)
@@ -91,8 +91,8 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
         iterator = tqdm(iterator, total=len(layers), unit="layer", leave=False, file=sys.stderr)
     started = time.perf_counter()
     for row, (layer, experts) in enumerate(iterator):
-        if begin_request is not None and (row == 0 or requests[row] != requests[row - 1]):
-            begin_request()  # a new generation: the daemon's predictors start its history afresh
+        if begin_generation is not None and (row == 0 or requests[row] != requests[row - 1]):
+            begin_generation()  # a new generation: the daemon's predictors start its history afresh
         asked = time.perf_counter()
         with source.experts(layer, experts) as held:
             waited += time.perf_counter() - asked
@@ -118,8 +118,8 @@ class ClientSource:
         self.tier = tier
         self.tensor_names = tuple(client.tensor_names)
 
-    def begin_request(self) -> None:
-        self.client.begin_request()
+    def begin_generation(self) -> None:
+        self.client.begin_generation()
 
     @contextlib.contextmanager
     def experts(self, layer: int, experts: list[int]) -> Iterator[list[tuple[int, Weights]]]:

@@ -200,11 +200,11 @@ def replay_timed(
             finish, _, transfer_id = heapq.heappop(events)
             run(manager.transfer_done(transfer_id, True), finish)
         if row and request != requests[row - 1]:
-            manager.end_request("replay", requests[row - 1])
+            manager.end_generation("replay", requests[row - 1])
         run(manager.acquire("replay", row, layer, row_experts, tier, now, lease, request), now)
         if hints is not None:
             for hint_layer, hint_experts in hints(row):
-                run(manager.hint("replay", hint_layer, hint_experts, now, request=request), now)
+                run(manager.hint("replay", hint_layer, hint_experts, now, generation=request), now)
         ready = now
         while not replies:
             if not events:

@@ -148,7 +148,7 @@ def build_timing(
 ) -> TimingModel:
     """A `TimingModel` from a profile, the model's known sizes, and explicit overrides.
 
-    ``recorded_expert_bytes``: the expert size a recorded trace carries (``expertd.client.record``
+    ``recorded_expert_bytes``: the expert size a recorded trace carries (``expertd.traces.record``
     writes it); for a model not in `MODEL_SIZES`, compute is then estimated from the experts
     alone (``top_k`` experts' bytes per layer over memory bandwidth): a floor, since attention
     and dense layers are not counted.

@@ -72,10 +72,10 @@ def _demo(args: argparse.Namespace, workdir: Path, torch: Any, transformers: Any
     from expertd.client.hf import offload
     from expertd.client.hf_layers import find_moe_layers
     from expertd.client.hf_tiny import byte_prompt, tiny_model
-    from expertd.client.record import record
     from expertd.daemon.store.pack_hf import pack_hf
     from expertd.traces.format import read_trace
     from expertd.traces.live import PrivateDaemon
+    from expertd.traces.record import record
     from expertd.traces.replay import replay_hits
 
     model_dir, store = workdir / "model", workdir / "store"

@@ -23,10 +23,10 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from expertd.daemon.cli.replay_cli import load_for_replay
     from expertd.daemon.store.pack import pack_synthetic
     from expertd.traces.live import ClientSource, PrivateDaemon, drive, preset_for
     from expertd.traces.replay import replay_timed
-    from expertd.traces.replay_cli import load_for_replay
     from expertd.traces.timing import TimingModel
 
     trace = load_for_replay(args.trace, "all", args.max_tokens)

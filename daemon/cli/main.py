@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 # Modules that add subcommands, in the order `expertd --help` lists them.
 COMMAND_MODULES = (
-    "expertd.traces.replay_cli",  # replay
-    "expertd.traces.cli",  # trace convert, trace stats
+    "expertd.daemon.cli.replay_cli",  # replay
+    "expertd.daemon.cli.trace_cli",  # trace convert, trace stats
     "expertd.daemon.cli.store_cli",  # pack, store info, store verify
     "expertd.daemon.cli.serve_cli",  # serve, status, shutdown
     "expertd.daemon.cli.keys_cli",  # keys new, allow, list, revoke

@@ -108,7 +108,8 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from expertd.daemon.service.server import Server, StartupError
+    from expertd.daemon.service.listener import StartupError
+    from expertd.daemon.service.server import Server
     from expertd.policies.base import PolicyError
 
     try:
@@ -130,8 +131,8 @@ def admin_request(
     import zmq
 
     from expertd.daemon import protocol as proto
-    from expertd.daemon.service.config import default_address
-    from expertd.daemon.service.local_trust import check_before_connect
+    from expertd.daemon.protocol.local import default_address
+    from expertd.daemon.protocol.socket_trust import check_before_connect
 
     address = address or default_address()
     try:
@@ -149,10 +150,10 @@ def admin_request(
 
         token = read_admin_token(Path(address[len("ipc://") :] + ".admin-token"))
     else:
-        from expertd.client.client import _use_curve
+        from expertd.daemon.protocol.local import use_curve
 
         try:
-            _use_curve(sock, None, None)
+            use_curve(sock, None, None)
         except proto.DaemonUnavailable as exc:
             raise CliError(str(exc)) from None
     try:
@@ -179,7 +180,7 @@ def run_status(args: argparse.Namespace) -> int:
 
     if args.watch and not args.json:
         from expertd.daemon.cli.status_view import watch
-        from expertd.daemon.service.config import default_address
+        from expertd.daemon.protocol.local import default_address
 
         return watch(fetch, format_status, args.watch, args.address or default_address())
     while True:

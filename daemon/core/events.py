@@ -1,5 +1,5 @@
 """Names shared by the cache manager, its shells and the wire protocol: tiers, links,
-priorities, error codes, and the commands the manager returns."""
+priorities, and the commands the manager returns."""
 
 from __future__ import annotations
 
@@ -25,19 +25,6 @@ class Priority(IntEnum):
     DEMAND = 0
     HINT = 1
     PREDICTED = 2
-
-
-class ErrorCode:
-    """Codes of `ErrorReply`, shared with the wire protocol."""
-
-    BAD_REQUEST = "bad_request"
-    OUT_OF_RANGE = "out_of_range"
-    TIER_OFF = "tier_off"
-    TOO_MANY_EXPERTS = "too_many_experts"
-    TOO_MANY_PENDING = "too_many_pending"
-    UNKNOWN_LEASE = "unknown_lease"
-    LOAD_FAILED = "load_failed"
-    CAPACITY = "capacity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +53,7 @@ class Reply:
 
 @dataclasses.dataclass(frozen=True)
 class ErrorReply:
-    """An event from a client failed; ``code`` is one of `ErrorCode`."""
+    """An event from a client failed; ``code`` is one of the wire contract's `ErrorCode`."""
 
     client: ClientId
     request_id: int
@@ -85,7 +72,7 @@ class Predict:
     """
 
     client: ClientId
-    request: Hashable
+    generation: Hashable
     layer: int
     experts: tuple[int, ...]
 

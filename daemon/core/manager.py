@@ -21,7 +21,6 @@ acquires still wait for; the others wait, in order, without holding anything.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
@@ -35,93 +34,24 @@ from expertd.daemon.core.events import (
     LINKS,
     LOAD,
     TIER_OF_LINK,
-    TIERS,
     ClientId,
     Command,
-    ErrorCode,
     ErrorReply,
     Predict,
     Priority,
     Reply,
     StartTransfer,
 )
-from expertd.daemon.core.prefetch import DEFAULT_TENANT, PrefetchConfig, Prefetcher, PrefetchPlan
+from expertd.daemon.core.manager_check import check_acquire
+from expertd.daemon.core.manager_config import ClientState, LeaseRecord, ManagerConfig, Pending
+from expertd.daemon.core.manager_stats import manager_stats
+from expertd.daemon.core.prefetch import Prefetcher, PrefetchPlan
 from expertd.daemon.core.slots import REJECTED, SlotTable
 from expertd.daemon.core.transfers import Transfer, Transfers
-from expertd.policies.base import Geometry
+from expertd.daemon.protocol.errors import ErrorCode
 from expertd.policies.registry import make_policy
 
-
-@dataclasses.dataclass(frozen=True)
-class ManagerConfig:
-    """Sizes and policies of the tiers; fixed for the manager's life."""
-
-    geometry: Geometry
-    host_slots: int
-    device_slots: int = 0  # 0: no device tier (clients compute from host slots)
-    host_policy: str = "lru"
-    device_policy: str = "lru"
-    load_depth: int = 4  # store reads in flight at once
-    h2d_depth: int = 1  # host->device copies in flight at once
-    lease_timeout_s: float = 30.0  # a client silent this long loses its leases
-    max_pending_per_client: int = 16  # unanswered acquires a client may have
-    max_queued_prefetches: int = 256  # per link; further prefetches are dropped
-    expert_bytes: int = 0  # for byte counters only
-    prefetch: PrefetchConfig = PrefetchConfig()  # predictor None: no prefetching
-    max_pinned_share: float = 1.0  # most of a tier one client may pin (leased or asked for; 1: no cap)...
-    min_pinned: int = 1  # ...but never less than this (one layer's top-k)
-    capacity_wait_s: float = float("inf")  # an acquire not admitted this long is refused, naming why
-
-    def pin_cap(self, slots: int) -> int:
-        """Slots of a tier of ``slots`` one client may pin at once, counting its waiting acquires."""
-        if self.max_pinned_share >= 1.0:  # no cap: a client may even queue past the tier, waiting on itself
-            return 1 << 62
-        return min(slots, max(self.min_pinned, int(self.max_pinned_share * slots)))
-
-    def __post_init__(self) -> None:
-        if self.host_slots < 1:
-            raise ValueError(f"host tier needs at least 1 slot, got {self.host_slots}")
-        if self.device_slots < 0:
-            raise ValueError(f"device_slots must be >= 0, got {self.device_slots}")
-        for name in ("load_depth", "h2d_depth", "max_pending_per_client"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
 DROPPED = object()  # _start: the transfer was dropped, not started
-
-
-@dataclasses.dataclass(eq=False)
-class _Pending:
-    client: ClientId
-    request_id: int
-    tier: str
-    keys: list[int]
-    t0: int  # access time of keys[0]; keys[i] is access t0 + i
-    forward: int  # the client's forward pass this acquire belongs to
-    since: float = 0.0  # when it arrived
-    admitted: bool = False
-    pinned: dict[int, int] = dataclasses.field(default_factory=dict)  # key -> slot it pinned
-    waiting: set[int] = dataclasses.field(default_factory=set)  # keys not ready yet
-    hits: int = 0
-
-
-@dataclasses.dataclass
-class _Lease:
-    client: ClientId
-    tier: str
-    slots: list[int]
-
-
-@dataclasses.dataclass
-class _Client:
-    last_seen: float
-    tenant: str = DEFAULT_TENANT
-    forward: int = -1  # this client's current forward pass (a global id)
-    last_layer: int = 1 << 30
-    leases: set[int] = dataclasses.field(default_factory=set)
-    pending: set[int] = dataclasses.field(default_factory=set)  # request ids
-    pins: dict[str, int] = dataclasses.field(default_factory=dict)  # tier -> slots leased or asked for
 
 
 class CacheManager:
@@ -149,12 +79,12 @@ class CacheManager:
             self._ids,
         )
         self._wants_device: dict[int, tuple[Priority, int]] = {}  # key -> (priority, t) after load
-        self._waiters: dict[tuple[str, int], list[_Pending]] = {}
-        self._admission: dict[str, deque[_Pending]] = {name: deque() for name in self.tiers}
-        self._admitted: dict[str, list[_Pending]] = {name: [] for name in self.tiers}
-        self._pending: dict[tuple[ClientId, int], _Pending] = {}
-        self._leases: dict[int, _Lease] = {}
-        self._clients: dict[ClientId, _Client] = {}
+        self._waiters: dict[tuple[str, int], list[Pending]] = {}
+        self._admission: dict[str, deque[Pending]] = {name: deque() for name in self.tiers}
+        self._admitted: dict[str, list[Pending]] = {name: [] for name in self.tiers}
+        self._pending: dict[tuple[ClientId, int], Pending] = {}
+        self._leases: dict[int, LeaseRecord] = {}
+        self._clients: dict[ClientId, ClientState] = {}
         self._forwards = itertools.count()
         self.t = 0  # accesses so far: the policies' virtual clock
         layers = geometry.num_layers
@@ -178,19 +108,19 @@ class CacheManager:
         tier: str,
         now: float,
         release: Iterable[int] = (),
-        request: Hashable = None,
+        generation: Hashable = None,
     ) -> list[Command]:
         """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready.
 
-        ``request``: which of the client's generations this is (predictors keep history per
-        request); None: the client's acquires are one stream.
+        ``generation``: which of the client's generations this is (predictors keep history
+        per generation); None: the client's acquires are one stream.
 
         ``release``: leases to release first; ones this client does not hold (any more)
         are ignored -- an expired lease is already released.
         """
         state = self._touch(client, now)
         release = list(release)
-        error = self._check_acquire(client, request_id, layer, experts, tier, release)
+        error = check_acquire(self, client, request_id, layer, experts, tier)
         if error:
             return [ErrorReply(client, request_id, *error)]
         out: list[Command] = []
@@ -224,12 +154,12 @@ class CacheManager:
             if -1 not in slots and filling.isdisjoint(slots):
                 out.append(self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0))
                 if self.prefetcher is not None:  # after the reply has gone out: see `Predict`
-                    out.append(Predict(client, request, layer, tuple(experts)))
+                    out.append(Predict(client, generation, layer, tuple(experts)))
                 return out
         plan = None
         if self.prefetcher is not None:  # a miss: what it evicts depends on what it teaches
-            plan = self.prefetcher.on_acquire(state.tenant, (client, request), layer, experts)
-        pending = _Pending(client, request_id, tier, keys, t0, state.forward, now)
+            plan = self.prefetcher.on_acquire(state.tenant, (client, generation), layer, experts)
+        pending = Pending(client, request_id, tier, keys, t0, state.forward, now)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
         self._admission[tier].append(pending)
@@ -245,23 +175,23 @@ class CacheManager:
         state = self._clients.get(command.client)
         if self.prefetcher is None or state is None:  # the client left in between
             return []
-        key = (command.client, command.request)
+        key = (command.client, command.generation)
         return self._prefetch(self.prefetcher.on_acquire(state.tenant, key, command.layer, command.experts))
 
     def set_tenant(self, client: ClientId, tenant: str, now: float) -> None:
         """``client`` acts for ``tenant``: its routing feeds (only) that tenant's predictor."""
         self._touch(client, now).tenant = tenant
 
-    def end_request(self, client: ClientId, request: Hashable) -> None:
-        """The client's generation ``request`` finished: its per-request history goes."""
+    def end_generation(self, client: ClientId, generation: Hashable) -> None:
+        """The client's ``generation`` finished: its per-generation history goes."""
         state = self._clients.get(client)
         if self.prefetcher is not None and state is not None:
-            self.prefetcher.forget(state.tenant, (client, request))
+            self.prefetcher.forget(state.tenant, (client, generation))
 
     def _grant_ready(
         self,
         client: ClientId,
-        state: _Client,
+        state: ClientState,
         request_id: int,
         tier: str,
         layer: int,
@@ -280,7 +210,7 @@ class CacheManager:
         self.layer_accesses[tier][layer] += len(keys)
         self.layer_hits[tier][layer] += len(keys)
         lease_id = next(self._ids)
-        self._leases[lease_id] = _Lease(client, tier, slots)
+        self._leases[lease_id] = LeaseRecord(client, tier, slots)
         state.leases.add(lease_id)
         return Reply(client, request_id, lease_id, tier, tuple(slots), len(keys))
 
@@ -313,7 +243,7 @@ class CacheManager:
         experts: Sequence[int],
         now: float,
         priority: Priority = Priority.HINT,
-        request: Hashable = None,
+        generation: Hashable = None,
         scores: Sequence[float] | None = None,
     ) -> list[Command]:
         """Prefetch ``experts`` of ``layer`` into the top tier (out-of-range ids are ignored)."""
@@ -323,7 +253,7 @@ class CacheManager:
         if self.prefetcher is not None:
             valid = [e for e in experts if 0 <= e < self.geometry.num_experts]
             weights = list(scores) if scores else [1.0] * len(valid)
-            self.prefetcher.on_hint(state.tenant, (client, request), layer, valid, weights)
+            self.prefetcher.on_hint(state.tenant, (client, generation), layer, valid, weights)
         tier = DEVICE if DEVICE in self.tiers else HOST
         slot_of = self.tiers[tier].slot_of
         for expert in experts:
@@ -458,106 +388,23 @@ class CacheManager:
 
     def stats(self) -> dict[str, Any]:
         """Counters and occupancy, msgpack-able."""
-        tiers = {}
-        for name, tier in self.tiers.items():
-            accesses, hits = sum(self.layer_accesses[name]), sum(self.layer_hits[name])
-            tiers[name] = {
-                "slots": tier.num_slots,
-                "used": len(tier.slot_of),
-                "filling": len(tier.filling),
-                "pinned": tier.pinned_slots,
-                "accesses": accesses,
-                "hits": hits,
-                "hit_rate": hits / accesses if accesses else 0.0,
-                "evictions": tier.evictions,
-                "prefetch_used": tier.prefetch_used,
-                "prefetch_wasted": tier.prefetch_wasted,
-                "policy": tier.policy.name,
-                "waiting_admission": len(self._admission[name]),
-                "layer_accesses": list(self.layer_accesses[name]),
-                "layer_hits": list(self.layer_hits[name]),
-            }
-        transfers = self.transfers
-        links = {
-            link: {
-                "started": transfers.started[link],
-                "failed": transfers.failed[link],
-                "bytes": transfers.started[link] * self.config.expert_bytes,
-                "running": transfers.running[link],
-                "queued": transfers.queued(link),
-            }
-            for link in LINKS
-        }
-        prefetch = {"cancelled": self.prefetch_cancelled, "deferred": transfers.deferred}
-        if self.prefetcher is not None:
-            prefetch.update(self.prefetcher.stats())
-        return {
-            "tiers": tiers,
-            "links": links,
-            "prefetch": prefetch,
-            "leases": len(self._leases),
-            "pending": len(self._pending),
-            "clients": len(self._clients),
-        }
+        return manager_stats(self)
 
     # --- acquires and leases --------------------------------------------------------------
 
-    def _touch(self, client: ClientId, now: float) -> _Client:
+    def _touch(self, client: ClientId, now: float) -> ClientState:
         state = self._clients.get(client)
         if state is None:
-            state = self._clients[client] = _Client(now)
+            state = self._clients[client] = ClientState(now)
         state.last_seen = max(state.last_seen, now)
         return state
-
-    def _check_acquire(
-        self,
-        client: ClientId,
-        request_id: int,
-        layer: int,
-        experts: Sequence[int],
-        tier: str,
-        release: list[int],
-    ) -> tuple[str, str] | None:
-        if tier not in self.tiers:
-            if tier in TIERS:
-                return ErrorCode.TIER_OFF, f"tier {tier!r} is off in this daemon"
-            return ErrorCode.BAD_REQUEST, f"unknown tier {tier!r} (known: {', '.join(TIERS)})"
-        if not 0 <= layer < self.geometry.num_layers:
-            return (
-                ErrorCode.OUT_OF_RANGE,
-                f"layer {layer} out of range [0, {self.geometry.num_layers})",
-            )
-        if not experts:
-            return ErrorCode.BAD_REQUEST, "acquire needs at least one expert"
-        for expert in experts:
-            if not 0 <= expert < self.geometry.num_experts:
-                return (
-                    ErrorCode.OUT_OF_RANGE,
-                    f"expert {expert} out of range [0, {self.geometry.num_experts})",
-                )
-        if len(set(experts)) != len(experts):
-            return ErrorCode.BAD_REQUEST, f"duplicate experts in {list(experts)}"
-        slots = self.tiers[tier].num_slots
-        if len(experts) > slots:
-            return (
-                ErrorCode.TOO_MANY_EXPERTS,
-                f"{len(experts)} experts do not fit the {tier} tier's {slots} slots",
-            )
-        if (client, request_id) in self._pending:
-            return ErrorCode.BAD_REQUEST, f"request id {request_id} is already pending"
-        if len(self._clients[client].pending) >= self.config.max_pending_per_client:
-            return (
-                ErrorCode.TOO_MANY_PENDING,
-                f"more than {self.config.max_pending_per_client} acquires pending",
-            )
-        return None
 
     def _committed(self, tier: str) -> set[int]:
         """Keys that admitted acquires wait for and that hold no slot yet."""
         slot_of = self.tiers[tier].slot_of
         return {k for p in self._admitted[tier] for k in p.waiting if k not in slot_of}
 
-    def _fits(self, pending: _Pending) -> bool:
+    def _fits(self, pending: Pending) -> bool:
         """Can ``pending`` be admitted without risking a deadlock with admitted acquires?"""
         tier = self.tiers[pending.tier]
         new_pins = sum(1 for k in pending.keys if k in tier.slot_of and not tier.pins[tier.slot_of[k]])
@@ -571,7 +418,7 @@ class CacheManager:
                 out.extend(self._admit(queue.popleft()))
         return out
 
-    def _admit(self, pending: _Pending) -> list[Command]:
+    def _admit(self, pending: Pending) -> list[Command]:
         """Pin what is resident, ask for the rest; grant at once if everything is ready."""
         pending.admitted = True
         name = pending.tier
@@ -611,7 +458,7 @@ class CacheManager:
         self._admitted[name].append(pending)
         return []
 
-    def _grant(self, pending: _Pending) -> Reply:
+    def _grant(self, pending: Pending) -> Reply:
         del self._pending[(pending.client, pending.request_id)]
         if pending in self._admitted[pending.tier]:
             self._admitted[pending.tier].remove(pending)
@@ -619,7 +466,7 @@ class CacheManager:
         state.pending.discard(pending.request_id)
         lease_id = next(self._ids)
         slots = [pending.pinned[key] for key in pending.keys]
-        self._leases[lease_id] = _Lease(pending.client, pending.tier, slots)
+        self._leases[lease_id] = LeaseRecord(pending.client, pending.tier, slots)
         state.leases.add(lease_id)
         return Reply(pending.client, pending.request_id, lease_id, pending.tier, tuple(slots), pending.hits)
 
@@ -633,7 +480,7 @@ class CacheManager:
             state.leases.discard(lease_id)
             state.pins[lease.tier] -= len(lease.slots)
 
-    def _abandon(self, pending: _Pending) -> None:
+    def _abandon(self, pending: Pending) -> None:
         """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""
         del self._pending[(pending.client, pending.request_id)]
         state = self._clients.get(pending.client)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from expertd.daemon.core.events import TIER_OF_LINK, ClientId, Command, Predict, Reply, StartTransfer
@@ -25,6 +25,19 @@ SHARED_POOL = ""  # the partition of every tenant that has none of its own
 
 class PartitionError(ValueError):
     """Partition shares that do not fit the tiers."""
+
+
+def _routed(name: str, translate: bool = True) -> Callable[..., Any]:
+    """`CacheManager` method ``name`` of the client's partition (its commands translated)."""
+
+    def method(self: Partitions, client: ClientId, *args: Any, **kw: Any) -> Any:
+        partition, manager = self._route(client)
+        out = getattr(manager, name)(client, *args, **kw)
+        return self._out(partition, out) if translate else out
+
+    method.__name__ = name
+    method.__doc__ = getattr(CacheManager, name).__doc__
+    return method
 
 
 class Partitions:
@@ -101,29 +114,18 @@ class Partitions:
 
     # --- the manager's interface, routed ----------------------------------------------------
 
+    # Events of one client go to its partition's manager; commands come back translated.
+    acquire = _routed("acquire")
+    hint = _routed("hint")
+    release_many = _routed("release_many", translate=False)
+    end_generation = _routed("end_generation", translate=False)
+    heartbeat = _routed("heartbeat", translate=False)
+    knows = _routed("knows", translate=False)
+
     def set_tenant(self, client: ClientId, tenant: str, now: float, partition: str | None = None) -> None:
         partition = partition if partition in self._managers else SHARED_POOL
         self._partition_of[client] = partition
         self._managers[partition].set_tenant(client, tenant, now)
-
-    def acquire(
-        self,
-        client: ClientId,
-        request_id: int,
-        layer: int,
-        experts: Sequence[int],
-        tier: str,
-        now: float,
-        release: Iterable[int] = (),
-        request: Hashable = None,
-    ) -> list[Command]:
-        partition, manager = self._route(client)
-        return self._out(
-            partition, manager.acquire(client, request_id, layer, experts, tier, now, release, request)
-        )
-
-    def release_many(self, client: ClientId, lease_ids: Iterable[int], now: float) -> list[int]:
-        return self._route(client)[1].release_many(client, lease_ids, now)
 
     def settle(self, client: ClientId | None = None) -> list[Command]:
         out: list[Command] = []
@@ -131,24 +133,9 @@ class Partitions:
             out += self._out(partition, manager.settle())
         return out
 
-    def hint(
-        self, client: ClientId, layer: int, experts: Sequence[int], now: float, **kw: Any
-    ) -> list[Command]:
-        partition, manager = self._route(client)
-        return self._out(partition, manager.hint(client, layer, experts, now, **kw))
-
     def predict(self, command: Predict) -> list[Command]:
         partition, manager = self._route(command.client)
         return self._out(partition, manager.predict(command))
-
-    def end_request(self, client: ClientId, request: Hashable) -> None:
-        self._route(client)[1].end_request(client, request)
-
-    def heartbeat(self, client: ClientId, now: float) -> None:
-        self._route(client)[1].heartbeat(client, now)
-
-    def knows(self, client: ClientId) -> bool:
-        return self._route(client)[1].knows(client)
 
     def client_gone(self, client: ClientId) -> list[Command]:
         partition, manager = self._route(client)

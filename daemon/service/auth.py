@@ -25,17 +25,14 @@ import re
 import secrets
 from pathlib import Path
 
+from expertd.daemon.protocol.local import AuthError, read_certificate
+
 log = logging.getLogger("expertd.auth")
 
 CLIENTS_DIR = "clients"
 SERVER_KEY = "server"
 ROLES = ("client", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_LINE = re.compile(r'^\s+([a-z-]+)\s*=\s*"(.*)"\s*$')
-
-
-class AuthError(ValueError):
-    """A key file or key operation is wrong; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,22 +51,6 @@ def parse_user_id(user_id: str) -> tuple[str, str]:
     """``tenant/role`` as the authenticator stamped it."""
     tenant, _, role = user_id.rpartition("/")
     return tenant, role
-
-
-def read_certificate(path: Path) -> dict[str, str]:
-    """The ``public-key``, ``secret-key`` and metadata entries of a ZPL certificate file."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise AuthError(f"{path}: {exc.strerror}") from None
-    values = {}
-    for line in text.splitlines():
-        match = _LINE.match(line)
-        if match:
-            values[match[1]] = match[2]
-    if "public-key" not in values or len(values["public-key"]) != 40:
-        raise AuthError(f"{path}: not a CURVE certificate (no 40-character public-key)")
-    return values
 
 
 def write_certificate(path: Path, public_key: str, secret_key: str | None = None, **metadata: str) -> Path:

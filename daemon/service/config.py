@@ -8,7 +8,6 @@ Command-line flags override the file (`ServeConfig.with_overrides`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -16,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from expertd.daemon.core import defaults
-from expertd.daemon.service.local_trust import resolve_group, resolve_user
+from expertd.daemon.protocol.local import default_address
+from expertd.daemon.protocol.socket_trust import resolve_group, resolve_user
 
 
 class ConfigError(ValueError):
@@ -34,13 +34,6 @@ class Key:
     @property
     def attr(self) -> str:
         return f"{self.section}_{self.name}" if self.section not in ("", "server") else self.name
-
-
-def default_address() -> str:
-    """ipc:// under systemd's RuntimeDirectory, else the user's runtime dir, else /tmp."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime.split(":")[0]) if runtime else Path(f"/tmp/expertd-{os.getuid()}")
-    return f"ipc://{base / 'expertd.sock'}"
 
 
 KEYS: tuple[Key, ...] = (

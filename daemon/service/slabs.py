@@ -21,14 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from expertd.daemon.protocol.local import SHM_PREFIX, SlabError
+
 SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "expertd-"
 PAGE_BYTES = mmap.PAGESIZE
 _SHM_NAME = re.compile(r"^expertd-(?P<pid>\d+)-(?P<tag>[A-Za-z0-9_.-]+)$")
-
-
-class SlabError(RuntimeError):
-    """A slab could not be created or opened (no memory, bad handle, gone)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -192,23 +189,3 @@ class CudaDeviceSlab:
 
     def close(self) -> None:
         del self.tensor
-
-
-def open_shm_readonly(handle: dict[str, Any]) -> tuple[mmap.mmap, np.ndarray]:
-    """Client side: map a shared-memory slab read-only (a write into it faults)."""
-    path = Path(str(handle["path"]))
-    if not path.name.startswith(SHM_PREFIX):
-        raise SlabError(f"refusing to map {path}: not an expertd slab")
-    expected = int(handle["slots"]) * int(handle["slot_bytes"])
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise SlabError(f"cannot open slab {path}: {exc.strerror}") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size != expected:
-            raise SlabError(f"slab {path} holds {size} bytes, the daemon said {expected}")
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    return mapping, np.frombuffer(mapping, dtype=np.uint8)

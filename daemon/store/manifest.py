@@ -15,11 +15,12 @@ pure (no torch, no I/O beyond reading the manifest) so the daemon core can impor
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from expertd.daemon.protocol.tensors import DTYPE_BYTES, TensorSpec
 
 STORE_FORMAT = "expertd-store"
 STORE_FORMAT_VERSION = 1
@@ -34,22 +35,6 @@ CODEC_NONE = "none"
 CODEC_LZ4_PLANES = "lz4-planes"
 CODECS = (CODEC_NONE, CODEC_LZ4_PLANES)
 PLANE_COUNT = 2  # lz4-planes splits 16-bit words into low and high byte planes
-
-# Element sizes of the dtypes a blob may hold (torch names).
-DTYPE_BYTES = {
-    "bfloat16": 2,
-    "float16": 2,
-    "float32": 4,
-    "float64": 8,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "int8": 1,
-    "uint8": 1,
-    "int16": 2,
-    "int32": 4,
-    "int64": 8,
-    "bool": 1,
-}
 
 
 class StoreError(Exception):
@@ -80,28 +65,6 @@ class CorruptExpertError(StoreError):
 
 def round_up(n: int, align: int) -> int:
     return -(-n // align) * align
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor inside an expert blob: name, dtype (torch name), shape, byte offset."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "offset": self.offset,
-        }
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ class Recorder:
             num_layers=len(self.layers),
             num_experts=self.num_experts,
             top_k=self.top_k,
-            source="expertd.client.record",
+            source="expertd.traces.record",
             requests=[r.name for r in requests],
             extra={
                 "model_type": self.model_type,

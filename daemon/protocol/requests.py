@@ -1,16 +1,8 @@
-"""The whole wire protocol between expertd and its clients, in one module.
-
-Transport: a client DEALER socket talks to the daemon's ROUTER socket; each
-message is one frame, a msgpack map (never pickle). Requests carry ``op`` and a
-client-chosen ``id``; replies carry the same ``id`` and either ``ok`` (a map) or
-``error`` (``{code, message}``). Expert weights never travel: replies name slots
-of shared memory the client has mapped.
+"""Requests: their shapes, and the daemon's validating decoder.
 
 Every request is untrusted: `decode_request` bounds the frame size, every
 container length and every integer, rejects unknown ops and unknown fields, and
-raises `ProtocolError` naming what is wrong. Error codes map back to a fixed list
-of exception classes (`error_class`), so a client raises the same error the
-daemon meant.
+raises `ProtocolError` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -19,17 +11,18 @@ import dataclasses
 from enum import StrEnum
 from typing import Any, ClassVar
 
-import msgpack
-
-PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this
-MAX_EXPERTS_PER_MESSAGE = 1024
-MAX_RELEASES_PER_ACQUIRE = 64
-MAX_NAME_CHARS = 128
-MAX_PATH_CHARS = 4096  # load_state: a file on the daemon's machine
-MAX_REQUEST_ID = 2**63 - 1
-MAX_INDEX = 2**31 - 1
-MAX_REPLY_BYTES = 64 * 1024 * 1024  # replies come from the daemon; bounded all the same
+from expertd.daemon.protocol.errors import ProtocolError
+from expertd.daemon.protocol.wire import (
+    MAX_EXPERTS_PER_MESSAGE,
+    MAX_INDEX,
+    MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
+    MAX_RELEASES_PER_ACQUIRE,
+    MAX_REQUEST_ID,
+    is_int,
+    pack,
+    unpack,
+)
 
 
 class Op(StrEnum):
@@ -43,103 +36,6 @@ class Op(StrEnum):
     END = "end"
     SHUTDOWN = "shutdown"
     LOAD_STATE = "load_state"
-
-
-# --- errors: one code per class, shared by the daemon and the client -------------------------
-
-
-class ExpertdError(Exception):
-    """Base of every error expertd reports to a client."""
-
-    code: str = "internal"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class DaemonUnavailable(ExpertdError):
-    """The daemon did not answer in time, or is not running at that address."""
-
-    code = "unavailable"
-
-
-class ProtocolError(ExpertdError):
-    """A message broke the protocol (shape, types, bounds, version, unknown op)."""
-
-    code = "bad_request"
-
-
-class SessionError(ExpertdError):
-    """The daemon does not know this client (it restarted): say hello again."""
-
-    code = "no_session"
-
-
-class RangeError(ExpertdError):
-    """A layer or expert id outside the model."""
-
-    code = "out_of_range"
-
-
-class CapacityError(ExpertdError):
-    """The request cannot fit: tier off, too many experts, too many pending acquires."""
-
-    code = "capacity"
-
-
-class LeaseError(ExpertdError):
-    """A lease this client does not hold."""
-
-    code = "unknown_lease"
-
-
-class ExpertLoadError(ExpertdError):
-    """An expert could not be loaded (I/O error, or its checksum did not match)."""
-
-    code = "load_failed"
-
-
-class PermissionDenied(ExpertdError):
-    """This client may not do that (an admin operation)."""
-
-    code = "forbidden"
-
-
-class UntrustedSocket(ExpertdError):
-    """The ipc:// socket could have been put there by another local user: nothing was sent to it."""
-
-    code = "untrusted_socket"
-
-
-class ShuttingDown(ExpertdError):
-    """The daemon is stopping and takes no new work."""
-
-    code = "shutting_down"
-
-
-_ERROR_CLASSES: dict[str, type[ExpertdError]] = {
-    "bad_request": ProtocolError,
-    "unsupported_version": ProtocolError,
-    "no_session": SessionError,
-    "out_of_range": RangeError,
-    "tier_off": CapacityError,
-    "too_many_experts": CapacityError,
-    "too_many_pending": CapacityError,
-    "too_many_clients": CapacityError,
-    "capacity": CapacityError,
-    "unknown_lease": LeaseError,
-    "load_failed": ExpertLoadError,
-    "forbidden": PermissionDenied,
-    "shutting_down": ShuttingDown,
-    "unavailable": DaemonUnavailable,
-}
-
-
-def error_class(code: str) -> type[ExpertdError]:
-    """The exception class a client raises for an error reply with ``code``."""
-    return _ERROR_CLASSES.get(code, ExpertdError)
 
 
 # --- request shapes --------------------------------------------------------------------------
@@ -169,7 +65,7 @@ class Acquire:
     experts: list[int]
     tier: str
     release: list[int] = dataclasses.field(default_factory=list)
-    request: int | None = None  # which of the client's generations (predictors keep history per request)
+    generation: int | None = None  # which of the client's generations (predictors keep history per one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,15 +84,15 @@ class Hint:
     layer: int
     experts: list[int]
     scores: list[float] | None = None
-    request: int | None = None
+    generation: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class End:
-    """The client's generation ``request`` is over: the daemon drops its routing history. No reply."""
+    """The client's ``generation`` is over: the daemon drops its routing history. No reply."""
 
     op: ClassVar[Op] = Op.END
-    request: int
+    generation: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,52 +142,17 @@ NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT, Op.END})
 # --- encoding ----------------------------------------------------------------------------------
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} is not allowed")
-
-
 def encode_request(request_id: int, request: Request) -> bytes:
     """One request frame."""
     body = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
     body = {k: v for k, v in body.items() if v is not None}
-    return msgpack.packb({"op": request.op.value, "id": request_id, **body}, use_bin_type=True)
-
-
-def encode_reply(request_id: int, ok: dict[str, Any]) -> bytes:
-    return msgpack.packb({"id": request_id, "ok": ok}, use_bin_type=True)
-
-
-def encode_error(request_id: int, code: str, message: str) -> bytes:
-    return msgpack.packb({"id": request_id, "error": {"code": code, "message": message}}, use_bin_type=True)
-
-
-def _unpack(frame: bytes, what: str, limit: int = MAX_MESSAGE_BYTES) -> Any:
-    if len(frame) > limit:
-        raise ProtocolError(f"{what} of {len(frame)} bytes exceeds the {limit}-byte limit")
-    request = limit == MAX_MESSAGE_BYTES
-    try:
-        return msgpack.unpackb(
-            frame,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=MAX_EXPERTS_PER_MESSAGE if request else limit,
-            max_map_len=64 if request else limit,
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except Exception as exc:  # msgpack raises many types for garbage; all mean the same
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise ProtocolError(f"{what} is not valid msgpack ({detail})") from None
+    return pack({"op": request.op.value, "id": request_id, **body})
 
 
 def request_id_of(frame: bytes) -> int:
     """Best effort: the ``id`` of a frame that failed to decode (0 if there is none)."""
     try:
-        message = _unpack(frame, "request")
+        message = unpack(frame, "request")
     except ProtocolError:
         return 0
     if isinstance(message, dict):
@@ -303,7 +164,7 @@ def request_id_of(frame: bytes) -> int:
 
 def decode_request(frame: bytes) -> tuple[int, Request]:
     """Validate one request frame: ``(id, request)``, or `ProtocolError` naming the problem."""
-    message = _unpack(frame, "request")
+    message = unpack(frame, "request")
     if type(message) is not dict:
         raise ProtocolError(f"request must be a map, got {type(message).__name__}")
     op = message.get("op")
@@ -327,28 +188,7 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
     return request_id, cls(**values)
 
 
-def decode_reply(frame: bytes) -> tuple[int, dict[str, Any] | ExpertdError]:
-    """A reply frame: ``(id, ok-map)`` or ``(id, the error as an exception)``."""
-    message = _unpack(frame, "reply", MAX_REPLY_BYTES)
-    if not isinstance(message, dict) or not _is_int(message.get("id")):
-        raise ProtocolError("reply must be a map with an integer id")
-    if "error" in message:
-        error = message["error"]
-        if not isinstance(error, dict):
-            raise ProtocolError("reply error must be a map")
-        code, text = str(error.get("code", "internal")), str(error.get("message", ""))
-        return message["id"], error_class(code)(text, code)
-    ok = message.get("ok")
-    if not isinstance(ok, dict):
-        raise ProtocolError("reply needs an ok map or an error")
-    return message["id"], ok
-
-
 # --- field checks ----------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _required(field: dataclasses.Field) -> bool:
@@ -356,13 +196,13 @@ def _required(field: dataclasses.Field) -> bool:
 
 
 def _index(op: str, name: str, value: object) -> int:
-    if not _is_int(value) or not 0 <= value <= MAX_INDEX:  # type: ignore[operator]
+    if not is_int(value) or not 0 <= value <= MAX_INDEX:  # type: ignore[operator]
         raise ProtocolError(f"{op}: {name} must be an integer in [0, {MAX_INDEX}], got {value!r:.40}")
     return value  # type: ignore[return-value]
 
 
 def _lease(op: str, name: str, value: object) -> int:
-    if not _is_int(value) or not 0 <= value <= MAX_REQUEST_ID:  # type: ignore[operator]
+    if not is_int(value) or not 0 <= value <= MAX_REQUEST_ID:  # type: ignore[operator]
         raise ProtocolError(f"{op}: {name} must be a lease id, got {value!r:.40}")
     return value  # type: ignore[return-value]
 
@@ -433,9 +273,9 @@ _CHECKS = {
     ("acquire", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
     ("acquire", "tier"): _name,
     ("acquire", "release"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
-    ("acquire", "request"): _optional(_lease),
-    ("hint", "request"): _optional(_lease),
-    ("end", "request"): _lease,
+    ("acquire", "generation"): _optional(_lease),
+    ("hint", "generation"): _optional(_lease),
+    ("end", "generation"): _lease,
     ("release", "leases"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
     ("hint", "layer"): _index,
     ("hint", "experts"): _index_list(MAX_EXPERTS_PER_MESSAGE),
@@ -454,7 +294,7 @@ def _shape(cls: Any) -> tuple[type, frozenset[str], tuple, frozenset[str]]:
 
 # op -> (class, field names, (name, check) pairs, required names): decoding does no reflection.
 _SHAPES = {op: _shape(cls) for op, cls in REQUEST_TYPES.items()}
-_ACQUIRE_KEYS = frozenset({"op", "id", "layer", "experts", "tier", "release", "request"})
+_ACQUIRE_KEYS = frozenset({"op", "id", "layer", "experts", "tier", "release", "generation"})
 
 
 def _ids_ok(values: object, limit: int, high: int) -> bool:
@@ -470,7 +310,7 @@ def _acquire_fast(message: dict) -> Acquire | None:
     """The hot path: a well-formed acquire, checked in a few C loops; None: take the slow path."""
     layer, experts, tier = message.get("layer"), message.get("experts"), message.get("tier")
     release = message.get("release", [])
-    request = message.get("request")
+    generation = message.get("generation")
     if (
         message.keys() <= _ACQUIRE_KEYS
         and type(layer) is int
@@ -480,7 +320,7 @@ def _acquire_fast(message: dict) -> Acquire | None:
         and 0 < len(tier) <= MAX_NAME_CHARS
         and tier.isprintable()
         and _ids_ok(release, MAX_RELEASES_PER_ACQUIRE, MAX_REQUEST_ID)
-        and (request is None or (type(request) is int and 0 <= request <= MAX_REQUEST_ID))
+        and (generation is None or (type(generation) is int and 0 <= generation <= MAX_REQUEST_ID))
     ):
-        return Acquire(layer, experts, tier, release, request)  # type: ignore[arg-type]  # checked above
+        return Acquire(layer, experts, tier, release, generation)  # type: ignore[arg-type]  # checked above
     return None

@@ -75,8 +75,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from expertd.daemon.cli.replay_cli import resolve_trace
     from expertd.traces.format import read_trace
-    from expertd.traces.replay_cli import resolve_trace
     from expertd.traces.stats import format_stats, trace_stats
 
     try:

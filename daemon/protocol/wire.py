@@ -1,0 +1,56 @@
+"""Framing shared by requests and replies: protocol version, bounds, bounded msgpack decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from expertd.daemon.protocol.errors import ProtocolError
+
+#: 2: typed replies (stats under ``stats``, pong/done shapes), ``generation`` instead of ``request``.
+PROTOCOL_VERSION = 2
+MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this
+MAX_EXPERTS_PER_MESSAGE = 1024
+MAX_RELEASES_PER_ACQUIRE = 64
+MAX_NAME_CHARS = 128
+MAX_PATH_CHARS = 4096  # load_state: a file on the daemon's machine
+MAX_REQUEST_ID = 2**63 - 1
+MAX_INDEX = 2**31 - 1
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # replies come from the daemon; bounded all the same
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes, what: str, limit: int = MAX_MESSAGE_BYTES) -> Any:
+    """One msgpack frame, every length bounded; `ProtocolError` for anything else."""
+    if len(frame) > limit:
+        raise ProtocolError(f"{what} of {len(frame)} bytes exceeds the {limit}-byte limit")
+    request = limit == MAX_MESSAGE_BYTES
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=MAX_EXPERTS_PER_MESSAGE if request else limit,
+            max_map_len=64 if request else limit,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types for garbage; all mean the same
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ProtocolError(f"{what} is not valid msgpack ({detail})") from None
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
