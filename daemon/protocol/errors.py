@@ -113,6 +113,7 @@ _ERROR_CLASSES: dict[str, type[ExpertdError]] = {
     ErrorCode.FORBIDDEN: PermissionDenied,
     ErrorCode.SHUTTING_DOWN: ShuttingDown,
     ErrorCode.UNAVAILABLE: DaemonUnavailable,
+    ErrorCode.UNTRUSTED_SOCKET: UntrustedSocket,
 }
 assert _ERROR_CLASSES.keys() == set(ErrorCode), "every code maps to a class"
 
