@@ -1,7 +1,9 @@
 """The daemon's one socket, bound with its access control in place from the first moment.
 
 A ZeroMQ ROUTER carries client requests and, over inproc, the transfer engine's
-completions. ``ipc://``: the socket file is owner-only (0600), or owner and one group
+completions. ``ipc://``: the socket's directory is the daemon's own (made 0700/0750 here;
+one another user made or may write is refused, daemon/service/local_trust.py), the socket
+file is owner-only (0600), or owner and one group
 (0660) with ``[auth] socket_group``, which may then also map the shared-memory slabs
 (0640); ``[auth] ipc_admin = "token"`` writes an admin token beside the socket. A socket
 file left by a daemon that died is replaced; one that still answers is refused.
