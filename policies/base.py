@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections import OrderedDict
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -83,18 +84,46 @@ def key_index(key: object, num_keys: int) -> int:
     return value if 0 <= value < num_keys else -1
 
 
-def in_table(key: object, table: list[bool]) -> bool:
-    """``table[key]`` for a key in range; False for anything else."""
-    index = key_index(key, len(table))
-    return index >= 0 and table[index]
-
-
 def first_unpinned(keys: Iterable[Key], pinned: Container[Key], policy: str, size: int) -> Key:
     """The first key of ``keys`` not in ``pinned``; NoVictimError if there is none."""
     for key in keys:
         if key not in pinned:
             return key
     raise NoVictimError(f"{policy}: all {size} resident keys are pinned")
+
+
+class FastPath(NamedTuple):
+    """What `EvictionPolicy.replay` may call instead of a policy's Python hooks.
+
+    Each, when given, must do exactly what the hook it stands for does in a plain replay
+    (no pins); a builtin method (a dict's, a set's) then costs no Python frame.
+    """
+
+    #: ``key in members`` iff ``key in policy``.
+    members: Container[Key]
+    #: ``touch(key)`` is ``on_hit(key, t)``, for a policy whose hits ignore the time.
+    touch: Callable[[Key], object] | None = None
+    #: The policy is this one queue, oldest first: ``on_insert(key, t)`` is
+    #: ``queue[key] = t``, and the unpinned victim, removed, is ``queue.popitem(False)``.
+    queue: OrderedDict[Key, int] | None = None
+
+
+def _runs(
+    length: int, steps: Iterable[tuple[int, int, int]]
+) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+    """Split ``range(length)`` at each step's start: ``(start, stop, (forward, layer) or None)``.
+
+    A step that starts past the last access never begins, as in `access` called key by key.
+    """
+    start, pending = 0, None
+    for t_start, forward, layer in steps:
+        if t_start >= length:
+            break
+        t_start = max(start, t_start)
+        if t_start > start or pending is not None:
+            yield start, t_start, pending
+        start, pending = t_start, (forward, layer)
+    yield start, length, pending
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +153,10 @@ def parse_params(params_cls: type, params: Mapping[str, Any] | Any | None, polic
 class EvictionPolicy(ABC):
     """Orders the keys resident in one tier of `capacity` slots.
 
-    Subclasses implement `__len__`, `__contains__`, `on_hit`, `on_insert`,
-    `victim` and `on_remove`; `access` and `replay` (plain single-object cache
-    semantics, as libCacheSim's) come from here.
+    Subclasses implement `__len__`, `__contains__`, `on_insert`, `victim` and
+    `on_remove`, and `on_hit` unless hits leave the order alone; `access` and `replay`
+    (plain single-object cache semantics, as libCacheSim's) come from here, written
+    once for every policy.
     """
 
     name: ClassVar[str] = "?"
@@ -174,9 +204,8 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def __contains__(self, key: object) -> bool: ...
 
-    @abstractmethod
-    def on_hit(self, key: Key, t: int) -> None:
-        """A resident key was accessed."""
+    def on_hit(self, key: Key, t: int) -> None:  # noqa: B027 - optional hook
+        """A resident key was accessed (by default the order does not change, as in FIFO)."""
 
     @abstractmethod
     def on_insert(self, key: Key, t: int) -> None:
@@ -209,23 +238,164 @@ class EvictionPolicy(ABC):
         return False
 
     def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        """Run `access` over ``keys`` (t = index); return the number of hits.
+        """Run `access` over ``keys`` (t = index) with no pins; return the number of hits.
 
-        ``steps`` lists ``(t_start, forward, layer)`` in increasing ``t_start``:
-        `on_step` is called before the access at ``t_start``. Subclasses may
-        override with a faster loop that must count exactly the same hits.
+        ``steps`` lists ``(t_start, forward, layer)`` in increasing ``t_start``: `on_step`
+        is called before the access at ``t_start`` (if the policy overrides it).
+
+        This is `access` unrolled once for every policy: the hooks are bound to locals,
+        the optional ones skipped when the policy does not override them, the cache size
+        counted here, and the steps split the sequence into runs so that the inner loop
+        checks none. What `fast_path` makes a builtin call costs no Python frame.
         """
-        hits = 0
-        step_iter = iter(steps)
-        next_step = next(step_iter, None)
-        access = self.access
-        for t, key in enumerate(keys.tolist() if hasattr(keys, "tolist") else keys):
-            while next_step is not None and next_step[0] <= t:
-                self.on_step(next_step[1], next_step[2])
-                next_step = next(step_iter, None)
-            if access(key, t):
-                hits += 1
-        return hits
+        seq = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+        fast, cls = self.fast_path(), type(self)
+        members, touch, queue = fast.members, fast.touch, fast.queue
+        on_hit = self.on_hit if touch is None and cls.on_hit is not EvictionPolicy.on_hit else None
+        on_miss = self.on_miss if cls.on_miss is not EvictionPolicy.on_miss else None
+        full = self.needs_eviction if cls.needs_eviction is not EvictionPolicy.needs_eviction else None
+        victim, on_remove, on_insert = self.victim, self.on_remove, self.on_insert
+        pop_oldest = queue.popitem if queue is not None else None
+        stepping = cls.on_step is not EvictionPolicy.on_step
+        size, capacity = len(self), self.capacity
+        misses = 0
+        for start, stop, step in _runs(len(seq), steps if stepping else ()):
+            if step is not None:
+                self.on_step(*step)
+            for t in range(start, stop):
+                key = seq[t]
+                if key in members:
+                    if touch is not None:
+                        touch(key)
+                    elif on_hit is not None:
+                        on_hit(key, t)
+                    continue
+                misses += 1
+                if on_miss is not None:
+                    on_miss(key, t)
+                if full is not None:
+                    if full(key):
+                        on_remove(victim(t, NO_PINS, key))
+                elif size < capacity:
+                    size += 1
+                elif pop_oldest is not None:
+                    pop_oldest(False)  # the queue's oldest key: victim and on_remove in one
+                else:
+                    on_remove(victim(t, NO_PINS, key))
+                if queue is not None:
+                    queue[key] = t
+                else:
+                    on_insert(key, t)
+        return len(seq) - misses
+
+    def fast_path(self) -> FastPath:
+        """Builtin stand-ins for this policy's hooks in `replay` (default: none)."""
+        return FastPath(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(capacity={self.capacity}, size={len(self)})"
+
+
+class QueuePolicy(EvictionPolicy):
+    """A policy whose order is one queue, oldest first: the victim is the oldest unpinned key.
+
+    On its own it is FIFO (hits change nothing); LRU moves a hit key to the back.
+    """
+
+    def __init__(
+        self, capacity: int, geometry: Geometry, params: Mapping[str, Any] | Any | None = None
+    ) -> None:
+        super().__init__(capacity, geometry, params)
+        self._order: OrderedDict[Key, int] = OrderedDict()  # key -> when it became resident
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def on_insert(self, key: Key, t: int) -> None:
+        self._order[key] = t
+
+    def victim(self, t: int, pinned: Container[Key] = NO_PINS, incoming: Key | None = None) -> Key:
+        return first_unpinned(self._order, pinned, self.name, len(self._order))
+
+    def on_remove(self, key: Key) -> None:
+        del self._order[key]
+
+    def fast_path(self) -> FastPath:
+        return FastPath(self._order, queue=self._order)
+
+
+class TrackedPolicy(EvictionPolicy):
+    """A policy whose order is not one container: the base keeps which keys are resident.
+
+    ``_resident`` (a set: `replay`'s hit test) and ``_layer_size`` (resident keys per
+    layer) change only through `_admit` and `_evict`, which the subclass's `on_insert`
+    and `on_remove` call.
+    """
+
+    def __init__(
+        self, capacity: int, geometry: Geometry, params: Mapping[str, Any] | Any | None = None
+    ) -> None:
+        super().__init__(capacity, geometry, params)
+        self._resident: set[Key] = set()
+        self._layer_size = [0] * geometry.num_layers
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def __contains__(self, key: object) -> bool:
+        return key_index(key, self.geometry.num_keys) in self._resident
+
+    def _admit(self, key: Key) -> int:
+        """``key`` becomes resident; returns its layer."""
+        layer = key // self.geometry.num_experts
+        self._resident.add(key)
+        self._layer_size[layer] += 1
+        return layer
+
+    def _evict(self, key: Key) -> int:
+        """``key`` leaves; returns its layer."""
+        layer = key // self.geometry.num_experts
+        self._resident.remove(key)
+        self._layer_size[layer] -= 1
+        return layer
+
+    def fast_path(self) -> FastPath:
+        return FastPath(self._resident)
+
+
+class LayeredPolicy(TrackedPolicy):
+    """A tracked policy that orders each layer's resident keys by last touch, with a stamp.
+
+    ``_layers[layer]`` maps each resident key of the layer to the stamp of its last
+    touch (an access time, a forward pass: the subclass's choice), least recent first.
+    """
+
+    def __init__(
+        self, capacity: int, geometry: Geometry, params: Mapping[str, Any] | Any | None = None
+    ) -> None:
+        super().__init__(capacity, geometry, params)
+        self._layers: list[OrderedDict[Key, int]] = [OrderedDict() for _ in range(geometry.num_layers)]
+
+    def _admit_at(self, key: Key, stamp: int) -> int:
+        """``key`` becomes resident, touched at ``stamp``; returns its layer."""
+        layer = self._admit(key)
+        self._layers[layer][key] = stamp
+        return layer
+
+    def _touch(self, key: Key, stamp: int) -> int | None:
+        """A resident ``key`` is touched at ``stamp``: it becomes its layer's most recent.
+
+        Returns the stamp of its previous touch.
+        """
+        order = self._layers[key // self.geometry.num_experts]
+        previous = order.get(key)
+        order[key] = stamp
+        order.move_to_end(key)
+        return previous
+
+    def _evict_stamped(self, key: Key) -> int:
+        """``key`` leaves; returns the stamp of its last touch."""
+        return self._layers[self._evict(key)].pop(key)

@@ -15,7 +15,7 @@ from collections.abc import Container, Iterable, Sequence
 
 import numpy as np
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError, PolicyError
+from expertd.policies.base import NO_PINS, EvictionPolicy, FastPath, Key, NoVictimError, PolicyError
 from expertd.policies.registry import register
 
 
@@ -28,8 +28,8 @@ class Belady(EvictionPolicy):
     def __init__(self, capacity, geometry, params=None) -> None:
         super().__init__(capacity, geometry, params)
         self._nk = geometry.num_keys
-        self._keys: np.ndarray | None = None
-        self._next: np.ndarray | None = None  # next position of the key at t, or `_never`
+        self._keys: list[Key] | None = None
+        self._next: list[int] | None = None  # next position of the key at t, or `_never`
         self._positions: dict[Key, np.ndarray] = {}
         self._never = 0
         self._entry: dict[Key, int] = {}  # resident key -> next_use * num_keys + key
@@ -55,20 +55,20 @@ class Belady(EvictionPolicy):
         bounds = np.flatnonzero(~same) + 1
         firsts = grouped[np.concatenate(([0], bounds))] if n else grouped
         self._positions = dict(zip(firsts.tolist(), np.split(order, bounds), strict=True))
-        self._keys, self._next, self._never = keys, nxt, n
+        self._keys, self._next, self._never = keys.tolist(), nxt.tolist(), n
 
     def next_use(self, key: Key, t: int) -> int:
         """The first position after ``t`` where ``key`` is used (len(future) if none)."""
         keys, nxt = self._require_future()
         if t < len(keys) and keys[t] == key:
-            return int(nxt[t])
+            return nxt[t]
         positions = self._positions.get(key)
         if positions is None:
             return self._never
         i = int(np.searchsorted(positions, t, side="right"))
         return int(positions[i]) if i < len(positions) else self._never
 
-    def _require_future(self) -> tuple[np.ndarray, np.ndarray]:
+    def _require_future(self) -> tuple[list[Key], list[int]]:
         if self._keys is None or self._next is None:
             raise PolicyError("belady: offline policy needs prepare(future) before use")
         return self._keys, self._next
@@ -114,28 +114,12 @@ class Belady(EvictionPolicy):
         del self._entry[key]
 
     def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.access with no pins, in one loop.
         if self._keys is None:
             self.prepare(keys)
-        future, nxt = self._require_future()
-        if len(keys) != len(future):
-            raise PolicyError(f"belady: replay of {len(keys)} accesses, but prepared with {len(future)}")
-        heap, entries, nk, capacity = self._heap, self._entry, self._nk, self.capacity
-        push, pop = heapq.heappush, heapq.heappop
-        hits = 0
-        for key, next_use in zip(future.tolist(), nxt.tolist(), strict=True):
-            entry = next_use * nk + key
-            if key in entries:
-                hits += 1
-            elif len(entries) >= capacity:
-                while True:
-                    old = -pop(heap)
-                    if entries.get(old % nk) == old:
-                        break
-                del entries[old % nk]
-            entries[key] = entry
-            push(heap, -entry)
-            if len(heap) > 4 * capacity + 4096:
-                heap[:] = [-e for e in entries.values()]
-                heapq.heapify(heap)
-        return hits
+        prepared = len(self._require_future()[0])
+        if len(keys) != prepared:
+            raise PolicyError(f"belady: replay of {len(keys)} accesses, but prepared with {prepared}")
+        return super().replay(keys, steps)
+
+    def fast_path(self) -> FastPath:
+        return FastPath(self._entry)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError, in_table
+from expertd.policies.base import NO_PINS, Key, NoVictimError, TrackedPolicy
 from expertd.policies.registry import register
 from expertd.policies.steps import StepClock
 
@@ -41,7 +41,7 @@ class LayerDistanceParams:
 
 
 @register("layer-distance")
-class LayerDistance(EvictionPolicy):
+class LayerDistance(TrackedPolicy):
     """Largest ``d + L * (1/p - 1)`` first, with per-layer frequency heaps."""
 
     Params = LayerDistanceParams
@@ -56,8 +56,6 @@ class LayerDistance(EvictionPolicy):
         self._q = [0.0] * n
         self._scale = [1.0] * layers
         self._last = [-1] * n  # last access time
-        self._resident = [False] * n
-        self._count = [0] * layers  # resident keys per layer
         # Per layer: a heap of (q, last, key), at most one entry per key (`_queued`). A hit
         # only raises q and last, so an entry may understate its key: it is refreshed when
         # it reaches the top, and the least entry is still the least key.
@@ -67,13 +65,6 @@ class LayerDistance(EvictionPolicy):
         self._distance = [[(j - c) % layers or layers for j in range(layers)] for c in range(layers)]
         # Per layer: its least heap entry while known to be current, else None.
         self._best: list[tuple[float, int, Key] | None] = [None] * layers
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __contains__(self, key: object) -> bool:
-        return in_table(key, self._resident)
 
     def frequency(self, key: Key) -> float:
         """The decayed reuse frequency ``p`` of ``key`` now."""
@@ -90,10 +81,7 @@ class LayerDistance(EvictionPolicy):
         self._selected(key, t)
 
     def on_insert(self, key: Key, t: int) -> None:
-        layer = key // self.geometry.num_experts
-        self._resident[key] = True
-        self._count[layer] += 1
-        self._size += 1
+        layer = self._admit(key)
         if self._last[key] < 0:
             self._last[key] = t
         if not self._queued[key]:
@@ -131,8 +119,8 @@ class LayerDistance(EvictionPolicy):
         q, last, resident, queued = self._q, self._last, self._resident, self._queued
         heap = []
         for key in range(layer * num_experts, (layer + 1) * num_experts):
-            queued[key] = resident[key]
-            if resident[key]:
+            queued[key] = key in resident
+            if key in resident:
                 heap.append((q[key], last[key], key))
         heapq.heapify(heap)
         self._heaps[layer] = heap
@@ -149,7 +137,7 @@ class LayerDistance(EvictionPolicy):
         while heap:
             entry = heap[0]
             key = entry[2]
-            if not resident[key]:
+            if key not in resident:
                 heapq.heappop(heap)
                 self._queued[key] = False
             elif entry[0] != q[key] or entry[1] != last[key]:
@@ -168,7 +156,7 @@ class LayerDistance(EvictionPolicy):
         layers = self.geometry.num_layers
         current = clock.layer if clock.layer >= 0 else layers - 1
         in_step = clock.in_step if not clock.step_done() else ()
-        count, scale, cached, distance = self._count, self._scale, self._best, self._distance[current]
+        count, scale, cached, distance = self._layer_size, self._scale, self._best, self._distance[current]
         # Maximise (eta, d, -last); eta = d + L/p is the wait estimate plus the constant L.
         best_eta, best_d, best_last, choice = -1.0, -1, 0, -1
         for layer in range(layers):
@@ -195,7 +183,7 @@ class LayerDistance(EvictionPolicy):
             if eta > best_eta or (eta == best_eta and (d > best_d or (d == best_d and last < best_last))):
                 best_eta, best_d, best_last, choice = eta, d, last, key
         if choice < 0:
-            raise NoVictimError(f"layer-distance: all {self._size} resident keys are pinned")
+            raise NoVictimError(f"layer-distance: all {len(self._resident)} resident keys are pinned")
         return choice
 
     def _current_layer_candidate(
@@ -211,7 +199,7 @@ class LayerDistance(EvictionPolicy):
         entry = self._least(layer, pinned, in_step)
         if entry is not None:
             options.append((entry, 0))
-        used = [(q[k], last[k], k) for k in in_step if resident[k] and k not in pinned]  # type: ignore[attr-defined]
+        used = [(q[k], last[k], k) for k in in_step if k in resident and k not in pinned]  # type: ignore[attr-defined]
         if used:
             options.append((min(used), layers))
         best = None
@@ -223,38 +211,7 @@ class LayerDistance(EvictionPolicy):
         return best
 
     def on_remove(self, key: Key) -> None:
-        layer = key // self.geometry.num_experts
-        self._resident[key] = False
-        self._count[layer] -= 1
-        self._size -= 1
+        layer = self._evict(key)
         best = self._best[layer]
         if best is not None and best[2] == key:
             self._best[layer] = None
-
-    def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.replay with no pins; the hit path is inlined.
-        clock, num_experts, capacity = self.clock, self.geometry.num_experts, self.capacity
-        q, last, resident, scale, cached = self._q, self._last, self._resident, self._scale, self._best
-        alpha = self._alpha
-        step_iter = iter(steps)
-        next_step = next(step_iter, None)
-        hits = 0
-        for t, key in enumerate(keys.tolist() if hasattr(keys, "tolist") else keys):
-            while next_step is not None and next_step[0] <= t:
-                self.on_step(next_step[1], next_step[2])
-                next_step = next(step_iter, None)
-            if clock.observe(key):
-                self._layer_computed(clock.layer)
-            layer = key // num_experts
-            q[key] += alpha / scale[layer]
-            last[key] = t
-            best = cached[layer]
-            if best is not None and best[2] == key:
-                cached[layer] = None
-            if resident[key]:
-                hits += 1
-                continue
-            if self._size >= capacity:
-                self.on_remove(self.victim(t, NO_PINS, key))
-            self.on_insert(key, t)
-        return hits

@@ -8,9 +8,9 @@ the one that reached that frequency first is evicted (FIFO within a frequency).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError
+from expertd.policies.base import NO_PINS, EvictionPolicy, FastPath, Key, NoVictimError
 from expertd.policies.registry import register
 
 
@@ -75,41 +75,5 @@ class LFU(EvictionPolicy):
         if not bucket:
             del self._buckets[freq]
 
-    def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.access in one loop (LFU ignores steps).
-        freqs = self._freq
-        buckets = self._buckets
-        capacity = self.capacity
-        hits = 0
-        min_freq = self._min
-        for key in keys.tolist() if hasattr(keys, "tolist") else keys:
-            freq = freqs.get(key)
-            if freq is not None:
-                hits += 1
-                bucket = buckets[freq]
-                del bucket[key]
-                if not bucket:
-                    del buckets[freq]
-                freq += 1
-                freqs[key] = freq
-                higher = buckets.get(freq)
-                if higher is None:
-                    higher = buckets[freq] = OrderedDict()
-                higher[key] = None
-                continue
-            if len(freqs) >= capacity:
-                while min_freq not in buckets:
-                    min_freq += 1
-                bucket = buckets[min_freq]
-                evicted, _ = bucket.popitem(last=False)
-                del freqs[evicted]
-                if not bucket:
-                    del buckets[min_freq]
-            freqs[key] = 1
-            ones = buckets.get(1)
-            if ones is None:
-                ones = buckets[1] = OrderedDict()
-            ones[key] = None
-            min_freq = 1
-        self._min = min_freq
-        return hits
+    def fast_path(self) -> FastPath:
+        return FastPath(self._freq)

@@ -13,16 +13,15 @@ is oldest).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError, PolicyError, key_index
+from expertd.policies.base import NO_PINS, Key, LayeredPolicy, NoVictimError, PolicyError
 from expertd.policies.registry import register
 
 
 @register("lru-per-layer")
-class LRUPerLayer(EvictionPolicy):
-    """One LRU of ``quota[layer]`` slots per layer; values are the last access time."""
+class LRUPerLayer(LayeredPolicy):
+    """One LRU of ``quota[layer]`` slots per layer; stamps are the last access time."""
 
     def __init__(self, capacity, geometry, params=None) -> None:
         super().__init__(capacity, geometry, params)
@@ -33,38 +32,26 @@ class LRUPerLayer(EvictionPolicy):
             )
         share, extra = divmod(capacity, layers)
         self.quota = [share + (1 if layer < extra else 0) for layer in range(layers)]
-        self._layers: list[OrderedDict[Key, int]] = [OrderedDict() for _ in range(layers)]
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __contains__(self, key: object) -> bool:
-        index = key_index(key, self.geometry.num_keys)
-        return index >= 0 and index in self._layers[index // self.geometry.num_experts]
 
     def on_hit(self, key: Key, t: int) -> None:
-        order = self._layers[key // self.geometry.num_experts]
-        order[key] = t
-        order.move_to_end(key)
+        self._touch(key, t)
 
     def on_insert(self, key: Key, t: int) -> None:
-        self._layers[key // self.geometry.num_experts][key] = t
-        self._size += 1
+        self._admit_at(key, t)
 
     def needs_eviction(self, incoming: Key) -> bool:
         layer = incoming // self.geometry.num_experts
-        return len(self._layers[layer]) >= self.quota[layer] or self._size >= self.capacity
+        return self._layer_size[layer] >= self.quota[layer] or len(self._resident) >= self.capacity
 
     def victim(self, t: int, pinned: Container[Key] = NO_PINS, incoming: Key | None = None) -> Key:
         if incoming is not None:
             layer = incoming // self.geometry.num_experts
-            if len(self._layers[layer]) >= self.quota[layer]:
+            if self._layer_size[layer] >= self.quota[layer]:
                 for key in self._layers[layer]:
                     if key not in pinned:
                         return key
                 raise NoVictimError(
-                    f"lru-per-layer: all {len(self._layers[layer])} keys of layer {layer} are pinned"
+                    f"lru-per-layer: all {self._layer_size[layer]} keys of layer {layer} are pinned"
                 )
         best: tuple[int, int, Key] | None = None  # (-(over quota), last access, key)
         for layer, order in enumerate(self._layers):
@@ -78,30 +65,9 @@ class LRUPerLayer(EvictionPolicy):
                     break
         if best is None:
             raise NoVictimError(
-                f"lru-per-layer: all keys of the full layers ({self._size} resident) are pinned"
+                f"lru-per-layer: all keys of the full layers ({len(self._resident)} resident) are pinned"
             )
         return best[2]
 
     def on_remove(self, key: Key) -> None:
-        del self._layers[key // self.geometry.num_experts][key]
-        self._size -= 1
-
-    def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.access with no pins, in one loop, while no layer
-        # is over its share (only inserts that skipped needs_eviction put one there).
-        layers, quota, num_experts = self._layers, self.quota, self.geometry.num_experts
-        hits = 0
-        for t, key in enumerate(keys.tolist() if hasattr(keys, "tolist") else keys):
-            layer = key // num_experts
-            order = layers[layer]
-            if key in order:
-                order[key] = t
-                order.move_to_end(key)
-                hits += 1
-                continue
-            if len(order) >= quota[layer]:
-                order.popitem(last=False)
-            else:
-                self._size += 1
-            order[key] = t
-        return hits
+        self._evict_stamped(key)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Container
 import numpy as np
 
 from expertd.policies.base import NO_PINS, EvictionPolicy, Geometry, Key, NoVictimError, key_index
-from expertd.policies.predictor import Predictor, make_predictor
+from expertd.policies.predict.predictor import Predictor, make_predictor
 from expertd.policies.registry import register
 from expertd.policies.steps import StepClock
 

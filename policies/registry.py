@@ -1,5 +1,5 @@
 """Names -> classes: eviction policies (`@register`) and, through the same `Registry`,
-predictors (policies/predictor.py). Built-ins register themselves when their module is
+predictors (policies/predict/predictor.py). Built-ins register themselves when their module is
 imported, which happens on first use."""
 
 from __future__ import annotations

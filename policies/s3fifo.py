@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError
+from expertd.policies.base import NO_PINS, EvictionPolicy, FastPath, Key, NoVictimError
 from expertd.policies.registry import register
 
 
@@ -160,54 +160,5 @@ class S3FIFO(EvictionPolicy):
             ghost.popitem(last=False)
         ghost[key] = None
 
-    def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.access with no pins, in one loop.
-        small, main, ghost, freq = self._small, self._main, self._ghost, self._freq
-        small_size, main_size, ghost_size = self.small_size, self.main_size, self.ghost_size
-        threshold, capacity = self._threshold, self.capacity
-        has_evicted = self._has_evicted
-        hits = 0
-        for key in keys.tolist() if hasattr(keys, "tolist") else keys:
-            f = freq.get(key)
-            if f is not None:
-                freq[key] = f + 1
-                hits += 1
-                continue
-            from_ghost = ghost.pop(key, 0) is None
-            if len(freq) >= capacity:
-                has_evicted = True
-                while True:
-                    if len(main) > main_size or not small:
-                        while True:
-                            victim = next(iter(main))
-                            f = freq[victim]
-                            if f >= 1:
-                                main.move_to_end(victim)
-                                freq[victim] = min(f, 3) - 1
-                            else:
-                                del main[victim]
-                                break
-                        break
-                    while small:
-                        victim = next(iter(small))
-                        del small[victim]
-                        if freq[victim] >= threshold:
-                            main[victim] = None
-                            freq[victim] = 0
-                        else:
-                            if ghost_size > 0 and victim not in ghost:
-                                if len(ghost) >= ghost_size:
-                                    ghost.popitem(last=False)
-                                ghost[victim] = None
-                            break
-                    else:
-                        continue  # small emptied by promotions: decide again
-                    break
-                del freq[victim]
-            if from_ghost or (not has_evicted and len(small) >= small_size):
-                main[key] = None
-            else:
-                small[key] = None
-            freq[key] = 0
-        self._has_evicted = has_evicted
-        return hits
+    def fast_path(self) -> FastPath:
+        return FastPath(self._freq)

@@ -9,42 +9,34 @@ eviction the hand rests on the victim's newer neighbour.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container
 
-from expertd.policies.base import NO_PINS, EvictionPolicy, Key, NoVictimError, in_table
+from expertd.policies.base import NO_PINS, FastPath, Key, NoVictimError, TrackedPolicy
 from expertd.policies.registry import register
 
 _NONE = -1
 
 
 @register("sieve")
-class Sieve(EvictionPolicy):
-    """SIEVE; the queue is a doubly linked list in arrays indexed by key."""
+class Sieve(TrackedPolicy):
+    """SIEVE; the queue is a doubly linked list in arrays indexed by key, the bits a set."""
 
     def __init__(self, capacity, geometry, params=None) -> None:
         super().__init__(capacity, geometry, params)
         n = geometry.num_keys
         self._newer = [_NONE] * n  # towards the head
         self._older = [_NONE] * n  # towards the tail
-        self._visited = [False] * n
-        self._resident = [False] * n
+        self._visited: set[Key] = set()  # resident keys whose bit is set
         self._head = _NONE  # newest
         self._tail = _NONE  # oldest
         self._hand = _NONE  # _NONE: start from the tail
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __contains__(self, key: object) -> bool:
-        return in_table(key, self._resident)
 
     def on_hit(self, key: Key, t: int) -> None:
-        self._visited[key] = True
+        self._visited.add(key)
 
     def on_insert(self, key: Key, t: int) -> None:
-        self._resident[key] = True
-        self._visited[key] = False
+        self._admit(key)
+        self._visited.discard(key)
         self._older[key] = self._head
         self._newer[key] = _NONE
         if self._head != _NONE:
@@ -52,25 +44,26 @@ class Sieve(EvictionPolicy):
         else:
             self._tail = key
         self._head = key
-        self._size += 1
 
     def victim(self, t: int, pinned: Container[Key] = NO_PINS, incoming: Key | None = None) -> Key:
-        if not self._size:
+        size = len(self._resident)
+        if not size:
             raise NoVictimError("sieve: the cache is empty")
         visited, newer = self._visited, self._newer
         key = self._tail if self._hand == _NONE else self._hand
         # Two full turns clear every bit, so a third one finding nothing means all pinned.
-        for _ in range(3 * self._size):
-            if not visited[key] and key not in pinned:
+        for _ in range(3 * size):
+            if key not in visited and key not in pinned:
                 self._hand = key
                 return key
-            visited[key] = False
+            visited.discard(key)
             key = newer[key]
             if key == _NONE:
                 key = self._tail
-        raise NoVictimError(f"sieve: all {self._size} resident keys are pinned")
+        raise NoVictimError(f"sieve: all {size} resident keys are pinned")
 
     def on_remove(self, key: Key) -> None:
+        self._evict(key)
         older, newer = self._older[key], self._newer[key]
         if key == self._hand:
             self._hand = newer
@@ -82,49 +75,6 @@ class Sieve(EvictionPolicy):
             self._older[newer] = older
         else:
             self._head = older
-        self._resident[key] = False
-        self._size -= 1
 
-    def replay(self, keys: Sequence[Key], steps: Iterable[tuple[int, int, int]] = ()) -> int:
-        # Same semantics as EvictionPolicy.access in one loop (SIEVE ignores steps).
-        visited, resident = self._visited, self._resident
-        newer, older = self._newer, self._older
-        head, tail, hand, size = self._head, self._tail, self._hand, self._size
-        capacity = self.capacity
-        hits = 0
-        for key in keys.tolist() if hasattr(keys, "tolist") else keys:
-            if resident[key]:
-                visited[key] = True
-                hits += 1
-                continue
-            if size >= capacity:
-                victim = tail if hand == _NONE else hand
-                while visited[victim]:
-                    visited[victim] = False
-                    victim = newer[victim]
-                    if victim == _NONE:
-                        victim = tail
-                before, after = older[victim], newer[victim]
-                hand = after
-                if before != _NONE:
-                    newer[before] = after
-                else:
-                    tail = after
-                if after != _NONE:
-                    older[after] = before
-                else:
-                    head = before
-                resident[victim] = False
-                size -= 1
-            resident[key] = True
-            visited[key] = False
-            older[key] = head
-            newer[key] = _NONE
-            if head != _NONE:
-                newer[head] = key
-            else:
-                tail = key
-            head = key
-            size += 1
-        self._head, self._tail, self._hand, self._size = head, tail, hand, size
-        return hits
+    def fast_path(self) -> FastPath:
+        return FastPath(self._resident, touch=self._visited.add)  # touch: on_hit, without a Python frame

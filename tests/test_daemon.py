@@ -237,7 +237,19 @@ def test_ready_is_notified_after_the_socket_is_bound_and_the_watchdog_is_fed(sto
         listener.close()
 
 
-def test_status_command_shows_tiers_and_clients(daemon):
+@pytest.fixture
+def patient_daemon(store, short_dir):
+    """The same daemon with a lease timeout no slow start of a second process outlives."""
+    proc = DaemonProcess(
+        store, short_dir, "--host-size", "12 slots", "--device", "cpu", "--device-size", "3 slots",
+        "--lease-timeout-s", "60",
+    )  # fmt: skip
+    yield proc
+    proc.kill()
+
+
+def test_status_command_shows_tiers_and_clients(patient_daemon):
+    daemon = patient_daemon  # a 1 s timeout expired the client before a loaded machine started `status`
     client = RawClient(daemon.address)
     client.hello("visible-client")
     client.request(2, proto.Acquire(1, [2], "device"))

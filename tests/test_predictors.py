@@ -11,9 +11,15 @@ from policy_traces import load_trace
 
 from expertd.daemon.core.prefetch_state import StateError, learn_state, read_state, write_state
 from expertd.policies.base import Geometry, PolicyError
-from expertd.policies.predict_activation import ActivationMatrix
-from expertd.policies.predict_combined import Combined
-from expertd.policies.predictor import Predictor, builtin_predictors, make_predictor, pack_array, unpack_array
+from expertd.policies.predict.activation import ActivationMatrix
+from expertd.policies.predict.combined import Combined
+from expertd.policies.predict.predictor import (
+    Predictor,
+    builtin_predictors,
+    make_predictor,
+    pack_array,
+    unpack_array,
+)
 
 GEOMETRY = Geometry(num_layers=4, num_experts=8)
 PREDICTORS = builtin_predictors()
@@ -77,12 +83,12 @@ def test_predictions_are_deterministic(name):
 
 
 @pytest.mark.parametrize("name", PREDICTORS)
-def test_likely_keeps_exactly_the_predictions_at_least_that_likely(name):
+def test_min_prob_keeps_exactly_the_predictions_at_least_that_likely(name):
     predictor = make_predictor(name, GEOMETRY)
     for layer, experts in routing(3):
         predictor.observe("r", layer, experts)
         every = predictor.predict("r", layer, 2)
-        assert predictor.likely("r", layer, 2, 0.3) == [p for p in every if p.prob >= 0.3]
+        assert predictor.predict("r", layer, 2, 0.3) == [p for p in every if p.prob >= 0.3]
 
 
 @pytest.mark.parametrize("name", PREDICTORS)
@@ -269,7 +275,7 @@ def test_combined_beats_each_part_alone_on_granite():
 
 
 def test_per_request_state_is_bounded_and_drops_the_least_recently_used():
-    from expertd.policies.predictor import RecentRequests
+    from expertd.policies.predict.predictor import RecentRequests
 
     made = []
     recent: RecentRequests[int] = RecentRequests(2)
@@ -281,7 +287,7 @@ def test_per_request_state_is_bounded_and_drops_the_least_recently_used():
 
 @pytest.mark.parametrize("name", ["cross-layer", "combined", "activation-matrix"])
 def test_a_predictor_keeps_state_for_a_bounded_number_of_requests(name, monkeypatch):
-    from expertd.policies.predictor import RecentRequests
+    from expertd.policies.predict.predictor import RecentRequests
 
     monkeypatch.setattr(type(make_predictor(name, Geometry(2, 4))), "MAX_REQUESTS", 3)
     predictor = make_predictor(name, Geometry(2, 4))

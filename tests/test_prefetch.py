@@ -12,7 +12,7 @@ from expertd.daemon.core.events import DEVICE, H2D, HOST, Predict, Priority, Rep
 from expertd.daemon.core.manager import CacheManager, ManagerConfig
 from expertd.daemon.core.prefetch import PrefetchConfig, Prefetcher, PrefetchPlan
 from expertd.policies.base import Geometry
-from expertd.policies.predictor import Prediction, Predictor, register_predictor
+from expertd.policies.predict.predictor import Prediction, Predictor, register_predictor
 
 GEOMETRY = Geometry(num_layers=4, num_experts=8)
 
@@ -173,7 +173,9 @@ class FollowLastExpert(Predictor):
     def observe(self, request, layer, experts) -> None:
         self.last = experts[0]
 
-    def predict(self, request, layer, horizon):
+    def predict(self, request, layer, horizon, min_prob=0.0):
+        if min_prob > 0.9:
+            return []
         return [Prediction((layer + a) % 4, self.last, 0.9, a) for a in range(1, horizon + 1)]
 
 

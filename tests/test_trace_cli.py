@@ -75,7 +75,10 @@ def test_stats_takes_the_trace_names_replay_takes(name: str, capsys: pytest.Capt
 def test_formats_lists_every_converter(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trace", "formats"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["granite-json", "mixtral-jsonl", "moe-beyond-csv", "sglang-json"]
+    assert names == [
+        "granite-json", "mixtral-jsonl", "moe-beyond-csv", "sglang-json", "sglang-routed-experts",
+        "vllm-routed-experts",
+    ]  # fmt: skip
 
 
 def test_bad_trace_files_give_one_line_errors_and_exit_2(

@@ -48,9 +48,12 @@ def assert_token_order(trace) -> None:
     assert trace.num_tokens() * trace.meta.num_layers >= len(trace)
 
 
-def test_registry_lists_the_four_formats() -> None:
+def test_registry_lists_the_formats() -> None:
     names = [c.name for c in formats()]
-    assert names == ["granite-json", "mixtral-jsonl", "moe-beyond-csv", "sglang-json"]
+    assert names == [
+        "granite-json", "mixtral-jsonl", "moe-beyond-csv", "sglang-json", "sglang-routed-experts",
+        "vllm-routed-experts",
+    ]  # fmt: skip
 
 
 def test_unknown_format_is_a_clear_error(tmp_path: Path) -> None:

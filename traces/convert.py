@@ -27,7 +27,7 @@ SHARED_RAW = SHARED / "traces-raw"
 UNKNOWN_LICENSE = "not stated by the source"
 
 # Modules whose import registers the built-in converters (one format per module).
-_BUILTIN_MODULES = ("convert_mixtral", "convert_sglang", "convert_granite", "convert_csv")
+_BUILTIN_MODULES = ("convert_mixtral", "convert_sglang", "convert_granite", "convert_csv", "convert_engines")
 
 T = TypeVar("T")
 
@@ -40,6 +40,8 @@ class ConvertOptions:
     license: str | None = None
     source: str | None = None
     num_experts: int | None = None
+    num_layers: int | None = None  # for a source whose rows carry no shape (SGLang's raw int32)
+    top_k: int | None = None
 
 
 ConvertFn = Callable[[Path, Path, ConvertOptions], None]

@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     convert.add_argument("--license", help="license of the data (default: not stated)")
     convert.add_argument("--source", help="provenance text (default: format and file names)")
     convert.add_argument("--experts", type=int, help="experts per layer, where the source omits it")
+    convert.add_argument("--layers", type=int, help="MoE layers, where the source has no shape (SGLang)")
+    convert.add_argument("--top-k", type=int, help="experts per token, where the source has none (SGLang)")
     convert.set_defaults(func=cmd_convert)
 
     stats = commands.add_parser("stats", help="tokens, layers, skew and temporal reuse of a trace")
@@ -56,7 +58,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from expertd.traces.convert import ConvertOptions, convert
     from expertd.traces.format import read_trace
 
-    options = ConvertOptions(args.model, args.license, args.source, args.experts)
+    options = ConvertOptions(args.model, args.license, args.source, args.experts, args.layers, args.top_k)
     started = time.perf_counter()
     try:
         convert(args.format, args.src, args.output, options)
@@ -93,5 +95,5 @@ def cmd_formats(args: argparse.Namespace) -> int:
     from expertd.traces.convert import formats
 
     for converter in formats():
-        print(f"{converter.name:<16} {converter.summary}")
+        print(f"{converter.name:<22} {converter.summary}")
     return EXIT_OK

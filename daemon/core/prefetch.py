@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from expertd.policies.base import Geometry
+from expertd.policies.predict.predictor import Prediction, Predictor, check_predictor, make_predictor
 from expertd.policies.predictive import expected_wait, next_computation
-from expertd.policies.predictor import Prediction, Predictor, check_predictor, make_predictor
 
 DEFAULT_TENANT = "default"
 ACTIVE_REQUESTS = 8  # requests whose predictions shape `waits` (the most recent, any tenant)
@@ -135,7 +135,7 @@ class Prefetcher:
                     stale.add(base + expert)  # the routing disagreed: a queued fetch is useless
         predictor.observe(request, layer, experts)
         self._observed(tenant, request, layer)
-        predictions = predictor.likely(request, layer, self.config.depth, self.config.min_prob)
+        predictions = predictor.predict(request, layer, self.config.depth, self.config.min_prob)
         return self._plan(layer, guessed, predictions, stale)
 
     def on_hint(

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from expertd.policies.base import Geometry
-from expertd.policies.predictor import make_predictor
+from expertd.policies.predict.predictor import make_predictor
 
 STATE_FORMAT = "expertd-predictor-state"
 STATE_VERSION = 1

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from expertd.policies.predict_cross_layer import CrossLayer
-from expertd.policies.predictor import (
+from expertd.policies.predict.cross_layer import CrossLayer
+from expertd.policies.predict.predictor import (
     ProbabilityPredictor,
     RecentRequests,
     Request,
@@ -185,7 +185,7 @@ class Combined(ProbabilityPredictor):
         if state is not None:
             near = self._near(state, request, layer, n)
             logit[: len(near)] = near
-        return self._scaled(logit, cap=False)  # `likely` caps what it returns; saves a pass
+        return self._scaled(logit, cap=False)  # `predict` caps what it returns; saves a pass
 
     def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
         # One pass: `later` is the far pool of every layer; `estimate` replaces this token's
@@ -204,9 +204,6 @@ class Combined(ProbabilityPredictor):
 
     def estimate(self, request: Request, layer: int) -> np.ndarray:
         return self.outlook(request, layer)[0]
-
-    def later(self, request: Request, layer: int) -> np.ndarray:
-        return self.outlook(request, layer)[1]
 
     def _far(self, state: _Request | None) -> np.ndarray:
         """[L, E] the far pool's log rows (up to a constant per row), in layer order."""

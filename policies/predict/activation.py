@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from expertd.policies.base import PolicyError
-from expertd.policies.predictor import (
+from expertd.policies.predict.predictor import (
     ProbabilityPredictor,
     RecentRequests,
     Request,

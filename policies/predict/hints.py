@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from expertd.policies.predictor import ProbabilityPredictor, Request, register_predictor
+from expertd.policies.predict.predictor import ProbabilityPredictor, Request, register_predictor
 
 
 @register_predictor("hints")

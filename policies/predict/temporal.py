@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from expertd.policies.predictor import ProbabilityPredictor, Request, RowParams, register_predictor
+from expertd.policies.predict.predictor import ProbabilityPredictor, Request, RowParams, register_predictor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,9 @@ Predictors are hooks beside eviction, not inside it (libCacheSim's prefetcher: o
 predict, forget). The cache manager keeps one predictor per tenant, tells it every
 acquire (`observe`) and every client gate hint (`hint`), asks it what comes next
 (`predict`), and prefetches the likely experts; a prediction-aware eviction policy
-reads `estimate` (every expert of every layer) through the manager's estimator hook
-(`EvictionPolicy.bind_estimator`). Pure: no I/O, no clock, no threads.
+reads `outlook` (every expert of every layer) through the manager's estimator hook
+(`EvictionPolicy.bind_estimator`); `state` and `load_state` carry learned statistics to
+a warm start. Pure: no I/O, no clock, no threads.
 
 A *request* is one generation (one prompt's tokens); ``request`` is any hashable id the
 caller keeps unique. Within a request, calls come in forward order: a token's layers
@@ -88,32 +89,22 @@ class Predictor(ABC):
         """The client's own guess for ``layer``'s next computation (e.g. that layer's router now)."""
 
     @abstractmethod
-    def predict(self, request: Request, layer: int, horizon: int) -> list[Prediction]:
-        """After ``layer`` was observed: likely experts of the next ``horizon`` layers, best first."""
-
-    def likely(self, request: Request, layer: int, horizon: int, min_prob: float) -> list[Prediction]:
-        """`predict`, keeping only predictions at least ``min_prob`` likely."""
-        return [p for p in self.predict(request, layer, horizon) if p.prob >= min_prob]
-
-    def estimate(self, request: Request, layer: int) -> np.ndarray:
-        """[L, E] probability that each expert is chosen at its layer's next computation."""
-        out = np.zeros((self.geometry.num_layers, self.geometry.num_experts), dtype=np.float64)
-        for p in self.predict(request, layer, self.geometry.num_layers):
-            out[p.layer, p.expert] = max(out[p.layer, p.expert], p.prob)
-        return out
+    def predict(self, request: Request, layer: int, horizon: int, min_prob: float = 0.0) -> list[Prediction]:
+        """After ``layer`` was observed: likely experts of the next ``horizon`` layers, best first,
+        each at least ``min_prob`` likely."""
 
     def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """`estimate` and `later` together (a predictor may share the work)."""
-        return self.estimate(request, layer), self.later(request, layer)
+        """``(now, later)``, [L, E] each: the probability that each expert is chosen at its
+        layer's next computation (``now``), and at each computation after that (``later``:
+        what the request's history says, without the evidence that bears on the next
+        computation only, such as the current token's cross-layer routing and hints).
 
-    def later(self, request: Request, layer: int) -> np.ndarray:
-        """[L, E] probability that each expert is chosen at a computation of its layer after the next.
-
-        What the request's history says, without the evidence that bears on the next
-        computation only (the current token's cross-layer routing, hints). Default:
-        `estimate`.
+        Default: ``now`` from `predict`, and ``later`` the same.
         """
-        return self.estimate(request, layer)
+        now = np.zeros((self.geometry.num_layers, self.geometry.num_experts), dtype=np.float64)
+        for p in self.predict(request, layer, self.geometry.num_layers):
+            now[p.layer, p.expert] = max(now[p.layer, p.expert], p.prob)
+        return now, now
 
     def forget(self, request: Request) -> None:  # noqa: B027
         """``request`` ended: drop what is kept per request (learned statistics stay)."""
@@ -124,10 +115,6 @@ class Predictor(ABC):
 
     def load_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027
         """Start from statistics `state` returned (by this predictor class, same geometry)."""
-
-    def ahead(self, layer: int, target: int) -> int:
-        """Steps from computing ``layer`` to the next computation of ``target``."""
-        return (target - layer) % self.geometry.num_layers or self.geometry.num_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +135,7 @@ class ProbabilityPredictor(Predictor):
     """A predictor that gives every expert of a layer a probability; hints rank above it.
 
     Subclasses implement `learn` (what `observe` learns) and `rows` (probabilities for
-    the next computations); `predict`, `likely`, `estimate` and hints come from here.
+    the next computations); `predict`, `outlook` and hints come from here.
     A hint for layer j holds until j is next observed: its experts get at least
     ``hint_prob`` and every other expert of j at most ``1 - hint_prob``, so hints always
     rank above history.
@@ -221,11 +208,8 @@ class ProbabilityPredictor(Predictor):
         row *= 1.0 - floor
         row[experts] = floor + (1.0 - floor) * hinted
 
-    def predict(self, request: Request, layer: int, horizon: int) -> list[Prediction]:
-        return self.likely(request, layer, horizon, 0.0)
-
-    def likely(self, request: Request, layer: int, horizon: int, min_prob: float) -> list[Prediction]:
-        """`predict`, keeping only predictions at least ``min_prob`` likely (and above 0)."""
+    def predict(self, request: Request, layer: int, horizon: int, min_prob: float = 0.0) -> list[Prediction]:
+        """Each coming layer's ``width`` likeliest experts above 0 and at least ``min_prob``."""
         n = min(horizon, self.geometry.num_layers)
         probs = self.hinted(request, layer, self.rows(request, layer, n))  # [n, E]
         width = self.params.width
@@ -251,7 +235,12 @@ class ProbabilityPredictor(Predictor):
                 out.append(Prediction(int(order[row]), int(experts[i]), min(float(values[i]), 1.0), row + 1))
         return out
 
+    def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        now = self.estimate(request, layer)
+        return now, now
+
     def estimate(self, request: Request, layer: int) -> np.ndarray:
+        """``now`` of `outlook`: [L, E] P(chosen at the layer's next computation), hints applied."""
         num_layers = self.geometry.num_layers
         probs = self.hinted(request, layer, self.rows(request, layer, num_layers))  # [L, E], by steps ahead
         out = np.empty_like(probs)
@@ -311,8 +300,8 @@ def state_header(name: str, geometry: Geometry) -> dict[str, Any]:
 
 PREDICTORS: Registry[type[Predictor]] = Registry(
     "predictor",
-    "expertd.policies",
-    ("predict_temporal", "predict_cross_layer", "predict_activation", "predict_hints", "predict_combined"),
+    "expertd.policies.predict",
+    ("temporal", "cross_layer", "activation", "hints", "combined"),
 )
 register_predictor = PREDICTORS.register
 

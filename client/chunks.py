@@ -1,0 +1,58 @@
+"""`ChunkLeases`: one layer's experts for one forward pass, leased a chunk at a time.
+
+Used when a pass routes to more experts of a layer than the tier holds (`expertd.client.hf`,
+`expertd.client.vllm_plugin`): chunks are taken in order, the previous chunk's lease is
+released as the next is taken, and the chunk after it is asked for at once, so it travels
+while this one computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from expertd.client.client import ExpertClient, Lease, PendingAcquire
+from expertd.daemon.protocol import ExpertdError
+
+
+class ChunkLeases:
+    """The leases of ``chunks`` of ``layer``; ``first``: chunk 0's acquire if already sent;
+    ``wait``: turns a pending acquire into its lease (default: `PendingAcquire.result`)."""
+
+    def __init__(
+        self,
+        client: ExpertClient,
+        layer: int,
+        chunks: list[list[int]],
+        tier: str,
+        *,
+        first: PendingAcquire | None = None,
+        wait: Callable[[PendingAcquire], Lease] | None = None,
+    ) -> None:
+        self.client, self.layer, self.chunks, self.tier = client, layer, chunks, tier
+        self.acquires = 0
+        self.index = -1
+        self._wait = wait or (lambda pending: pending.result())
+        self._next = first
+        self._lease: Lease | None = None
+
+    def take(self, index: int) -> Lease:
+        """Chunk ``index``'s lease (taken in order; the previous one is released)."""
+        assert index == self.index + 1, f"chunks are taken in order: {index} after {self.index}"
+        if self._lease is not None:
+            self._lease.release()
+        pending = self._next or self.client.acquire_async(self.layer, self.chunks[index], self.tier)
+        self._next = None
+        if index + 1 < len(self.chunks):
+            self._next = self.client.acquire_async(self.layer, self.chunks[index + 1], self.tier)
+        self._lease = self._wait(pending)
+        self.acquires += 1
+        self.index = index
+        return self._lease
+
+    def close(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+        if self._next is not None:
+            with contextlib.suppress(ExpertdError):  # never hide the error that brought us here
+                self._next.result().release()
