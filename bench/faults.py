@@ -1,20 +1,23 @@
 """The fault campaign, long form: figures for docs/reliability.md.
 
     .venv/bin/python bench/faults.py [--messages 10000] [--client-kills 20] [--daemon-kills 5] [--clients 64]
+    .venv/bin/python bench/faults.py --hostile-only [--hostile-attempts 5]     # as root
 
 Phases (tests/fault_campaign.py has the machinery; tests/test_faults.py the short form):
 fuzzing with random frames and hypothesis-generated messages, clients SIGKILLed while
 holding leases with transfers in flight, the daemon SIGKILLed mid-work and restarted by
 a supervisor loop, store faults (flipped bytes, truncation underneath, injected I/O
 errors, the directory replaced underneath), overload (N clients against a device tier
-smaller than their demand), with the daemon's memory sampled throughout. Prints a
-table and, as its last line, one JSON object.
+smaller than their demand), with the daemon's memory sampled throughout; then, as root, a
+hostile second local user (tests/hostile_user.py: socket hijacks, tenant claims, admin
+operations, a client starving the rest). Prints a table and, as its last line, one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -91,11 +94,19 @@ def main() -> int:
     parser.add_argument("--daemon-kills", type=int, default=5)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="overload phase length")
+    parser.add_argument("--hostile-attempts", type=int, default=5, help="rounds of each hostile-user attempt")
+    parser.add_argument("--hostile-only", action="store_true", help="only the hostile-local-user section")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="exd-faults-", dir="/tmp"))
     store = work / "store"
     pack_synthetic(store, "mixtral-8x7b", scale=64, layers=4)
+    if args.hostile_only:
+        report = {"bench": "faults", "hostile": hostile_section(store, work, args.hostile_attempts)}
+        shutil.rmtree(work, ignore_errors=True)
+        print_hostile(report["hostile"])
+        print(json.dumps(report))
+        return 0
     (work / "expertd.toml").write_text('[auth]\nipc_admin = "token"\n')
     daemon = DaemonProcess(store, work / "d", *fc.daemon_flags(), "--config", str(work / "expertd.toml"))
     watch = MemoryWatch(daemon)
@@ -118,6 +129,7 @@ def main() -> int:
         watch.stop()
         daemon.kill()
     report["store_faults"] = fc.store_faults(store, work)
+    report["hostile"] = hostile_section(store, work, args.hostile_attempts)
     slabs_mib = (24 + 6) * load_manifest(store).slot_bytes / 2**20  # the host and device slots
     report["memory"] = {
         "max_rss_mib": watch.max_rss_mib,
@@ -126,8 +138,39 @@ def main() -> int:
     }
     shutil.rmtree(work, ignore_errors=True)
     print_table(report)
+    print_hostile(report["hostile"])
     print(json.dumps(report))
     return 0
+
+
+def hostile_section(store: Path, work: Path, attempts: int) -> dict:
+    """A second local user's attempts (as `nobody`): needs root to become one."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root to act as a second local user"}
+    from hostile_user import hostile_local_user
+
+    hostile = work / "hostile"
+    hostile.mkdir()
+    os.chmod(work, 0o755)  # `nobody` must reach the socket directories below, as it would under /run
+    return hostile_local_user(store, hostile, attempts)
+
+
+def print_hostile(h: dict) -> None:
+    print("hostile local user (as `nobody`, against root's daemon):")
+    if "skipped" in h:
+        print(f"  skipped: {h['skipped']}")
+        return
+    print(f"  {'attempt':<44} {'tries':>5} {'successes':>9} {'refused':>7} {'crashes':>7}")
+    labels = {
+        "hijack": "socket hijack (directory first, impostor)",
+        "tenant_claims": "claim another tenant",
+        "admin_ops": "shutdown / load_state / every tenant's stats",
+        "starving_client": "pin past the cap; starve a third client",
+    }
+    for key, label in labels.items():
+        c = h[key]
+        print(f"  {label:<44} {c['attempts']:>5} {c['successes']:>9} {c['refused']:>7} {c['crashes']:>7}")
+    print(f"  daemon still answering: {h['daemon_up']}; internal errors logged: {h['internal_errors']}")
 
 
 def print_table(r: dict) -> None:

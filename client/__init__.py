@@ -19,6 +19,7 @@ from expertd.daemon.protocol import (
     RangeError,
     SessionError,
     ShuttingDown,
+    UntrustedSocket,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "RangeError",
     "SessionError",
     "ShuttingDown",
+    "UntrustedSocket",
 ]

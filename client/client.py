@@ -58,6 +58,7 @@ from expertd.daemon.protocol import (
     parse_reply,
 )
 from expertd.daemon.protocol.local import SlabError, default_address
+from expertd.daemon.protocol.socket_trust import check_before_connect
 
 log = logging.getLogger("expertd.client")
 
@@ -84,12 +85,18 @@ class ExpertClient(Multiplexer):
         server_key: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
         admin_token: str | None = None,
+        daemon_user: str | None = None,
     ) -> None:
         """``server_key``/``client_key``: certificate files (`expertd keys`) for a tcp:// daemon
         (default: $EXPERTD_SERVER_KEY, $EXPERTD_CLIENT_KEY); ``admin_token``: for admin
-        operations over ipc:// when the daemon requires it."""
+        operations over ipc:// when the daemon requires it; ``daemon_user``: who runs the daemon,
+        if not root, this user or `expertd` (default: $EXPERTD_DAEMON_USER): an ipc:// socket in a
+        directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent."""
         if address is None:
             address = default_address()
+        check_before_connect(address, daemon_user, connect_timeout_s)  # before a socket exists
+        self.address = address
+        self.daemon_user = daemon_user
         self.tenant = tenant
         self.name = name or _default_name()
         super().__init__(address, timeout_s, spin_s, server_key, client_key)
@@ -259,6 +266,8 @@ class ExpertClient(Multiplexer):
     # --- session ---------------------------------------------------------------------------
 
     def _hello(self) -> None:
+        if self.info:  # again (the daemon restarted): the same check before the token goes out
+            check_before_connect(self.address, self.daemon_user, self.connect_timeout_s)
         request = Hello(PROTOCOL_VERSION, self.name, self.tenant, os.getpid(), self.admin_token)
         ok = self._wait(self._send(request, reply=True), self.connect_timeout_s, "hello")
         try:

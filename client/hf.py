@@ -171,9 +171,10 @@ class Offload:
         self.hint = hint
         self.stats = OffloadStats()
         self.freed_bytes = 0
-        num_slots = int(client.info["tiers"][tier]["slots"])
-        self.max_per_acquire = min(num_slots, MAX_EXPERTS_PER_MESSAGE)
-        self.chunk = max(1, min(num_slots // 2, MAX_EXPERTS_PER_MESSAGE))
+        handle = client.info["tiers"][tier]
+        slots = int(handle.get("max_pinned", handle["slots"]))  # what one client may pin of the tier
+        self.max_per_acquire = min(slots, MAX_EXPERTS_PER_MESSAGE)
+        self.chunk = max(1, min(slots // 2, MAX_EXPERTS_PER_MESSAGE))
         self._pending: dict[int, tuple[list[int], PendingAcquire]] = {}
         self._routed: dict[int, list[int]] = {}  # layer -> this pass's experts (for dense experts)
         self._router_args: dict[int, tuple[tuple, dict]] = {}  # layer -> its router's extra arguments

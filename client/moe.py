@@ -147,7 +147,11 @@ class ClientExperts:
         self.tier = tier
         self.max_per_acquire: int | None
         info = client.info.get("tiers", {}).get(tier or client.default_tier)  # unknown: acquire says so
-        self.max_per_acquire = None if info is None else min(int(info["slots"]), MAX_EXPERTS_PER_MESSAGE)
+        if info is not None:  # the most this client may pin at once (older daemons: the whole tier)
+            pinnable = int(info.get("max_pinned", info["slots"]))
+            self.max_per_acquire = min(pinnable, MAX_EXPERTS_PER_MESSAGE)
+        else:
+            self.max_per_acquire = None
 
     @property
     def tensor_names(self) -> tuple[str, ...]:

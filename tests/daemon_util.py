@@ -114,3 +114,137 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def as_root_or_skip() -> None:
+    """Tests of what another local user can do need root to become one (CI runs as root)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second local user (CI runs as root)")
+
+
+def _import_before_dropping_root() -> None:
+    """What a forked child will import lazily, imported while it can still read the interpreter's files."""
+    import importlib
+
+    for module in (
+        "hmac", "expertd.daemon.cli.main", "expertd.daemon.cli.serve_cli", "expertd.daemon.service.server",
+        "expertd.daemon.cli.status_view", "expertd.daemon.core.prefetch_state", "expertd.policies.registry",
+        "expertd.client.client",
+    ):  # fmt: skip
+        importlib.import_module(module)
+    from expertd.policies.registry import policy_class
+
+    for name in ("lru", "predictive", "layer-distance"):
+        policy_class(name)
+
+
+def run_as(uid: int, gid: int, fn, *args, groups: tuple[int, ...] = (), timeout_s: float = 60.0):
+    """``fn(*args)`` in a forked child running as ``uid``/``gid``; its JSON-able result.
+
+    Forked, not exec'd: the interpreter may live where another user cannot read it (a
+    pyenv under /root), and the child needs only what this process has imported. An
+    exception in the child comes back as ``{"error": "Class: message"}``.
+    """
+    import json
+    import select
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read_end)
+        try:
+            _import_before_dropping_root()
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            payload = {"ok": fn(*args)}
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            payload = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(write_end, json.dumps(payload, default=str).encode())
+        os._exit(0)
+    os.close(write_end)
+    chunks, deadline = [], time.monotonic() + timeout_s
+    try:
+        while True:
+            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                raise TimeoutError(f"child as uid {uid} did not finish within {timeout_s} s")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    result = json.loads(b"".join(chunks) or b'{"error": "child died without a word"}')
+    return result.get("ok") if "ok" in result else result
+
+
+class ForkedDaemon:
+    """`expertd serve` as another user: a forked child that setuid()s and runs the CLI (see `run_as`)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        uid: int,
+        gid: int,
+        log_path: Path,
+        address: str,
+        groups: list[int] | None = None,
+        timeout_s: float = 30.0,
+    ):
+        self.address, self.log_path = address, log_path
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                import logging
+
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                sys.stdout = sys.stderr = os.fdopen(os.dup(log_fd), "w", buffering=1)
+                logging.root.handlers.clear()  # pytest's capture handlers: serve configures its own
+                _import_before_dropping_root()
+                os.setgroups(groups or [])
+                os.setgid(gid)
+                os.setuid(uid)
+                from expertd.daemon.cli.main import main
+
+                code = main(argv)
+            except BaseException as exc:  # noqa: BLE001 - into the log, then out
+                os.write(2, f"forked daemon: {type(exc).__name__}: {exc}\n".encode())
+            os._exit(code or 0)
+        os.close(log_fd)
+        deadline = time.monotonic() + timeout_s
+        while "INFO expertd: serving" not in self.log():
+            if os.waitpid(self.pid, os.WNOHANG) != (0, 0):
+                self.pid = 0
+                raise RuntimeError(f"daemon as uid {uid} exited:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"daemon as uid {uid} did not start within {timeout_s} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, then wait; the exit status (None if it had gone already)."""
+        if not self.pid:
+            return None
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = 0
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        self.pid = 0
+        return -signal.SIGKILL

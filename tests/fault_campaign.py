@@ -151,11 +151,14 @@ WORKER = textwrap.dedent(
     from expertd.client import ExpertClient, ExpertdError
     client = ExpertClient({address!r}, name="victim", timeout_s=10)
     rng = random.Random({seed})
+    cap = int(client.info["tiers"][client.default_tier]["max_pinned"])  # what one client may pin
     print("ready", flush=True)
     held = []
     while True:
         layer = rng.randrange({layers})
         experts = rng.sample(range({experts}), 2)
+        while held and 2 * (len(held) + 1) > cap:
+            held.pop(0).release()
         try:
             pending = client.acquire_async(layer, experts)
             lease = pending.result()

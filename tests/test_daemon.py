@@ -36,7 +36,7 @@ def store(tmp_path_factory) -> Path:
 def daemon(store, short_dir):
     proc = DaemonProcess(
         store, short_dir, "--host-size", "12 slots", "--device", "cpu", "--device-size", "3 slots",
-        "--lease-timeout-s", "1.0",
+        "--lease-timeout-s", "1.0", "--max-pinned-share", "1",  # a holder may pin the whole tier
     )  # fmt: skip
     yield proc
     proc.kill()

@@ -16,6 +16,7 @@ import pytest
 
 from expertd.daemon.cli.main import build_parser
 from expertd.daemon.core import defaults
+from expertd.daemon.service.config import KEYS
 from expertd.traces import convert, convert_csv, convert_sglang
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +24,9 @@ DOCS = [REPO / "README.md", REPO / "traces" / "README.md", *sorted((REPO / "docs
 GENERATED = {REPO / "docs" / "config.md"}
 #: How the docs quote a default: "(default `lru`)", "`none` (the default)", "defaults: ...", "default `x`".
 QUOTE = re.compile(r"\(default\b|\(the default[,)]|\bdefaults?: |\bdefault `")
+
+
+_FRACTION = {0.5: "half", 0.25: "a quarter", 1.0: "the whole tier"}
 
 
 def option(command: list[str], flag: str) -> argparse.Action:
@@ -42,6 +46,7 @@ def text_of(path: Path) -> str:
 def stated_defaults() -> list[tuple[str, str]]:
     """(doc, the exact phrase it must contain, built from the code's values)."""
     p = defaults.PREFETCH
+    key = {k.attr: k.default for k in KEYS}  # expertd.toml's keys
     return [
         ("docs/getting-started.md", f"`--device-policy NAME` (default `{defaults.DEVICE_POLICY}`"),
         ("docs/getting-started.md", f"`--host-policy NAME` (default `{defaults.HOST_POLICY}`)"),
@@ -55,6 +60,13 @@ def stated_defaults() -> list[tuple[str, str]]:
         ("docs/prefetch.md", f"the default `{defaults.DEVICE_POLICY}` eviction"),
         ("docs/store.md", f"`{option(['pack'], '--codec').default}` (the default)"),
         ("docs/security.md", "`ipc://` (the default, local clients)"),
+        ("docs/security.md", f'`[auth] ipc_admin = "{key["auth_ipc_admin"]}"`, by kernel uid'),
+        ("docs/reliability.md", f'under the default `[auth] ipc_admin = "{key["auth_ipc_admin"]}"`'),
+        ("docs/security.md", f"`[clients] capacity_wait_s` (default {key['clients_capacity_wait_s']:g} s)"),
+        (
+            "docs/security.md",
+            f"max_pinned_share` of a tier (default {_FRACTION[key['clients_max_pinned_share']]};",
+        ),
         ("traces/README.md", f'The default license is "{convert.UNKNOWN_LICENSE}".'),
         (
             "traces/README.md",

@@ -43,13 +43,19 @@ def test_a_scrape_shows_what_status_shows(short_dir):
     pack_synthetic(store, "olmoe-1b-7b", scale=32, layers=3)
     port = free_port()
     daemon = DaemonProcess(
-        store, short_dir, "--host-size", "40 slots", "--device", "cpu", "--device-size", "6 slots",
+        store, short_dir, "--host-size", "40 slots", "--device", "cpu", "--device-size", "8 slots",
         "--metrics-port", str(port),
     )  # fmt: skip
     try:
         with ExpertClient(daemon.address, name="scraped") as client:
             before = client.stats()
-            for layer, experts in [(0, [1, 2]), (1, [3, 4]), (0, [1, 5]), (2, [6, 7]), (0, [1, 2])]:
+            for layer, experts in [
+                (0, [1, 2]),
+                (1, [3, 4]),
+                (0, [1, 2]),
+                (2, [6, 7]),
+                (1, [0, 5, 6]),  # 9 experts in all: the 8-slot device tier must evict
+            ]:
                 client.acquire(layer, experts).release()
             held = client.acquire(1, [3])  # a lease still held while scraped
             status = client.stats()

@@ -13,6 +13,11 @@ from typing import Any
 
 from expertd.daemon.cli.main import EXIT_FAILED, CliError
 
+DAEMON_USER_HELP = (
+    "the user that runs the daemon, if not root, you or `expertd` (default: $EXPERTD_DAEMON_USER): "
+    "a socket in a directory anyone else owns or may write is refused before anything is sent"
+)
+
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
@@ -32,6 +37,7 @@ def register(subparsers) -> None:
     serve.add_argument("--predictor", help="prefetch predictor, or none ([prefetch] predictor)")
     serve.add_argument("--load-threads", type=int, help="store reads in flight ([transfers] load_threads)")
     serve.add_argument("--lease-timeout-s", type=float, help="([clients] lease_timeout_s)")
+    serve.add_argument("--max-pinned-share", type=float, help="([clients] max_pinned_share)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port ([metrics] port)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--print-config-doc", action="store_true", help="print the config reference and exit")
@@ -41,11 +47,13 @@ def register(subparsers) -> None:
     status.add_argument("--address", help="daemon address (default: the default ipc path)")
     status.add_argument("--json", action="store_true", help="print the raw stats as JSON")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh")
+    status.add_argument("--daemon-user", help=DAEMON_USER_HELP)
     status.add_argument("--timeout-s", type=float, default=5.0)
     status.set_defaults(func=run_status)
 
     shutdown = subparsers.add_parser("shutdown", help="stop a running daemon")
     shutdown.add_argument("--address", help="daemon address")
+    shutdown.add_argument("--daemon-user", help=DAEMON_USER_HELP)
     shutdown.add_argument("--timeout-s", type=float, default=5.0)
     shutdown.set_defaults(func=run_shutdown)
 
@@ -58,6 +66,7 @@ def register(subparsers) -> None:
     )
     load.add_argument("file", type=Path, help="statistics file")
     load.add_argument("--address", help="daemon address")
+    load.add_argument("--daemon-user", help=DAEMON_USER_HELP)
     load.add_argument("--timeout-s", type=float, default=30.0)
     load.set_defaults(func=run_load_state)
 
@@ -78,6 +87,7 @@ def load_config(args: argparse.Namespace):
             "prefetch.predictor": args.predictor,
             "transfers.load_threads": args.load_threads,
             "clients.lease_timeout_s": args.lease_timeout_s,
+            "clients.max_pinned_share": args.max_pinned_share,
             "log_level": args.log_level,
             "metrics.port": args.metrics_port,
         }
@@ -114,14 +124,23 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def admin_request(address: str | None, request, timeout_s: float) -> dict[str, Any]:
+def admin_request(
+    address: str | None, request, timeout_s: float, daemon_user: str | None = None
+) -> dict[str, Any]:
     """hello, one request, bye: for the command-line tools."""
     import zmq
 
     from expertd.daemon import protocol as proto
     from expertd.daemon.protocol.local import default_address
+    from expertd.daemon.protocol.socket_trust import check_before_connect
 
     address = address or default_address()
+    try:
+        check_before_connect(address, daemon_user)  # before the token is even read
+    except proto.DaemonUnavailable as exc:
+        raise CliError(f"no expertd answered at {address} ({exc})", EXIT_FAILED) from None
+    except proto.ExpertdError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 200)
@@ -157,7 +176,7 @@ def run_status(args: argparse.Namespace) -> int:
     from expertd.daemon import protocol as proto
 
     def fetch() -> dict[str, Any]:
-        return admin_request(args.address, proto.Stats(), args.timeout_s)
+        return admin_request(args.address, proto.Stats(), args.timeout_s, args.daemon_user)
 
     if args.watch and not args.json:
         from expertd.daemon.cli.status_view import watch
@@ -175,7 +194,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_shutdown(args: argparse.Namespace) -> int:
     from expertd.daemon import protocol as proto
 
-    admin_request(args.address, proto.Shutdown(), args.timeout_s)
+    admin_request(args.address, proto.Shutdown(), args.timeout_s, args.daemon_user)
     print("expertd is stopping")
     return 0
 
@@ -184,7 +203,7 @@ def run_load_state(args: argparse.Namespace) -> int:
     from expertd.daemon import protocol as proto
 
     path = str(args.file.resolve())
-    admin_request(args.address, proto.LoadState(path), args.timeout_s)
+    admin_request(args.address, proto.LoadState(path), args.timeout_s, args.daemon_user)
     print(f"expertd loaded predictor statistics from {path}")
     return 0
 

@@ -132,6 +132,15 @@ class CacheManager:
                 released = True
         if released and (self.transfers.any_queued() or any(self._admission.values())):
             out = self._settle()  # what waited for those slots goes first
+        held, cap = state.pins.get(tier, 0), self.config.pin_cap(self.tiers[tier].num_slots)
+        if held + len(experts) > cap:
+            text = (
+                f"this client would pin {held + len(experts)} of the {tier} tier's "
+                f"{self.tiers[tier].num_slots} slots ({held} held); one client may pin {cap} "
+                "([clients] max_pinned_share): release leases first"
+            )
+            return [*out, ErrorReply(client, request_id, ErrorCode.CAPACITY, text)]
+        state.pins[tier] = held + len(experts)
         if layer <= state.last_layer:  # a new forward pass starts at the first layer again
             state.forward = next(self._forwards)
         state.last_layer = layer
@@ -150,7 +159,7 @@ class CacheManager:
         plan = None
         if self.prefetcher is not None:  # a miss: what it evicts depends on what it teaches
             plan = self.prefetcher.on_acquire(state.tenant, (client, generation), layer, experts)
-        pending = Pending(client, request_id, tier, keys, t0, state.forward)
+        pending = Pending(client, request_id, tier, keys, t0, state.forward, now)
         self._pending[(client, request_id)] = pending
         state.pending.add(request_id)
         self._admission[tier].append(pending)
@@ -328,7 +337,25 @@ class CacheManager:
         out: list[Command] = []
         for client in [c for c, s in self._clients.items() if s.last_seen < deadline and not s.pending]:
             out.extend(self.client_gone(client))
+        for name, queue in self._admission.items():
+            stuck = [p for p in queue if now - p.since >= self.config.capacity_wait_s]
+            if stuck:
+                why = self._capacity_text(name, stuck[0].client)
+                for pending in stuck:
+                    self._abandon(pending)
+                    out.append(ErrorReply(pending.client, pending.request_id, ErrorCode.CAPACITY, why))
+                out.extend(self._settle())
         return out
+
+    def _capacity_text(self, tier: str, client: ClientId) -> str:
+        """Why an acquire still waits: how much of the tier others pin."""
+        table = self.tiers[tier]
+        others = sum(1 for c, s in self._clients.items() if c != client and s.pins.get(tier, 0) > 0)
+        clients = f"{others} other client{'s' if others != 1 else ''}"
+        return (
+            f"waiting for capacity: {table.pinned_slots} of {table.num_slots} {tier} slots pinned by "
+            f"{clients} (refused after {self.config.capacity_wait_s:g} s, [clients] capacity_wait_s)"
+        )
 
     def preload(self, tier: str, keys: Iterable[int]) -> None:
         """Mark ``keys`` resident at start (a warm tier), without transfers."""
@@ -347,6 +374,13 @@ class CacheManager:
         """Ready keys of ``tier`` and their slots."""
         target = self.tiers[tier]
         return {k: s for k, s in target.slot_of.items() if s not in target.filling}
+
+    def max_pinned(self, client: ClientId) -> dict[str, int]:
+        """Per tier: the most slots one client may pin at once."""
+        return {
+            name: min(table.num_slots, self.config.pin_cap(table.num_slots))
+            for name, table in self.tiers.items()
+        }
 
     def client_summary(self) -> dict[ClientId, tuple[int, int]]:
         """Per client: (leases held, acquires waiting)."""
@@ -444,6 +478,7 @@ class CacheManager:
         state = self._clients.get(lease.client)
         if state is not None:
             state.leases.discard(lease_id)
+            state.pins[lease.tier] -= len(lease.slots)
 
     def _abandon(self, pending: Pending) -> None:
         """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""
@@ -451,6 +486,7 @@ class CacheManager:
         state = self._clients.get(pending.client)
         if state is not None:
             state.pending.discard(pending.request_id)
+            state.pins[pending.tier] -= len(pending.keys)
         if not pending.admitted:
             self._admission[pending.tier].remove(pending)
             return

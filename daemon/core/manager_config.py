@@ -25,6 +25,15 @@ class ManagerConfig:
     max_queued_prefetches: int = 256  # per link; further prefetches are dropped
     expert_bytes: int = 0  # for byte counters only
     prefetch: PrefetchConfig = PrefetchConfig()  # predictor None: no prefetching
+    max_pinned_share: float = 1.0  # most of a tier one client may pin (leased or asked for; 1: no cap)...
+    min_pinned: int = 1  # ...but never less than this (one layer's top-k)
+    capacity_wait_s: float = float("inf")  # an acquire not admitted this long is refused, naming why
+
+    def pin_cap(self, slots: int) -> int:
+        """Slots of a tier of ``slots`` one client may pin at once, counting its waiting acquires."""
+        if self.max_pinned_share >= 1.0:  # no cap: a client may even queue past the tier, waiting on itself
+            return 1 << 62
+        return min(slots, max(self.min_pinned, int(self.max_pinned_share * slots)))
 
     def __post_init__(self) -> None:
         if self.host_slots < 1:
@@ -44,6 +53,7 @@ class Pending:
     keys: list[int]
     t0: int  # access time of keys[0]; keys[i] is access t0 + i
     forward: int  # the client's forward pass this acquire belongs to
+    since: float = 0.0  # when it arrived
     admitted: bool = False
     pinned: dict[int, int] = dataclasses.field(default_factory=dict)  # key -> slot it pinned
     waiting: set[int] = dataclasses.field(default_factory=set)  # keys not ready yet
@@ -65,3 +75,4 @@ class ClientState:
     last_layer: int = 1 << 30
     leases: set[int] = dataclasses.field(default_factory=set)
     pending: set[int] = dataclasses.field(default_factory=set)  # request ids
+    pins: dict[str, int] = dataclasses.field(default_factory=dict)  # tier -> slots leased or asked for

@@ -60,6 +60,12 @@ class Partitions:
                     raise PartitionError(
                         f"partition shares {dict(shares)} leave no {tier} slot for the shared tenants"
                     )
+                if total and size < config.min_pinned:
+                    who = f"tenant {partition}" if partition else "the shared tenants"
+                    raise PartitionError(
+                        f"{who} would get {size} {tier} slot(s), "
+                        f"fewer than one layer's top-{config.min_pinned}"
+                    )
                 sizes[tier] = size
             self._base[partition] = dict(offsets)
             for tier, size in sizes.items():
@@ -147,6 +153,9 @@ class Partitions:
             return self.shared.transfer_done(transfer_id, ok, error)
         partition, local_id = self._transfers.pop(transfer_id)
         return self._out(partition, self._managers[partition].transfer_done(local_id, ok, error))
+
+    def max_pinned(self, client: ClientId) -> dict[str, int]:
+        return self._route(client)[1].max_pinned(client)
 
     def client_summary(self) -> dict[ClientId, tuple[int, int]]:
         out: dict[ClientId, tuple[int, int]] = {}

@@ -23,6 +23,7 @@ from expertd.daemon.protocol.errors import (
     RangeError,
     SessionError,
     ShuttingDown,
+    UntrustedSocket,
     error_class,
 )
 from expertd.daemon.protocol.replies import (
@@ -112,6 +113,7 @@ __all__ = [
     "Request",
     "SessionError",
     "ShuttingDown",
+    "UntrustedSocket",
     "Shutdown",
     "Stats",
     "StatsReply",

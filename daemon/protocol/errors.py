@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     SHUTTING_DOWN = "shutting_down"
     UNAVAILABLE = "unavailable"
+    UNTRUSTED_SOCKET = "untrusted_socket"  # raised by a client before it connects, never sent
 
 
 class ExpertdError(Exception):
@@ -84,6 +85,12 @@ class PermissionDenied(ExpertdError):
     code = ErrorCode.FORBIDDEN
 
 
+class UntrustedSocket(ExpertdError):
+    """The ipc:// socket could have been put there by another local user: nothing was sent to it."""
+
+    code = ErrorCode.UNTRUSTED_SOCKET
+
+
 class ShuttingDown(ExpertdError):
     """The daemon is stopping and takes no new work."""
 
@@ -106,6 +113,7 @@ _ERROR_CLASSES: dict[str, type[ExpertdError]] = {
     ErrorCode.FORBIDDEN: PermissionDenied,
     ErrorCode.SHUTTING_DOWN: ShuttingDown,
     ErrorCode.UNAVAILABLE: DaemonUnavailable,
+    ErrorCode.UNTRUSTED_SOCKET: UntrustedSocket,
 }
 assert _ERROR_CLASSES.keys() == set(ErrorCode), "every code maps to a class"
 

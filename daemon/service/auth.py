@@ -8,9 +8,10 @@ shares nothing with the event loop) and stamps each message with the key's
 ``tenant/role`` as its User-Id.
 
 Over ``ipc://`` the socket file's mode (owner, or owner and one group) decides who
-connects. Admin operations there take the admin token, a random secret in a file only
-the daemon's user can read, unless ``[auth] ipc_admin = "all"`` (the single-user
-default: every local client is trusted as admin).
+connects, and the kernel's word on each peer's uid decides its tenant and whether it is
+admin (daemon/service/local_trust.py): by default the daemon's own user and root are;
+with ``[auth] ipc_admin = "token"`` only holders of the admin token, a random secret in a
+file only the daemon's user can read; with ``"all"`` every client that can connect.
 
 Key files are ZeroMQ's certificate format (text, ZPL); nothing here unpickles.
 """

@@ -16,6 +16,7 @@ from typing import Any
 
 from expertd.daemon.core import defaults
 from expertd.daemon.protocol.local import default_address
+from expertd.daemon.protocol.socket_trust import resolve_group, resolve_user
 
 
 class ConfigError(ValueError):
@@ -141,11 +142,12 @@ KEYS: tuple[Key, ...] = (
     Key(
         "auth",
         "ipc_admin",
-        "choice:all|token",
-        "all",
-        "ipc:// only: who may shutdown, see every "
-        "tenant's stats and load predictor statistics: all local clients, "
-        "or holders of the admin token (a 0600 file beside the socket).",
+        "choice:owner|token|all",
+        "owner",
+        "ipc:// only: who may shutdown, see every tenant's stats and load predictor statistics: "
+        "owner: clients running as the daemon's own user or root (as the kernel reports them); "
+        "token: holders of the admin token (a 0600 file beside the socket); all: every client "
+        "that can open the socket.",
     ),  # fmt: skip
     Key(
         "auth",
@@ -165,6 +167,23 @@ KEYS: tuple[Key, ...] = (
     Key("clients", "heartbeat_s", "float", 1.0, "How often clients are told to send a heartbeat."),
     Key("clients", "max_clients", "int", 64, "Connected clients at most; more are refused."),
     Key("clients", "max_pending", "int", 16, "Unanswered acquires per client at most."),
+    Key(
+        "clients",
+        "max_pinned_share",
+        "float",
+        0.5,
+        "Most of a tier one client may pin at once (leased, or asked for by its waiting acquires), "
+        "but never less than one layer's top-k; an acquire past it is refused at once, so one client "
+        "cannot starve the rest. 1: no cap.",
+    ),  # fmt: skip
+    Key(
+        "clients",
+        "capacity_wait_s",
+        "float",
+        5.0,
+        "An acquire that waits this long for slots other clients pin is refused, naming how many "
+        "slots they pin (instead of waiting until the client gives up).",
+    ),  # fmt: skip
     Key(
         "metrics",
         "port",
@@ -200,7 +219,12 @@ class Size:
         return self.amount if self.unit == "slots" else self.amount // slot_bytes
 
     def __str__(self) -> str:
-        return f"{self.amount} slots" if self.unit == "slots" else f"{self.amount / 2**20:g}MiB"
+        if self.unit == "slots":
+            return f"{self.amount} slots"
+        for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if self.amount % factor == 0:
+                return f"{self.amount // factor}{unit}"
+        return f"{self.amount / 2**20:.3g}MiB" if self.amount >= 2**20 else f"{self.amount}B"
 
 
 def parse_size(text: object, where: str) -> Size:
@@ -307,6 +331,10 @@ class ServeConfig:
             return ServeConfig({**self.values, "address": default_address()}, self.source).checked()
         if not re.match(r"^(ipc|tcp)://.+", self.address):
             raise ConfigError(f"[server] address {self.address!r} must start with ipc:// or tcp://")
+        if not self.clients_max_pinned_share <= 1:
+            raise ConfigError(
+                f"[clients] max_pinned_share {self.clients_max_pinned_share} must be a fraction in (0, 1]"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"[metrics] port {self.metrics_port} is not a TCP port (1-65535, or 0: off)")
         if self.address.startswith("tcp://") and self.auth_keys_dir is None:
@@ -326,22 +354,42 @@ class TenantPolicy:
 
     isolation: str = "shared"
     share: float = 1.0  # partitioned: its fraction of each tier; private: the cache it is timed as having
+    uids: frozenset[int] = frozenset()  # ipc://: clients running as these users are this tenant
+    gids: frozenset[int] = frozenset()  # ...or with one of these groups
+
+    @property
+    def binds_anyone(self) -> bool:
+        return bool(self.uids or self.gids)
+
+    def binds(self, uid: int, gids: set[int]) -> bool:
+        return uid in self.uids or not self.gids.isdisjoint(gids)
 
 
 def _tenant(name: str, table: object, source: str) -> TenantPolicy:
     where = f"{source}: [tenants.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = sorted(set(table) - {"isolation", "share"})
+    unknown = sorted(set(table) - {"isolation", "share", "users", "groups"})
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: isolation, share)")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (known: isolation, share, users, groups)"
+        )
     isolation = table.get("isolation", "shared")
     if isolation not in ISOLATION_MODES:
         raise ConfigError(f"{where} isolation: {isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
     share = table.get("share", 1.0)
     if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
         raise ConfigError(f"{where} share: {share!r} must be a fraction in (0, 1]")
-    return TenantPolicy(isolation, float(share))
+    ids = {}
+    for key, resolve in (("users", resolve_user), ("groups", resolve_group)):
+        names = table.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str | int) for n in names):
+            raise ConfigError(f"{where} {key}: expected a list of names or ids, got {names!r:.60}")
+        try:
+            ids[key] = frozenset(resolve(n) for n in names)
+        except KeyError as exc:
+            raise ConfigError(f"{where} {key}: {exc.args[0]}") from None
+    return TenantPolicy(isolation, float(share), ids["users"], ids["groups"])
 
 
 def config_doc() -> str:
@@ -375,5 +423,13 @@ def config_doc() -> str:
         "is timed as if its cache were its own (see docs/security.md). |",
         "| `share` | fraction in (0, 1] | `1.0` | partitioned: its part of each tier's slots; private: "
         "the size of the private cache its replies are timed against. |",
+        "| `users` | list of user names or uids | `[]` | ipc://: clients running as these users are "
+        "this tenant, whatever they claim; no other user may claim it (the daemon's own user and root "
+        "may act as any tenant). |",
+        "| `groups` | list of group names or gids | `[]` | ipc://: as `users`, for members of these "
+        "groups. |",
+        "",
+        "Over ipc:// a client of another user that no tenant lists is the tenant named after its "
+        "user; over tcp:// the tenant is its CURVE key's (`expertd keys allow`).",
     ]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """The daemon's one socket, bound with its access control in place from the first moment.
 
 A ZeroMQ ROUTER carries client requests and, over inproc, the transfer engine's
-completions. ``ipc://``: the socket file is owner-only (0600), or owner and one group
+completions. ``ipc://``: the socket's directory is the daemon's own (made 0700/0750 here;
+one another user made or may write is refused, daemon/service/local_trust.py), the socket
+file is owner-only (0600), or owner and one group
 (0660) with ``[auth] socket_group``, which may then also map the shared-memory slabs
 (0640); ``[auth] ipc_admin = "token"`` writes an admin token beside the socket. A socket
 file left by a daemon that died is replaced; one that still answers is refused.
@@ -15,6 +17,7 @@ import dataclasses
 import grp
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import zmq
 from expertd.daemon import protocol as proto
 from expertd.daemon.service.auth import AuthError, ClientKey, CurveAuthenticator, new_admin_token, server_keys
 from expertd.daemon.service.config import ServeConfig
+from expertd.daemon.service.local_trust import UntrustedPath, make_socket_dir
 
 log = logging.getLogger("expertd")
 
@@ -67,8 +71,14 @@ def listen(
         listener.engine_curve = _enable_curve(context, router, config.auth_keys_dir, closers)
     else:
         path = Path(address[len("ipc://") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
+        _own_socket_dir(path, config.auth_socket_group)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(info.st_mode):
+                raise StartupError(f"{path} exists and is not a socket: refusing to replace it")
             if answers(context, address):
                 raise StartupError(f"another expertd is serving at {address}")
             path.unlink()  # left behind by a daemon that died
@@ -94,6 +104,19 @@ def listen(
     router.bind(listener.completion_address)
     router.setsockopt(zmq.RCVTIMEO, int(tick_s * 1000))
     return listener
+
+
+def _own_socket_dir(path: Path, group: str | None) -> None:
+    """The socket's directory is the daemon's alone (made 0700/0750 here, or refused by name)."""
+    try:
+        gid = None if not group else grp.getgrnam(group).gr_gid
+        make_socket_dir(path.parent, gid)
+    except KeyError:
+        raise StartupError(f"[auth] socket_group {group!r}: no such group") from None
+    except UntrustedPath as exc:
+        raise StartupError(f"socket directory: {exc}; remove it or choose another [server] address") from None
+    except OSError as exc:
+        raise StartupError(f"socket directory {path.parent}: {exc.strerror}") from None
 
 
 def _enable_curve(

@@ -30,6 +30,7 @@ from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
 )
+from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
     Session,
@@ -45,6 +46,7 @@ log = logging.getLogger("expertd")
 
 SHARED = TenantPolicy()
 STATUS_EVERY_S = 5.0
+PEER_CHECK_S = 0.5  # how often ipc:// clients' processes are checked for having exited
 
 
 class Server:
@@ -62,6 +64,8 @@ class Server:
         self.acquires = {"count": 0, "waited": 0, "stall_s": 0.0, "max_stall_s": 0.0, "errors": 0}
         self.tenants: dict[str, TenantCounters] = {}
         self._user_of: dict[bytes, str] = {}  # CURVE: sender identity -> its key's tenant/role
+        self._last_frame: Any = None  # ipc://: the message being handled, for its peer credentials
+        self._peers_checked_at = 0.0
         self.admin_token: str | None = None
         self.held = HeldReplies()  # private tenants' replies, held back
         self.messages = {"received": 0, "rejected": 0}
@@ -181,9 +185,15 @@ class Server:
             if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return None
         try:
-            return router.recv_multipart(zmq.NOBLOCK) if not self.curve else self._recv_with_user(router)
+            return self._recv_with_peer(router) if not self.curve else self._recv_with_user(router)
         except zmq.Again:
             return None
+
+    def _recv_with_peer(self, router: zmq.Socket) -> list[bytes]:
+        """ipc://: the frames, keeping the last one: its Peer-Address names the sender's uid/pid."""
+        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+        self._last_frame = frames[-1]
+        return [frame.bytes for frame in frames]
 
     def _recv_with_user(self, router: zmq.Socket) -> list[bytes]:
         """CURVE: the frames, noting the authenticated key's tenant/role for the sender."""
@@ -334,15 +344,30 @@ class Server:
                 f"{self.config.clients_max_clients} clients connected",
             )
             return
-        tenant, role = self._credentials(identity, hello)
-        self.sessions[identity] = Session(hello.client, tenant, hello.pid, now, role)
+        peer = None if self.curve else Peer.from_property(_peer_address(self._last_frame))
+        try:
+            tenant, role = self._credentials(identity, hello, peer)
+        except Refused as exc:
+            log.warning(
+                "refused client %s (uid %s, pid %s): %s",
+                hello.client, peer.uid if peer else "?", peer.pid if peer else "?", exc,
+            )  # fmt: skip
+            self._send_error(identity, request_id, "forbidden", str(exc))
+            return
+        session = Session(hello.client, tenant, hello.pid, now, role)
+        if peer is not None:  # the kernel's word, not the hello's
+            session.pid, session.uid, session.started = peer.pid, peer.uid, process_start(peer.pid)
+        self.sessions[identity] = session
         isolation = self.tenant_policy(tenant).isolation
         self.manager.set_tenant(identity, tenant, now, tenant if isolation == "partitioned" else None)
-        log.info("client %s (tenant %s, %s, pid %d) connected", hello.client, tenant, role, hello.pid)
-        self._send_ok(identity, request_id, self.hello_reply())
+        log.info(
+            "client %s (tenant %s, %s, uid %d, pid %d) connected",
+            hello.client, tenant, role, session.uid, session.pid,
+        )  # fmt: skip
+        self._send_ok(identity, request_id, self.hello_reply(identity))
 
-    def _credentials(self, identity: bytes, hello: proto.Hello) -> tuple[str, str]:
-        """The tenant and role of a new session: bound to its key over tcp://, claimed over ipc://."""
+    def _credentials(self, identity: bytes, hello: proto.Hello, peer: Peer | None) -> tuple[str, str]:
+        """The tenant and role of a new session: its key's over tcp://, its OS user's over ipc://."""
         if self.curve:
             tenant, role = parse_user_id(self._user_of.get(identity) or "?/none")
             if tenant != hello.tenant and hello.tenant != "default":
@@ -350,18 +375,23 @@ class Server:
                     "client %s claimed tenant %s; its key says %s", hello.client, hello.tenant, tenant
                 )
             return tenant, role
-        admin = self.config.auth_ipc_admin == "all" or (
+        token_ok = (
             self.admin_token is not None
             and hello.token is not None
             and hmac.compare_digest(hello.token, self.admin_token)
         )
-        return hello.tenant, "admin" if admin else "client"
+        return ipc_identity(peer, hello.tenant, self.config.tenants, self.config.auth_ipc_admin, token_ok)
 
-    def hello_reply(self) -> proto.HelloReply:
+    def hello_reply(self, identity: bytes | None = None) -> proto.HelloReply:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
         if self.device is not None:
             tiers[DEVICE] = self.device.handle()
+        if identity is not None:
+            for tier, cap in self.manager.max_pinned(identity).items():
+                tiers[tier]["max_pinned"] = (
+                    cap  # what this client may pin at once ([clients] max_pinned_share)
+                )
         return proto.HelloReply(
             protocol=proto.PROTOCOL_VERSION,
             daemon=DAEMON_VERSION,
@@ -381,7 +411,16 @@ class Server:
         )
 
     def _expire(self, now: float) -> None:
-        """Clients silent past the lease timeout lose their leases and their session."""
+        """Clients silent past the lease timeout, or whose process exited, lose their leases and session."""
+        if now - self._peers_checked_at >= PEER_CHECK_S:
+            self._peers_checked_at = now
+            for identity, session in list(self.sessions.items()):
+                if session.uid >= 0 and process_gone(session.pid, session.started):
+                    log.warning(
+                        "client %s (pid %d) exited without bye: its leases were released",
+                        session.name, session.pid,
+                    )  # fmt: skip
+                    self._forget(identity)
         self._execute(self.manager.tick(now), now)
         for identity in [i for i in self.sessions if not self.manager.knows(i)]:
             session = self.sessions.pop(identity)
@@ -524,6 +563,13 @@ class Server:
         if listener is not None:
             listener.remove_files()
         self.notifier.close()
+
+
+def _peer_address(frame: Any) -> str | None:
+    try:
+        return frame.get("Peer-Address") if frame is not None else None
+    except zmq.ZMQError:  # not reported by this libzmq
+        return None
 
 
 def _in_main_thread() -> bool:

@@ -21,6 +21,8 @@ class Session:
     since: float
     role: str = "client"  # or "admin": shutdown, every tenant's stats
     requests: int = 0
+    uid: int = -1  # ipc://: the peer's user as the kernel says (-1: tcp://, unknown)
+    started: int | None = None  # ipc://: the peer process's start time, to tell it died
 
 
 @dataclasses.dataclass

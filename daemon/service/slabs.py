@@ -39,12 +39,17 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale(shm_dir: Path = SHM_DIR) -> list[Path]:
-    """Remove expertd shared-memory files whose daemon is dead; return what was removed."""
+    """Remove this user's expertd shared-memory files whose daemon is dead; return what was removed.
+
+    Another user's are theirs to remove (and /dev/shm's sticky bit would refuse us).
+    """
     removed = []
     for path in shm_dir.glob(f"{SHM_PREFIX}*"):
         match = _SHM_NAME.match(path.name)
         if match and not pid_alive(int(match["pid"])):
             with contextlib.suppress(FileNotFoundError):
+                if path.lstat().st_uid != os.geteuid():
+                    continue
                 path.unlink()
                 removed.append(path)
     return removed

@@ -63,6 +63,35 @@ def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
     )
 
 
+def _top_k(manifest: Any) -> int:
+    """Experts one token uses per layer, as the store recorded it (1 where it did not)."""
+    top_k = manifest.source.get("top_k")
+    if isinstance(top_k, int) and 0 < top_k <= manifest.num_experts:
+        return top_k
+    log.warning("the store does not record its model's top-k (packed by an older expertd): assuming 1")
+    return 1
+
+
+def tier_slots(key: str, size: Any, manifest: Any, top_k: int) -> int:
+    """Slots of a tier of ``size``: at most one per expert of the store (logged when shrunk),
+    and refused when one layer's top-k would not fit."""
+    num_keys = manifest.num_layers * manifest.num_experts
+    slot_bytes = manifest.slot_bytes
+    asked = size.slots(slot_bytes)
+    if asked < top_k:
+        raise StartupError(
+            f"[tiers] {key} {size} holds {asked} slot(s) of {slot_bytes} bytes; one layer's top-{top_k} "
+            f"needs {top_k}: every acquire would fail"
+        )
+    if asked > num_keys:
+        log.warning(
+            "[tiers] %s %s is more than the store's %d experts (%.1f MiB): allocating %d slots",
+            key, size, num_keys, num_keys * slot_bytes / 2**20, num_keys,
+        )  # fmt: skip
+        return num_keys
+    return asked
+
+
 def start_parts(cfg: ServeConfig, parts: Parts) -> None:
     """Open the store, allocate the slabs, build the manager, bind the sockets, start the workers.
 
@@ -80,23 +109,15 @@ def start_parts(cfg: ServeConfig, parts: Parts) -> None:
         raise StartupError(f"cannot open store {cfg.store}: {exc}") from None
     closers.append(parts.reader)
     manifest = parts.manifest = parts.reader.manifest
-    num_keys = manifest.num_layers * manifest.num_experts
     slot_bytes = manifest.slot_bytes
-    host_slots = min(cfg.tiers_host_size.slots(slot_bytes), num_keys)
-    if host_slots < 1:
-        raise StartupError(
-            f"[tiers] host_size {cfg.tiers_host_size} holds no slot of {slot_bytes} bytes (one expert)"
-        )
+    top_k = _top_k(manifest)
+    host_slots = tier_slots("host_size", cfg.tiers_host_size, manifest, top_k)
     try:
         host = parts.host = HostSlab("host", host_slots, slot_bytes)
         closers.append(host)
         device: CpuDeviceSlab | CudaDeviceSlab | None = None
         if cfg.tiers_device != "off":
-            device_slots = min(cfg.tiers_device_size.slots(slot_bytes), num_keys)
-            if device_slots < 1:
-                raise StartupError(
-                    f"[tiers] device_size {cfg.tiers_device_size} holds no slot of {slot_bytes} bytes"
-                )
+            device_slots = tier_slots("device_size", cfg.tiers_device_size, manifest, top_k)
             if cfg.tiers_device == "cpu":
                 device = CpuDeviceSlab("device", device_slots, slot_bytes)
             else:
@@ -138,6 +159,9 @@ def start_parts(cfg: ServeConfig, parts: Parts) -> None:
         max_pending_per_client=cfg.clients_max_pending or 1,
         max_queued_prefetches=cfg.transfers_max_queued_prefetches,
         expert_bytes=manifest.raw_bytes,
+        max_pinned_share=cfg.clients_max_pinned_share,
+        min_pinned=top_k,
+        capacity_wait_s=cfg.clients_capacity_wait_s,
         prefetch=prefetch,
     )
     try:

@@ -122,6 +122,7 @@ class CheckpointPlan:
     # tensor per expert; -1: a leading expert dimension; n > 0: expert e is rows [e*n, (e+1)*n)
     sources: dict[str, tuple[str, int]]
     files: dict[str, str]  # checkpoint tensor name -> shard file name
+    top_k: int = 0  # config.json's num_experts_per_tok (0: not stated)
     _handles: dict[str, Any] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
 
@@ -358,6 +359,7 @@ def scan_checkpoint(directory: str | Path) -> CheckpointPlan:
         skipped_layers=skipped,
         sources=sources,
         files={name: info.file for name, info in found.items()},
+        top_k=_experts_per_token(config, num_experts),
     )
 
 
@@ -370,6 +372,16 @@ def _dbrx_experts(directory: Path, config: dict[str, Any]) -> int:
             f"ffn_config.moe_num_experts must say E (found {count!r:.40})"
         )
     return count
+
+
+def _experts_per_token(config: dict, num_experts: int) -> int:
+    """config.json's ``num_experts_per_tok`` (or its text_config's), if it is a sane count."""
+    text = config.get("text_config")
+    nested = text.get("num_experts_per_tok") if isinstance(text, dict) else None
+    ffn = config.get("ffn_config")  # DBRX
+    nested = ffn.get("moe_top_k", nested) if isinstance(ffn, dict) else nested
+    value = config.get("num_experts_per_tok", nested)
+    return value if isinstance(value, int) and 0 < value <= num_experts else 0
 
 
 def _check_like(info: _Found, ref: _Found) -> None:

@@ -72,22 +72,23 @@ class SyntheticPreset:
     num_layers: int  # MoE layers
     first_moe_layer: int  # checkpoint id of the first MoE layer (DeepSeek's first is dense)
     naming: str  # mixtral (w1/w2/w3) or experts (gate/up/down_proj)
+    top_k: int  # experts per token (num_experts_per_tok)
     moe_every: int = 1  # checkpoint layers per MoE layer (Llama-4 Maverick: every second one)
 
 
 _P = SyntheticPreset
 SYNTHETIC_PRESETS = {
-    # name: model, model_type, hidden, ffn, experts, MoE layers, first MoE layer, naming
-    "mixtral-8x7b": _P("mistralai/Mixtral-8x7B-v0.1", "mixtral", 4096, 14336, 8, 32, 0, "mixtral"),
+    # name: model, model_type, hidden, ffn, experts, MoE layers, first MoE layer, naming, top-k
+    "mixtral-8x7b": _P("mistralai/Mixtral-8x7B-v0.1", "mixtral", 4096, 14336, 8, 32, 0, "mixtral", 2),
     "deepseek-v2-lite": _P("deepseek-ai/DeepSeek-V2-Lite", "deepseek_v2", 2048, 1408, 64, 26, 1,
-                           "experts"),
-    "qwen3-30b-a3b": _P("Qwen/Qwen3-30B-A3B", "qwen3_moe", 2048, 768, 128, 48, 0, "experts"),
-    "olmoe-1b-7b": _P("allenai/OLMoE-1B-7B-0924", "olmoe", 2048, 1024, 64, 16, 0, "experts"),
+                           "experts", 6),
+    "qwen3-30b-a3b": _P("Qwen/Qwen3-30B-A3B", "qwen3_moe", 2048, 768, 128, 48, 0, "experts", 8),
+    "olmoe-1b-7b": _P("allenai/OLMoE-1B-7B-0924", "olmoe", 2048, 1024, 64, 16, 0, "experts", 8),
     # The shipped Granite trace's model (its checkpoint fuses experts; the synthetic store names them).
     "granite-3.0-1b-a400m": _P("ibm-granite/granite-3.0-1b-a400m-instruct", "granitemoe", 1024, 512, 32, 24,
-                               0, "experts"),
+                               0, "experts", 8),
     "llama-4-maverick": _P("meta-llama/Llama-4-Maverick-17B-128E-Instruct", "llama4", 5120, 8192, 128, 24, 1,
-                           "experts", moe_every=2),
+                           "experts", 1, moe_every=2),
 }  # fmt: skip
 
 
@@ -408,6 +409,7 @@ def pack_safetensors(
             "checkpoint_layers": plan.checkpoint_layers,
             "source": {
                 "kind": "safetensors",
+                **({"top_k": plan.top_k} if plan.top_k else {}),
                 "path": str(Path(checkpoint_dir).resolve()),
                 "skipped_layers": list(plan.skipped_layers),
             },
@@ -513,6 +515,7 @@ def pack_synthetic(
         ),
         "source": {
             "kind": "synthetic",
+            "top_k": spec.top_k,
             "preset": preset,
             "like": spec.model,
             "scale": scale,
