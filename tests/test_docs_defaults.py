@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from expertd.client import vllm_plugin
 from expertd.daemon.cli.main import build_parser
 from expertd.daemon.core import defaults
 from expertd.daemon.service.config import KEYS
@@ -76,6 +77,8 @@ def stated_defaults() -> list[tuple[str, str]]:
             "traces/README.md",
             f"defaults: `{convert_csv.DEFAULT_MODEL}`, {convert_csv.DEFAULT_EXPERTS} experts",
         ),
+        # vllm_method takes os.environ[ENV_TIER] or else client.default_tier
+        ("docs/getting-started.md", f"`{vllm_plugin.ENV_TIER}` picks the tier (default: the daemon's)"),
     ]
 
 
