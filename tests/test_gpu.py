@@ -79,17 +79,25 @@ def test_moe_block_through_a_cuda_device_tier_equals_the_stores_weights(store, s
         daemon.terminate()
 
 
-def test_a_released_cuda_lease_waits_for_the_gpu_work_still_reading_it(store, short_dir):
+@pytest.fixture(scope="module")
+def top1_store(tmp_path_factory) -> Path:
+    """A top-1 store, so a one-slot device tier is one serve accepts (it refuses a tier below top-k)."""
+    path = tmp_path_factory.mktemp("gpu-top1") / "llama4"
+    pack_synthetic(path, "llama-4-maverick", scale=64, layers=1)  # 1 layer x 128 experts, top-1
+    return path
+
+
+def test_a_released_cuda_lease_waits_for_the_gpu_work_still_reading_it(top1_store, short_dir):
     """A kernel queued on a leased slot reads that expert, even if the slot is refilled after release.
 
     One device slot: once expert 0's lease is released, the daemon copies expert 1 into the
     very slot a queued copy of expert 0 is still waiting to read (behind a 0.2 s GPU sleep).
     """
     daemon = DaemonProcess(
-        store, short_dir, "--host-size", "96 slots", "--device", "cuda", "--device-size", "1 slots"
+        top1_store, short_dir, "--host-size", "96 slots", "--device", "cuda", "--device-size", "1 slots"
     )  # fmt: skip
     try:
-        reader = StoreReader(store)
+        reader = StoreReader(top1_store)
         want = MemoryExperts.from_store(reader, [0]).weights[0]  # expert -> name -> tensor
         with ExpertClient(daemon.address) as client:
             name = client.tensor_names[0]
@@ -105,13 +113,13 @@ def test_a_released_cuda_lease_waits_for_the_gpu_work_still_reading_it(store, sh
         daemon.terminate()
 
 
-def test_closing_a_client_waits_for_the_gpu_work_still_reading_its_leases(store, short_dir):
+def test_closing_a_client_waits_for_the_gpu_work_still_reading_its_leases(top1_store, short_dir):
     """The bye releases every lease at once; queued reads of their slots still see their experts."""
     daemon = DaemonProcess(
-        store, short_dir, "--host-size", "96 slots", "--device", "cuda", "--device-size", "1 slots"
+        top1_store, short_dir, "--host-size", "96 slots", "--device", "cuda", "--device-size", "1 slots"
     )  # fmt: skip
     try:
-        want = MemoryExperts.from_store(StoreReader(store), [0]).weights[0]
+        want = MemoryExperts.from_store(StoreReader(top1_store), [0]).weights[0]
         client = ExpertClient(daemon.address)
         name = client.tensor_names[0]
         lease = client.acquire(0, [0])
