@@ -3,7 +3,8 @@
 Used when a pass routes to more experts of a layer than the tier holds (`expertd.client.hf`,
 `expertd.client.vllm_plugin`): chunks are taken in order, the previous chunk's lease is
 released as the next is taken, and the chunk after it is asked for at once, so it travels
-while this one computes.
+while this one computes -- when two chunks fit what one client may pin (``limit``); else one at
+a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from expertd.daemon.protocol import ExpertdError
 
 class ChunkLeases:
     """The leases of ``chunks`` of ``layer``; ``first``: chunk 0's acquire if already sent;
-    ``wait``: turns a pending acquire into its lease (default: `PendingAcquire.result`)."""
+    ``wait``: turns a pending acquire into its lease (default: `PendingAcquire.result`);
+    ``limit``: the most slots this client may pin at once (the hello's ``max_pinned``)."""
 
     def __init__(
         self,
@@ -28,6 +30,7 @@ class ChunkLeases:
         *,
         first: PendingAcquire | None = None,
         wait: Callable[[PendingAcquire], Lease] | None = None,
+        limit: int | None = None,
     ) -> None:
         self.client, self.layer, self.chunks, self.tier = client, layer, chunks, tier
         self.acquires = 0
@@ -35,6 +38,8 @@ class ChunkLeases:
         self._wait = wait or (lambda pending: pending.result())
         self._next = first
         self._lease: Lease | None = None
+        widest = max((len(c) for c in chunks), default=0)
+        self._ahead = limit is None or 2 * widest <= limit  # the daemon refuses pins past the limit
 
     def take(self, index: int) -> Lease:
         """Chunk ``index``'s lease (taken in order; the previous one is released)."""
@@ -43,7 +48,7 @@ class ChunkLeases:
             self._lease.release()
         pending = self._next or self.client.acquire_async(self.layer, self.chunks[index], self.tier)
         self._next = None
-        if index + 1 < len(self.chunks):
+        if self._ahead and index + 1 < len(self.chunks):
             self._next = self.client.acquire_async(self.layer, self.chunks[index + 1], self.tier)
         self._lease = self._wait(pending)
         self.acquires += 1

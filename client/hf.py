@@ -106,7 +106,13 @@ class _ChunkLeases:
     ) -> None:
         self.runtime, self.chunks, self.device = runtime, chunks, device
         self._leases = ChunkLeases(
-            runtime.client, layer, chunks, runtime.tier, first=first, wait=runtime._wait
+            runtime.client,
+            layer,
+            chunks,
+            runtime.tier,
+            first=first,
+            wait=runtime._wait,
+            limit=runtime.max_per_acquire,
         )
         self._held: tuple[Slab, dict[int, int]] | None = None
 

@@ -127,7 +127,7 @@ class ExpertdMoEMethod(UnquantizedFusedMoEMethod):
         if not order:  # a pass with no tokens (an idle rank's dummy batch)
             return torch.zeros_like(x)
         chunks = chunks_of(order, self.limit, self.chunk)
-        leases = ChunkLeases(client, self.store.index, chunks, self.tier)
+        leases = ChunkLeases(client, self.store.index, chunks, self.tier, limit=self.limit)
         if self.hint:
             self._hint_next(layer, x)  # while the first lease travels
         self.chunked += len(chunks) > 1

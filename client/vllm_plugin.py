@@ -185,8 +185,10 @@ def chunks_of(order: list[int], limit: int, chunk: int) -> list[list[int]]:
 
 
 def acquire_sizes(client: ExpertClient, tier: str) -> tuple[int, int]:
-    """(most experts one acquire may name, chunk size) for ``tier``: all its slots, and half."""
-    slots = int(client.info["tiers"][tier]["slots"])
+    """(most experts one acquire may name, chunk size) for ``tier``: what one client may pin of it
+    (the hello's ``max_pinned``; all its slots from a daemon that states none), and half."""
+    handle = client.info["tiers"][tier]
+    slots = int(handle.get("max_pinned", handle["slots"]))
     return min(slots, MAX_EXPERTS_PER_MESSAGE), max(1, min(slots // 2, MAX_EXPERTS_PER_MESSAGE))
 
 
