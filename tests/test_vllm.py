@@ -94,6 +94,7 @@ def serve(store: Path, workdir: Path, device_slots: int, address: str | None = N
     total = manifest["num_layers"] * manifest["num_experts"]
     run = Path(tempfile.mkdtemp(prefix="d-", dir=workdir))
     flags = ["--host-size", f"{total} slots", "--device", "cpu", "--device-size", f"{device_slots} slots"]
+    flags += ["--max-pinned-share", "1"]  # the engine is the daemon's one client: its passes are not capped
     return DaemonProcess(store, run, *flags, "--log-level", "warning", address=address)
 
 
