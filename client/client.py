@@ -32,6 +32,7 @@ from expertd.client.lease import Lease, PendingAcquire
 from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S, Multiplexer
 from expertd.client.views import SlabViews
 from expertd.daemon.protocol import (
+    AUTO_TIER,
     MAX_RELEASES_PER_ACQUIRE,
     PROTOCOL_VERSION,
     Acquire,
@@ -159,19 +160,39 @@ class ExpertClient(Multiplexer):
 
     # --- public operations -----------------------------------------------------------------
 
-    def acquire(self, layer: int, experts: Iterable[int], tier: str | None = None) -> Lease:
-        """Pin ``experts`` of ``layer`` in ``tier`` (default: the daemon's) and wait for them."""
-        return self.acquire_async(layer, experts, tier).result()
+    def acquire(
+        self, layer: int, experts: Iterable[int], tier: str | None = None, tokens: Iterable[int] | None = None
+    ) -> Lease:
+        """Pin ``experts`` of ``layer`` in ``tier`` (default: the daemon's) and wait for them.
 
-    def acquire_async(self, layer: int, experts: Iterable[int], tier: str | None = None) -> PendingAcquire:
+        ``tier="auto"``: the daemon places each expert, on the device or in the host tier (whose
+        read-only view the caller computes from on the CPU); `Lease.place` says which.
+        ``tokens[i]``: tokens routed to the i-th expert (auto only; a prefill's belong on the device).
+        """
+        return self.acquire_async(layer, experts, tier, tokens).result()
+
+    def acquire_async(
+        self, layer: int, experts: Iterable[int], tier: str | None = None, tokens: Iterable[int] | None = None
+    ) -> PendingAcquire:
         """Send an acquire now; the returned `PendingAcquire` waits for its lease."""
         if self._stale:
             self._rehello(self._session)
         session = self._session
-        request_id, request = self._send_acquire(
-            int(layer), [int(e) for e in experts], tier or self.default_tier
-        )
+        tier = tier or self.default_tier
+        if tier == AUTO_TIER and self._hello_reply().protocol < 3:
+            raise ProtocolError(
+                f"expertd at {self.address} speaks protocol {self._hello_reply().protocol}: "
+                f"no tier {AUTO_TIER!r} (acquire 'device' or 'host')"
+            )
+        counts = None if tokens is None else [int(t) for t in tokens]
+        request_id, request = self._send_acquire(int(layer), [int(e) for e in experts], tier, tokens=counts)
         return PendingAcquire(self, request, request_id, session)
+
+    @property
+    def auto(self) -> bool:
+        """Does the daemon place experts (``tier="auto"``)? Protocol 3 and a device tier."""
+        hello = self._hello_reply()
+        return hello.protocol >= 3 and "device" in hello.tiers
 
     def release(self, lease: Lease) -> None:
         """Release ``lease`` now and wait for the daemon to confirm (no-op if already sent)."""
@@ -316,7 +337,7 @@ class ExpertClient(Multiplexer):
     # --- acquire and release ---------------------------------------------------------------
 
     def _send_acquire(
-        self, layer: int, experts: list[int], tier: str, *, carry: bool = True
+        self, layer: int, experts: list[int], tier: str, *, carry: bool = True, tokens: list[int] | None = None
     ) -> tuple[int, Acquire]:
         """Send an acquire carrying queued releases; returns its id and what was sent."""
         carried: list[int] = []
@@ -324,7 +345,7 @@ class ExpertClient(Multiplexer):
             with self._cond:
                 carried = self._releases[:MAX_RELEASES_PER_ACQUIRE]
                 del self._releases[: len(carried)]
-        request = Acquire(layer, experts, tier, carried, self.generation)
+        request = Acquire(layer, experts, tier, carried, self.generation, tokens)
         try:
             return self._send(request, reply=True), request
         except DaemonUnavailable:
@@ -353,22 +374,24 @@ class ExpertClient(Multiplexer):
                 raise
             retried = True
             request_id, request = self._send_acquire(
-                request.layer, request.experts, request.tier, carry=False
+                request.layer, request.experts, request.tier, carry=False, tokens=request.tokens
             )
         return self._lease(ok, request, session)
 
     def _lease(self, ok: dict[str, Any], request: Acquire, session: int) -> Lease:
         reply = LeaseReply.from_wire(ok)
-        slab = self._slabs.get(reply.tier)
-        if slab is None or len(reply.slots) != len(request.experts):
+        places = reply.places
+        named = {reply.tier} if places is None else set(places)
+        slab = self._slabs.get(reply.tier if places is None else places[0] if places else "")
+        if slab is None or not named <= self._slabs.keys() or len(reply.slots) != len(request.experts):
             self._release_now([reply.lease])
             raise ProtocolError(
-                f"acquire reply names tier {reply.tier!r} (mapped: {', '.join(self._slabs)}) and "
+                f"acquire reply names tier(s) {', '.join(sorted(named))} (mapped: {', '.join(self._slabs)}) and "
                 f"{len(reply.slots)} slots for {len(request.experts)} experts"
             )
         return Lease(
             self, reply.lease, request.layer, tuple(request.experts), reply.tier, reply.slots, reply.hits,
-            session, slab,
+            session, slab, places, None if places is None else {t: self._slabs[t] for t in named},
         )  # fmt: skip
 
     def _queue_release(self, lease: Lease) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +32,10 @@ class Lease:
         hits: int,
         session: int,
         slab: SlabViews,
+        places: tuple[str, ...] | None = None,
+        slabs: Mapping[str, SlabViews] | None = None,
     ) -> None:
+        """``places`` (a ``tier="auto"`` lease): the tier of each expert's slot, among ``slabs``."""
         self.lease_id = lease_id
         self.layer = layer
         self.experts = experts
@@ -43,6 +46,8 @@ class Lease:
         self.released = False
         self._client = client
         self._slab = slab
+        self.places = places
+        self._slabs = dict(slabs or {})
         self._index = {expert: i for i, expert in reversed(list(enumerate(experts)))}
 
     @property
@@ -56,7 +61,19 @@ class Lease:
             raise LeaseError(f"lease {self.lease_id} was released")
         if self.stale:
             raise SessionError(f"lease {self.lease_id} was taken before the daemon restarted; acquire again")
-        return self._slab.tensors(self.slots[i])
+        slab = self._slab if self.places is None else self._slabs[self.places[i]]
+        return slab.tensors(self.slots[i])
+
+    def place(self, i: int) -> str:
+        """The tier of the ``i``-th expert's slot: where the client computes it."""
+        return self.tier if self.places is None else self.places[i]
+
+    def place_of(self, expert: int) -> str:
+        """The tier of expert id ``expert``'s slot."""
+        i = self._index.get(expert)
+        if i is None:
+            raise KeyError(f"expert {expert} is not in lease {self.lease_id} (experts {list(self.experts)})")
+        return self.place(i)
 
     def __getitem__(self, expert: int) -> dict[str, torch.Tensor]:
         """The tensors of expert id ``expert``, by name."""
@@ -88,8 +105,10 @@ class Lease:
         waits for the device first (all streams: the views may be read on any). Shared
         memory views are read by the CPU, synchronously, and need nothing.
         """
-        if self._slab.kind == "cuda":
-            torch.cuda.synchronize(self._slab.flat.device)
+        for slab in (self._slab, *self._slabs.values()):
+            if slab.kind == "cuda":
+                torch.cuda.synchronize(slab.flat.device)
+                return
 
     def __enter__(self) -> Lease:
         return self

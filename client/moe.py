@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertd.client.client import ExpertClient
-from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
+from expertd.client.host_compute import HOST, HostCompute, on_cpu
+from expertd.daemon.protocol import AUTO_TIER, MAX_EXPERTS_PER_MESSAGE
 
 
 class ExpertReader(Protocol):
@@ -109,24 +110,55 @@ def add_experts(
     which: list[int],
     expert_weights: Callable[[int], ExpertWeights],
     names: tuple[str, str, str],
+    *,
+    on_host: frozenset[int] = frozenset(),
+    host: HostCompute | None = None,
 ) -> None:
     """Add the experts ``which`` (ascending ids) of `moe_experts` into ``out`` [T, D] float32.
 
     Called on consecutive ascending runs of the routed experts, it sums in the same order
     as one call over all of them: the result is the same, bit for bit.
+
+    Experts in ``on_host`` (weights on the CPU) are computed by ``host``'s threads while this
+    thread computes the others on ``out``'s device; every contribution is then added on the
+    device in expert-id order, so the sum is the one the single loop makes.
     """
-    gate_name, up_name, down_name = names
+    hosted = [e for e in which if e in on_host]
+    if not hosted:
+        for expert in which:
+            token, contribution = _contribution(x, weights, experts, expert, expert_weights(expert), names)
+            out.index_add_(0, token, contribution)  # [T, D]
+        return
+    assert host is not None, "host-placed experts need a HostCompute"
+    x_cpu, weights_cpu, experts_cpu = on_cpu(x, weights, experts)
+    futures = {  # the CPU starts on these while the device gets its own
+        e: host.submit(_contribution, x_cpu, weights_cpu, experts_cpu, e, expert_weights(e), names) for e in hosted
+    }
+    done = {
+        e: _contribution(x, weights, experts, e, expert_weights(e), names) for e in which if e not in futures
+    }
     for expert in which:
-        token, rank = torch.where(experts == expert)  # [t], [t]
-        w = expert_weights(expert)
-        h = expert_ffn(x[token], w[gate_name], w[up_name], w[down_name])  # [t, D]
-        out.index_add_(0, token, h.float() * weights[token, rank, None])  # [T, D]
+        token, contribution = done[expert] if expert in done else futures[expert].result()
+        out.index_add_(0, token.to(out.device), contribution.to(out.device))  # [T, D]
+
+
+def _contribution(
+    x: Tensor, weights: Tensor, experts: Tensor, expert: int, w: ExpertWeights, names: tuple[str, str, str]
+) -> tuple[Tensor, Tensor]:
+    """Expert ``expert``'s tokens [t] and its weighted output over them [t, D] float32."""
+    gate_name, up_name, down_name = names
+    token, rank = torch.where(experts == expert)  # [t], [t]
+    h = expert_ffn(x[token], w[gate_name], w[up_name], w[down_name])  # [t, D]
+    return token, h.float() * weights[token, rank, None]
 
 
 class ExpertSource(Protocol):
     """Where a block gets expert weights: a lease of ``experts`` of ``layer``, and hints.
 
     ``max_per_acquire``: the most experts one `experts` call may ask for (None: no limit).
+    A source may take ``tokens`` (tokens routed to each expert) and give a lease with
+    ``place_of(expert)``: "host" means the weights are CPU tensors the block computes on
+    its `HostCompute` threads.
     """
 
     tensor_names: tuple[str, ...]
@@ -140,15 +172,22 @@ class ExpertSource(Protocol):
 
 
 class ClientExperts:
-    """Expert weights leased from expertd through an `ExpertClient` (zero-copy views)."""
+    """Expert weights leased from expertd through an `ExpertClient` (zero-copy views).
+
+    ``tier="auto"``: the daemon places each expert on the device or the host tier; the block
+    computes host-placed ones on the CPU (`HostCompute`).
+    """
 
     def __init__(self, client: ExpertClient, tier: str | None = None) -> None:
         self.client = client
         self.tier = tier
+        self.wants_tokens = tier == AUTO_TIER
         self.max_per_acquire: int | None
-        info = client.info.get("tiers", {}).get(tier or client.default_tier)  # unknown: acquire says so
-        if info is not None:  # the most this client may pin at once (older daemons: the whole tier)
-            pinnable = int(info.get("max_pinned", info["slots"]))
+        tiers = client.info.get("tiers", {})
+        named = [t for t in tiers if t in ("device", "host")] if tier == AUTO_TIER else [tier or client.default_tier]
+        infos = [tiers[t] for t in named if t in tiers]  # unknown: acquire says so
+        if infos:  # the most this client may pin at once (older daemons: the whole tier)
+            pinnable = min(int(info.get("max_pinned", info["slots"])) for info in infos)
             self.max_per_acquire = min(pinnable, MAX_EXPERTS_PER_MESSAGE)
         else:
             self.max_per_acquire = None
@@ -157,8 +196,10 @@ class ClientExperts:
     def tensor_names(self) -> tuple[str, ...]:
         return self.client.tensor_names
 
-    def experts(self, layer: int, experts: list[int]) -> contextlib.AbstractContextManager[Any]:
-        return self.client.acquire(layer, experts, self.tier)
+    def experts(
+        self, layer: int, experts: list[int], tokens: list[int] | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
+        return self.client.acquire(layer, experts, self.tier, tokens if self.wants_tokens else None)
 
     def hint(self, layer: int, experts: list[int], scores: list[float]) -> None:
         self.client.hint(layer, experts, scores)
@@ -190,6 +231,12 @@ class MemoryExperts:
         self.hints.append((layer, experts, scores))
 
 
+def _place(lease: Any, expert: int) -> str | None:
+    """Where ``lease`` put ``expert`` (None: a source that does not place)."""
+    place_of = getattr(lease, "place_of", None)
+    return None if place_of is None or getattr(lease, "places", None) is None else place_of(expert)
+
+
 class MoEBlock(nn.Module):
     """One sparse MoE layer: a router the block owns, SwiGLU experts from an `ExpertSource`.
 
@@ -205,7 +252,10 @@ class MoEBlock(nn.Module):
         *,
         next_router: nn.Linear | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        host: HostCompute | None = None,
     ) -> None:
+        """``host``: the CPU threads for host-placed experts (a ``tier="auto"`` source); made on
+        first need with `default_threads` if None."""
         super().__init__()
         assert dtype in COMPUTE_DTYPES, f"dtype must be one of {COMPUTE_DTYPES}, got {dtype}"
         self.config = config
@@ -214,6 +264,7 @@ class MoEBlock(nn.Module):
         self.names = swiglu_names(source.tensor_names)
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
         self.next_router = next_router
+        self.host = host
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]: route every token to its top-k experts and mix their outputs."""
@@ -225,19 +276,35 @@ class MoEBlock(nn.Module):
             self.hint_next_layer(flat)
         needed = torch.unique(experts).tolist()  # ascending
         limit = getattr(self.source, "max_per_acquire", None)  # sources written before it: no limit
-        if limit is None or len(needed) <= limit:  # one lease
-            with self.source.experts(self.layer, needed) as lease:
-                out = moe_experts(flat, weights, experts, lease.__getitem__, self.names)  # [T, D]
-            return out.reshape(x.shape)
+        counts = None
+        if getattr(self.source, "wants_tokens", False):
+            routed = torch.bincount(experts.flatten().cpu(), minlength=cfg.num_experts)  # [E]
+            counts = routed.tolist()
+        step = len(needed) if limit is None or len(needed) <= limit else max(1, limit // 2)
         # More experts than one acquire may hold (a prefill on a small tier): lease them in
         # chunks of half that, as `expertd.client.hf` does, instead of being refused.
-        step = max(1, limit // 2)
         acc = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)  # [T, D]
         for start in range(0, len(needed), step):  # ascending runs: the same sum, bit for bit
             chunk = needed[start : start + step]
-            with self.source.experts(self.layer, chunk) as lease:
-                add_experts(acc, flat, weights, experts, chunk, lease.__getitem__, self.names)
+            with self._lease(chunk, counts) as lease:
+                on_host = frozenset(e for e in chunk if _place(lease, e) == HOST)
+                host = self._host_compute() if on_host else None
+                add_experts(
+                    acc, flat, weights, experts, chunk, lease.__getitem__, self.names, on_host=on_host, host=host
+                )
         return acc.to(x.dtype).reshape(x.shape)
+
+    def _host_compute(self) -> HostCompute:
+        if self.host is None:  # the default rule needs the daemon's reader threads (its hello)
+            client = getattr(self.source, "client", None)
+            info = getattr(client, "info", None)
+            self.host = HostCompute(hello_info=info, address=getattr(client, "address", "ipc://"))
+        return self.host
+
+    def _lease(self, chunk: list[int], counts: list[int] | None) -> contextlib.AbstractContextManager[Any]:
+        if counts is None:
+            return self.source.experts(self.layer, chunk)
+        return self.source.experts(self.layer, chunk, [counts[e] for e in chunk])  # type: ignore[call-arg]
 
     def hint_next_layer(self, x: Tensor) -> None:
         """Hint layer+1's experts as its router ranks them for ``x`` [T, D] (summed top-k prob)."""

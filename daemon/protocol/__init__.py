@@ -61,6 +61,7 @@ from expertd.daemon.protocol.requests import (
 )
 from expertd.daemon.protocol.tensors import DTYPE_BYTES, TensorSpec, parse_layout
 from expertd.daemon.protocol.wire import (
+    AUTO_TIER,
     MAX_EXPERTS_PER_MESSAGE,
     MAX_INDEX,
     MAX_MESSAGE_BYTES,
@@ -69,10 +70,13 @@ from expertd.daemon.protocol.wire import (
     MAX_RELEASES_PER_ACQUIRE,
     MAX_REPLY_BYTES,
     MAX_REQUEST_ID,
+    MAX_TOKENS_PER_EXPERT,
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 )
 
 __all__ = [
+    "AUTO_TIER",
     "DTYPE_BYTES",
     "MAX_EXPERTS_PER_MESSAGE",
     "MAX_INDEX",
@@ -82,10 +86,12 @@ __all__ = [
     "MAX_RELEASES_PER_ACQUIRE",
     "MAX_REPLY_BYTES",
     "MAX_REQUEST_ID",
+    "MAX_TOKENS_PER_EXPERT",
     "NO_REPLY",
     "PROTOCOL_VERSION",
     "REPLY_TYPES",
     "REQUEST_TYPES",
+    "SUPPORTED_VERSIONS",
     "Acquire",
     "Bye",
     "CapacityError",

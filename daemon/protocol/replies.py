@@ -14,7 +14,14 @@ from typing import Any
 from expertd.daemon.protocol.errors import ExpertdError, ProtocolError, error_class
 from expertd.daemon.protocol.requests import Op
 from expertd.daemon.protocol.tensors import TensorSpec, parse_layout
-from expertd.daemon.protocol.wire import MAX_REPLY_BYTES, PROTOCOL_VERSION, is_int, pack, unpack
+from expertd.daemon.protocol.wire import (
+    MAX_REPLY_BYTES,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    is_int,
+    pack,
+    unpack,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +55,7 @@ class HelloReply:
 
     @classmethod
     def from_wire(cls, ok: Mapping[str, Any]) -> HelloReply:
-        if ok.get("protocol") != PROTOCOL_VERSION:  # first: a clear version error, whatever else differs
+        if ok.get("protocol") not in SUPPORTED_VERSIONS:  # first: a clear version error, whatever else differs
             raise ProtocolError(
                 f"the daemon speaks protocol {ok.get('protocol')!r}, this client {PROTOCOL_VERSION}",
                 "unsupported_version",
@@ -98,24 +105,47 @@ def _optional_map(value: Any, name: str) -> dict[str, Any] | None:
 
 @dataclasses.dataclass(frozen=True)
 class LeaseReply:
-    """An acquire is answered: ``slots[i]`` of ``tier`` holds the i-th expert until release."""
+    """An acquire is answered: ``slots[i]`` of ``tier`` holds the i-th expert until release.
+
+    A ``tier="auto"`` acquire (protocol 3) is answered with ``tier`` "auto" and ``places[i]``,
+    the tier whose slot ``slots[i]`` is: "device" (compute it there) or "host" (compute it on
+    the CPU from the host slab's read-only view). Other acquires carry no ``places``.
+    """
 
     lease: int
     tier: str
     slots: tuple[int, ...]
     hits: int = 0  # experts that were ready when the acquire was admitted
+    places: tuple[str, ...] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"lease": self.lease, "tier": self.tier, "slots": list(self.slots), "hits": self.hits}
+        out = {"lease": self.lease, "tier": self.tier, "slots": list(self.slots), "hits": self.hits}
+        if self.places is not None:
+            out["places"] = list(self.places)
+        return out
+
+    def tier_of(self, i: int) -> str:
+        """The tier whose slot ``slots[i]`` is."""
+        return self.tier if self.places is None else self.places[i]
 
     @classmethod
     def from_wire(cls, ok: Mapping[str, Any]) -> LeaseReply:
         try:
-            return cls(
-                int(ok["lease"]), str(ok["tier"]), tuple(int(s) for s in ok["slots"]), int(ok.get("hits", 0))
+            places = ok.get("places")
+            reply = cls(
+                int(ok["lease"]),
+                str(ok["tier"]),
+                tuple(int(s) for s in ok["slots"]),
+                int(ok.get("hits", 0)),
+                None if places is None else tuple(str(p) for p in places),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"acquire reply is malformed ({exc!r}): {dict(ok)!r:.200}") from None
+        if reply.places is not None and len(reply.places) != len(reply.slots):
+            raise ProtocolError(
+                f"acquire reply has {len(reply.places)} places for {len(reply.slots)} slots: {dict(ok)!r:.200}"
+            )
+        return reply
 
 
 @dataclasses.dataclass(frozen=True)

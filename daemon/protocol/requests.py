@@ -13,12 +13,14 @@ from typing import Any, ClassVar
 
 from expertd.daemon.protocol.errors import ProtocolError
 from expertd.daemon.protocol.wire import (
+    AUTO_TIER,
     MAX_EXPERTS_PER_MESSAGE,
     MAX_INDEX,
     MAX_NAME_CHARS,
     MAX_PATH_CHARS,
     MAX_RELEASES_PER_ACQUIRE,
     MAX_REQUEST_ID,
+    MAX_TOKENS_PER_EXPERT,
     is_int,
     pack,
     unpack,
@@ -58,6 +60,10 @@ class Acquire:
     """Pin ``experts`` of ``layer`` in ``tier``; ``release`` piggy-backs finished leases.
 
     Carried leases the daemon no longer knows (expired, say) are ignored: they are gone.
+    ``tier="auto"`` (protocol 3) lets the daemon place each expert: the reply's ``places``
+    says, per expert, the tier whose slot the client computes it from (the device, or the
+    host's read-only view on the CPU); ``tokens[i]`` is how many tokens are routed to the
+    i-th expert (a prefill's experts belong on the device; absent: one each).
     """
 
     op: ClassVar[Op] = Op.ACQUIRE
@@ -66,6 +72,7 @@ class Acquire:
     tier: str
     release: list[int] = dataclasses.field(default_factory=list)
     generation: int | None = None  # which of the client's generations (predictors keep history per one)
+    tokens: list[int] | None = None  # tier "auto" only: tokens routed to each expert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +192,10 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
     values = {name: check(op, name, message[name]) for name, check in checks if name in message}
     if len(values) < len(required) and not required <= values.keys():
         raise ProtocolError(f"{op}: missing field(s) {', '.join(sorted(required - values.keys()))}")
-    return request_id, cls(**values)
+    request = cls(**values)
+    if op == "acquire":
+        _check_tokens(request)
+    return request_id, request
 
 
 # --- field checks ----------------------------------------------------------------------------
@@ -249,6 +259,33 @@ def _scores(op: str, name: str, value: object) -> list[float] | None:
     return out
 
 
+def _token_counts(op: str, name: str, value: object) -> list[int] | None:
+    if value is None:
+        return None
+    if _ids_ok(value, MAX_EXPERTS_PER_MESSAGE, MAX_TOKENS_PER_EXPERT) and 0 not in value:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    if not isinstance(value, list) or len(value) > MAX_EXPERTS_PER_MESSAGE:
+        raise ProtocolError(f"{op}: {name} must be a list of at most {MAX_EXPERTS_PER_MESSAGE} counts")
+    for i, v in enumerate(value):
+        if not is_int(v) or not 1 <= v <= MAX_TOKENS_PER_EXPERT:
+            raise ProtocolError(
+                f"{op}: {name}[{i}] must be a token count in [1, {MAX_TOKENS_PER_EXPERT}], got {v!r:.40}"
+            )
+    return value
+
+
+def _check_tokens(request: Acquire) -> None:
+    """``tokens`` goes with tier "auto" only, one count per expert."""
+    if request.tokens is None:
+        return
+    if request.tier != AUTO_TIER:
+        raise ProtocolError(f"acquire: tokens is for tier {AUTO_TIER!r} only, not {request.tier!r:.40}")
+    if len(request.tokens) != len(request.experts):
+        raise ProtocolError(
+            f"acquire: tokens has {len(request.tokens)} counts for {len(request.experts)} experts"
+        )
+
+
 def _flag(op: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ProtocolError(f"{op}: {name} must be true or false, got {value!r:.40}")
@@ -274,6 +311,7 @@ _CHECKS = {
     ("acquire", "tier"): _name,
     ("acquire", "release"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),
     ("acquire", "generation"): _optional(_lease),
+    ("acquire", "tokens"): _token_counts,
     ("hint", "generation"): _optional(_lease),
     ("end", "generation"): _lease,
     ("release", "leases"): _index_list(MAX_RELEASES_PER_ACQUIRE, _lease),

@@ -9,7 +9,12 @@ import msgpack
 from expertd.daemon.protocol.errors import ProtocolError
 
 #: 2: typed replies (stats under ``stats``, pong/done shapes), ``generation`` instead of ``request``.
-PROTOCOL_VERSION = 2
+#: 3: ``tier="auto"`` acquires (with ``tokens``) answered with per-expert ``places``.
+PROTOCOL_VERSION = 3
+#: What a daemon of this version still serves: a version-2 client never asks for tier "auto".
+SUPPORTED_VERSIONS = (2, 3)
+AUTO_TIER = "auto"  # an acquire that lets the daemon place each expert (device or host)
+MAX_TOKENS_PER_EXPERT = 2**20  # tokens one acquire may route to one expert (a long prefill)
 MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this
 MAX_EXPERTS_PER_MESSAGE = 1024
 MAX_RELEASES_PER_ACQUIRE = 64

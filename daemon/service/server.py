@@ -30,6 +30,7 @@ from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
 )
+from expertd.daemon.service.placement import auto_arguments, auto_refusal, reply_places
 from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
@@ -252,6 +253,11 @@ class Server:
                     return
                 self.acquires["count"] += 1
                 tenant = self.tenant_policy(session.tenant)
+                refused = auto_refusal(request, session, tenant)
+                if refused is not None:
+                    self.acquires["errors"] += 1
+                    self._send_error(identity, request_id, *refused)
+                    return
                 if tenant.isolation == "private" and request.tier in self.manager.tiers:
                     self.timing.before_acquire(
                         (identity, request_id), session.tenant, tenant.share, request.tier, request.layer,
@@ -259,7 +265,7 @@ class Server:
                     )  # fmt: skip
                 commands = manager.acquire(
                     identity, request_id, request.layer, request.experts, request.tier, now, request.release,
-                    request.generation,
+                    request.generation, **auto_arguments(request),
                 )  # fmt: skip
                 if self._answered_at_once(commands, identity, request_id):
                     self._send_lease(commands[0])  # the hit path
@@ -325,12 +331,13 @@ class Server:
         self._send_ok(identity, request_id, proto.LoadStateReply(str(path)))
 
     def _hello(self, identity: bytes, request_id: int, hello: proto.Hello, now: float) -> None:
-        if hello.version != proto.PROTOCOL_VERSION:
+        if hello.version not in proto.SUPPORTED_VERSIONS:
             self._send_error(
                 identity,
                 request_id,
                 proto.ErrorCode.UNSUPPORTED_VERSION,
-                f"client speaks protocol {hello.version}, this daemon {proto.PROTOCOL_VERSION}: "
+                f"client speaks protocol {hello.version}, this daemon {proto.PROTOCOL_VERSION} "
+                f"(and {', '.join(map(str, proto.SUPPORTED_VERSIONS[:-1]))}): "
                 "use an expertd client of the daemon's version",
             )
             return
@@ -354,7 +361,7 @@ class Server:
             )  # fmt: skip
             self._send_error(identity, request_id, "forbidden", str(exc))
             return
-        session = Session(hello.client, tenant, hello.pid, now, role)
+        session = Session(hello.client, tenant, hello.pid, now, role, protocol=hello.version)
         if peer is not None:  # the kernel's word, not the hello's
             session.pid, session.uid, session.started = peer.pid, peer.uid, process_start(peer.pid)
         self.sessions[identity] = session
@@ -364,7 +371,7 @@ class Server:
             "client %s (tenant %s, %s, uid %d, pid %d) connected",
             hello.client, tenant, role, session.uid, session.pid,
         )  # fmt: skip
-        self._send_ok(identity, request_id, self.hello_reply(identity))
+        self._send_ok(identity, request_id, self.hello_reply(identity, hello.version))
 
     def _credentials(self, identity: bytes, hello: proto.Hello, peer: Peer | None) -> tuple[str, str]:
         """The tenant and role of a new session: its key's over tcp://, its OS user's over ipc://."""
@@ -382,7 +389,7 @@ class Server:
         )
         return ipc_identity(peer, hello.tenant, self.config.tenants, self.config.auth_ipc_admin, token_ok)
 
-    def hello_reply(self, identity: bytes | None = None) -> proto.HelloReply:
+    def hello_reply(self, identity: bytes | None = None, version: int = proto.PROTOCOL_VERSION) -> proto.HelloReply:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
         if self.device is not None:
@@ -393,7 +400,7 @@ class Server:
                     cap  # what this client may pin at once ([clients] max_pinned_share)
                 )
         return proto.HelloReply(
-            protocol=proto.PROTOCOL_VERSION,
+            protocol=version,  # the client's, which this daemon speaks too
             daemon=DAEMON_VERSION,
             model=manifest.model,
             num_layers=manifest.num_layers,
@@ -459,9 +466,10 @@ class Server:
                 waited = now - started
                 counters = self._tenant_counters(command.client)
                 session = self.sessions.get(command.client)
-                self.timing.miss_answered(
-                    command.tier, len(command.slots) - command.hits, waited, session and session.tenant
-                )
+                if command.tier != proto.AUTO_TIER:  # a host-computed expert is no copy's time
+                    self.timing.miss_answered(
+                        command.tier, len(command.slots) - command.hits, waited, session and session.tenant
+                    )
                 if command.hits < len(command.slots):
                     self.acquires["waited"] += 1
                     self.acquires["stall_s"] += waited
@@ -490,7 +498,7 @@ class Server:
         counters.acquires += 1
         counters.accesses += len(reply.slots)
         counters.hits += reply.hits
-        body = proto.LeaseReply(reply.lease_id, reply.tier, reply.slots, reply.hits)
+        body = proto.LeaseReply(reply.lease_id, reply.tier, reply.slots, reply.hits, reply_places(reply))
         payload = proto.encode_reply(reply.request_id, body)
         misses = len(reply.slots) - reply.hits
         release = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)

@@ -23,6 +23,7 @@ class Session:
     requests: int = 0
     uid: int = -1  # ipc://: the peer's user as the kernel says (-1: tcp://, unknown)
     started: int | None = None  # ipc://: the peer process's start time, to tell it died
+    protocol: int = 3  # the version the client said hello with (2: no tier "auto")
 
 
 @dataclasses.dataclass

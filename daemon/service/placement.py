@@ -1,0 +1,47 @@
+"""The server's side of ``tier="auto"`` acquires: who may ask, what the manager is told, and
+the per-expert places the reply carries (the cost model itself is the core's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from expertd.daemon import protocol as proto
+from expertd.daemon.core.events import Reply
+from expertd.daemon.service.config import TenantPolicy
+from expertd.daemon.service.sessions import Session
+
+AUTO_PROTOCOL = 3  # the first protocol version with tier "auto"
+
+
+def auto_refusal(request: proto.Acquire, session: Session, tenant: TenantPolicy) -> tuple[str, str] | None:
+    """The error an auto acquire gets from this session, or None (every other acquire: None)."""
+    if request.tier != proto.AUTO_TIER:
+        return None
+    if session.protocol < AUTO_PROTOCOL:
+        return (
+            proto.ErrorCode.BAD_REQUEST,
+            f"tier {proto.AUTO_TIER!r} needs protocol {AUTO_PROTOCOL}; this session said hello "
+            f"with {session.protocol}",
+        )
+    if tenant.isolation == "private":
+        # A private tenant's replies are held back to its own cache's timing; host placement has
+        # no such shadow yet, so its timing could tell what other tenants keep on the device.
+        return (
+            proto.ErrorCode.BAD_REQUEST,
+            f"tier {proto.AUTO_TIER!r} is not offered to a private tenant (isolation = private): "
+            "acquire tier 'device' or 'host'",
+        )
+    return None
+
+
+def auto_arguments(request: proto.Acquire) -> dict[str, Any]:
+    """The manager's extra arguments for ``request`` (none unless it is an auto acquire)."""
+    if request.tier != proto.AUTO_TIER:
+        return {}
+    return {"tokens": request.tokens}
+
+
+def reply_places(reply: Reply) -> tuple[str, ...] | None:
+    """Per expert, the tier whose slot the reply names (None: every slot is in ``reply.tier``)."""
+    placements = getattr(reply, "placements", None)
+    return None if placements is None else tuple(placements)
