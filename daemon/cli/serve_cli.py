@@ -36,6 +36,12 @@ def register(subparsers) -> None:
     serve.add_argument("--device-policy", help="device eviction policy ([policy] device)")
     serve.add_argument("--predictor", help="prefetch predictor, or none ([prefetch] predictor)")
     serve.add_argument("--load-threads", type=int, help="store reads in flight ([transfers] load_threads)")
+    serve.add_argument(
+        "--host-gbps", type=float, help="host compute GB/s for tier=auto, instead of measuring ([placement] host_gbps)"
+    )
+    serve.add_argument(
+        "--calibrate", choices=("auto", "on", "off"), help="measure host compute at start ([placement] calibrate)"
+    )
     serve.add_argument("--lease-timeout-s", type=float, help="([clients] lease_timeout_s)")
     serve.add_argument("--max-pinned-share", type=float, help="([clients] max_pinned_share)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port ([metrics] port)")
@@ -86,6 +92,8 @@ def load_config(args: argparse.Namespace):
             "policy.device": args.device_policy,
             "prefetch.predictor": args.predictor,
             "transfers.load_threads": args.load_threads,
+            "placement.host_gbps": args.host_gbps,
+            "placement.calibrate": args.calibrate,
             "clients.lease_timeout_s": args.lease_timeout_s,
             "clients.max_pinned_share": args.max_pinned_share,
             "log_level": args.log_level,
@@ -211,6 +219,22 @@ def run_load_state(args: argparse.Namespace) -> int:
 LAYERS_PER_LINE = 24
 
 
+def format_host_compute(host: dict[str, Any], placed: dict[str, Any]) -> str:
+    """One line: the host compute figure tier="auto" placement weighs, and where it placed experts."""
+    if host["gbps"] > 0:
+        figure = f"{host['gbps']:.1f} GB/s ({host['source']}"
+        figure += f" in {host['seconds']:.2f} s)" if host["source"] == "measured" else ")"
+    else:
+        figure = f"off ({host['source']}: auto acquires go to the device; [placement] host_gbps or calibrate = on)"
+    line = f"host compute {figure}, {host['threads']} client thread(s), {host['reader_threads']} reader thread(s)"
+    if placed:
+        line += (
+            f"; auto placed {placed.get('device', 0)} on the device, {placed.get('host', 0)} on the host "
+            f"({placed.get('background', 0)} also copied)"
+        )
+    return line
+
+
 def format_status(stats: dict[str, Any]) -> str:
     if "daemon" not in stats:  # not admin: only this tenant's own counters
         lines = [
@@ -249,6 +273,9 @@ def format_status(stats: dict[str, Any]) -> str:
             f"prefetch {prefetch['predictor']}: precision {prefetch.get('precision', 0):.1%}, "
             f"recall {prefetch.get('recall', 0):.1%}, {prefetch.get('cancelled', 0)} cancelled"
         )
+    host = stats.get("host_compute")
+    if host is not None:
+        lines.append(format_host_compute(host, stats.get("placed", {})))
     lines.append("")
     for link, info in stats["links"].items():
         lines.append(

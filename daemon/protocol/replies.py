@@ -45,9 +45,14 @@ class HelloReply:
     # how the store's tensors make the model's expert parameters (`expertd.daemon.protocol.families`);
     # None: a store packed before layouts were recorded, or an older daemon
     expert_layout: Mapping[str, Any] | None = None
+    # protocol 3: the daemon's host compute figure for tier="auto" ({gbps, source, threads,
+    # reader_threads}: the threads a client on this machine may compute host-placed experts on)
+    host_compute: Mapping[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if self.host_compute is None:
+            del out["host_compute"]  # a protocol-2 reply, as it was
         out["tensors"] = [t.to_json() for t in self.tensors]
         out["checkpoint_layers"] = list(self.checkpoint_layers)
         out["tiers"] = {tier: dict(handle) for tier, handle in self.tiers.items()}
@@ -63,7 +68,7 @@ class HelloReply:
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in ok and f.name not in ("checkpoint_layers", "expert_layout")
+            if f.name not in ok and f.name not in ("checkpoint_layers", "expert_layout", "host_compute")
         ]
         if missing:
             raise ProtocolError(f"hello reply lacks {', '.join(missing)}")
@@ -88,6 +93,7 @@ class HelloReply:
                 heartbeat_s=float(ok["heartbeat_s"]),
                 lease_timeout_s=float(ok["lease_timeout_s"]),
                 expert_layout=_optional_map(ok.get("expert_layout"), "expert_layout"),
+                host_compute=_optional_map(ok.get("host_compute"), "host_compute"),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ProtocolError(f"hello reply is malformed ({type(exc).__name__}: {exc})") from None

@@ -133,6 +133,39 @@ KEYS: tuple[Key, ...] = (
         "O_DIRECT store reads: auto uses them where the filesystem allows.",
     ),  # fmt: skip
     Key(
+        "placement",
+        "calibrate",
+        "choice:auto|on|off",
+        "auto",
+        'Measure the host\'s compute bandwidth at start (a batch-1 pass of the store\'s expert shape on '
+        "`threads` CPU threads, timed `calibrate_passes` times), which tier=\"auto\" acquires weigh against "
+        "copies: auto measures when device = cuda (torch is loaded anyway), on always, off never "
+        "(without host_gbps, auto acquires are then all placed on the device).",
+    ),  # fmt: skip
+    Key(
+        "placement",
+        "host_gbps",
+        "float",
+        None,
+        "Host compute bandwidth in GB/s (expert bytes per second of a batch-1 pass) instead of measuring it.",
+    ),  # fmt: skip
+    Key(
+        "placement",
+        "threads",
+        "int",
+        0,
+        "CPU threads a client computes host-placed experts on (the calibration's, and the clients' "
+        "default); 0: the cores left after the reader threads (load_threads) and one for the device.",
+    ),  # fmt: skip
+    Key("placement", "calibrate_passes", "int", 10, "Expert passes the start-up calibration times (the median counts)."),
+    Key(
+        "placement",
+        "h2d_gbps",
+        "float",
+        25.0,
+        "Host-to-device link bandwidth (GB/s) the placement weighs (PCIe 4.0 x16: about 25).",
+    ),  # fmt: skip
+    Key(
         "auth",
         "socket_group",
         "str",

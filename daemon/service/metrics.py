@@ -169,6 +169,18 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
         yield counter("acquire_errors", "Acquires refused.", value=acquires["errors"])
         yield counter("stall_seconds", "Seconds acquires waited for copies.", value=acquires["stall_s"])
         yield gauge("stall_max_seconds", "Longest single wait.", value=acquires["max_stall_s"])
+    host = stats.get("host_compute")
+    if host:
+        yield gauge(
+            "host_compute_gbps",
+            "Host compute bandwidth tier=auto placement weighs (GB/s of expert bytes; 0: off).",
+            value=host["gbps"],
+        )
+        yield gauge("host_compute_threads", "CPU threads clients compute host-placed experts on.", value=host["threads"])
+    placed = counter("auto_placed", "Experts of tier=auto acquires, by placement.", ("placement",))
+    for key, value in stats.get("placed", {}).items():
+        placed.add_metric([key], value)
+    yield placed
     prefetch = stats.get("prefetch", {})
     for key, value in prefetch.items():
         if isinstance(value, int | float) and not isinstance(value, bool):

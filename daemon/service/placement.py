@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.core.events import Reply
+from expertd.daemon.core.events import AUTO, Reply
+from expertd.daemon.service.calibration import HostCompute
 from expertd.daemon.service.config import TenantPolicy
 from expertd.daemon.service.sessions import Session
 
@@ -36,12 +37,19 @@ def auto_refusal(request: proto.Acquire, session: Session, tenant: TenantPolicy)
 
 def auto_arguments(request: proto.Acquire) -> dict[str, Any]:
     """The manager's extra arguments for ``request`` (none unless it is an auto acquire)."""
-    if request.tier != proto.AUTO_TIER:
+    if request.tier != proto.AUTO_TIER or not request.tokens:
         return {}
-    return {"tokens": request.tokens}
+    return {"tokens": max(request.tokens)}  # the core weighs one count per acquire (its dearest expert)
 
 
 def reply_places(reply: Reply) -> tuple[str, ...] | None:
-    """Per expert, the tier whose slot the reply names (None: every slot is in ``reply.tier``)."""
-    placements = getattr(reply, "placements", None)
-    return None if placements is None else tuple(placements)
+    """Per expert, the tier whose slot an auto acquire's reply names; None for any other reply
+    (its slots are all in ``reply.tier``, and its wire shape stays protocol 2's)."""
+    return reply.placements if reply.tier == AUTO else None
+
+
+def hello_host_compute(host: HostCompute | None, version: int) -> dict[str, Any] | None:
+    """What a protocol-3 client learns at hello: the host figure, and the threads it may use."""
+    if host is None or version < AUTO_PROTOCOL:
+        return None
+    return {"gbps": host.gbps, "source": host.source, "threads": host.threads, "reader_threads": host.reader_threads}

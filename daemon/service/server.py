@@ -30,7 +30,7 @@ from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
 )
-from expertd.daemon.service.placement import auto_arguments, auto_refusal, reply_places
+from expertd.daemon.service.placement import auto_arguments, auto_refusal, hello_host_compute, reply_places
 from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
@@ -105,6 +105,7 @@ class Server:
             parts.engine,
             parts.metrics,
         )
+        self.host_compute = parts.host_compute
         self.router, self.curve = parts.listener.router, parts.listener.curve
         self._router_fd = self.router.getsockopt(zmq.FD)
         self.admin_token = parts.listener.admin_token
@@ -415,6 +416,7 @@ class Server:
             default_tier=DEVICE if self.device is not None else HOST,
             heartbeat_s=self.config.clients_heartbeat_s,
             lease_timeout_s=self.config.clients_lease_timeout_s,
+            host_compute=hello_host_compute(self.host_compute, version),
         )
 
     def _expire(self, now: float) -> None:

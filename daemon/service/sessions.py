@@ -55,6 +55,8 @@ def daemon_stats(server: Server) -> dict[str, Any]:
         "device": server.config.tiers_device,
     }
     stats["acquires"] = dict(server.acquires)
+    if server.host_compute is not None:
+        stats["host_compute"] = server.host_compute.to_json()
     stats["messages"] = dict(server.messages)
     stats["sessions"] = session_rows(server)
     stats["isolation"] = {

@@ -19,6 +19,7 @@ from expertd.daemon.core.isolation import PrivateTiming
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.partitions import PartitionError, Partitions
 from expertd.daemon.core.prefetch import PrefetchConfig
+from expertd.daemon.service.calibration import HostCompute, calibrate, placement_config
 from expertd.daemon.service.config import ServeConfig
 from expertd.daemon.service.engine import TransferEngine, cpu_copier, cuda_copier
 from expertd.daemon.service.faults import read_errors_from_env
@@ -48,6 +49,7 @@ class Parts:
     listener: Listener | None = None
     engine: TransferEngine | None = None
     metrics: Any = None  # the Prometheus endpoint, with [metrics] port
+    host_compute: HostCompute | None = None  # what tier="auto" placement weighs ([placement])
 
 
 def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
@@ -147,6 +149,7 @@ def start_parts(cfg: ServeConfig, parts: Parts) -> None:
     except ValueError as exc:
         raise StartupError(f"[prefetch]: {exc}") from None
     shares = {t: p.share for t, p in cfg.tenants.items() if p.isolation == "partitioned"}
+    parts.host_compute = host_compute = calibrate(cfg, manifest, device=cfg.tiers_device)
     manager_config = ManagerConfig(
         Geometry(manifest.num_layers, manifest.num_experts),
         host_slots=host_slots,
@@ -163,6 +166,7 @@ def start_parts(cfg: ServeConfig, parts: Parts) -> None:
         min_pinned=top_k,
         capacity_wait_s=cfg.clients_capacity_wait_s,
         prefetch=prefetch,
+        placement=placement_config(cfg, host_compute),
     )
     try:
         parts.manager = Partitions(manager_config, shares)
