@@ -59,6 +59,7 @@ GPU_PY ?= $(PY)
 gpu-check:
 	$(GPU_PY) -m pytest -q -m gpu tests/test_gpu.py tests/test_client_views.py tests/test_hf.py
 	$(GPU_PY) bench/h2d_bandwidth.py
+	$(GPU_PY) bench/hybrid_tokens.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

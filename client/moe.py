@@ -231,10 +231,14 @@ class MemoryExperts:
         self.hints.append((layer, experts, scores))
 
 
-def _place(lease: Any, expert: int) -> str | None:
-    """Where ``lease`` put ``expert`` (None: a source that does not place)."""
+def _on_host(lease: Any, expert: int, device: torch.device) -> bool:
+    """Is ``expert`` of ``lease`` computed on the host threads? When an auto lease placed it
+    on the host, or when a host-tier lease feeds a block that runs on a GPU (n-cpu-moe style);
+    a host lease of a block on the CPU is computed in line, as always."""
     place_of = getattr(lease, "place_of", None)
-    return None if place_of is None or getattr(lease, "places", None) is None else place_of(expert)
+    if place_of is None or place_of(expert) != HOST:
+        return False
+    return getattr(lease, "places", None) is not None or device.type != "cpu"
 
 
 class MoEBlock(nn.Module):
@@ -287,7 +291,7 @@ class MoEBlock(nn.Module):
         for start in range(0, len(needed), step):  # ascending runs: the same sum, bit for bit
             chunk = needed[start : start + step]
             with self._lease(chunk, counts) as lease:
-                on_host = frozenset(e for e in chunk if _place(lease, e) == HOST)
+                on_host = frozenset(e for e in chunk if _on_host(lease, e, flat.device))
                 host = self._host_compute() if on_host else None
                 add_experts(
                     acc, flat, weights, experts, chunk, lease.__getitem__, self.names, on_host=on_host, host=host

@@ -79,6 +79,49 @@ def test_moe_block_through_a_cuda_device_tier_equals_the_stores_weights(store, s
         daemon.terminate()
 
 
+#: Hybrid on CUDA: host-placed experts run on the CPU (bf16 matmuls, CPU accumulation order),
+#: the rest on the GPU; the sums may differ from the all-GPU block by a few bf16 roundings.
+#: Stated tolerance: every element within 4 bf16 ulps (2**-6) of the output's largest magnitude.
+HYBRID_BF16_TOLERANCE = 2**-6
+
+
+def test_hybrid_block_on_cuda_matches_the_stores_weights_within_bf16(store, short_dir):
+    """tier="auto": device-placed experts on the GPU, host-placed ones on CPU threads, summed on the GPU."""
+    from expertd.client.host_compute import HostCompute
+
+    daemon = DaemonProcess(
+        store, short_dir, "--host-size", "192 slots", "--device", "cuda", "--device-size", "12 slots",
+        "--host-gbps", "1000", "--max-pinned-share", "1", "--predictor", "none", "--device-policy", "lru",
+    )  # fmt: skip
+    try:
+        reader = StoreReader(store)
+        config = MoEConfig(hidden_size=reader.manifest.tensors[0].shape[1], num_experts=64, top_k=8)
+        memory = MemoryExperts(
+            {
+                layer: {e: {n: t.cuda() for n, t in w.items()} for e, w in layer_weights.items()}
+                for layer, layer_weights in MemoryExperts.from_store(reader, range(3)).weights.items()
+            }
+        )
+        with ExpertClient(daemon.address) as client, HostCompute(2) as host:
+            for layer in range(3):  # the host tier holds every expert: misses can be computed there
+                for expert in range(64):
+                    client.acquire(layer, [expert], "host").release()
+            torch.manual_seed(0)
+            for layer in range(3):
+                live = MoEBlock(config, layer, ClientExperts(client, "auto"), host=host).cuda()
+                ref = MoEBlock(config, layer, memory).cuda()
+                ref.gate.load_state_dict(live.gate.state_dict())
+                for step in range(4):
+                    x = torch.randn(1, config.hidden_size, dtype=torch.bfloat16, device="cuda")  # [T, D]
+                    got, want = live(x).float(), ref(x).float()
+                    bound = HYBRID_BF16_TOLERANCE * want.abs().max().item()
+                    assert (got - want).abs().max().item() <= bound, f"layer {layer}, step {step}"
+            placed = client.stats()["placed"]
+        assert host.computed > 0 and placed["host"] > 0, placed
+    finally:
+        daemon.terminate()
+
+
 @pytest.fixture(scope="module")
 def top1_store(tmp_path_factory) -> Path:
     """A top-1 store, so a one-slot device tier is one serve accepts (it refuses a tier below top-k)."""
