@@ -5,10 +5,11 @@ of shared memory) the client computes it from. `HostCompute` runs the host ones 
 pool of CPU threads; the caller adds every expert's contribution on the device in expert-id
 order, so the sum is the same, bit for bit, as one loop over all of them.
 
-How many threads (the rule `default_threads` applies): the cores this process may run on,
-minus the daemon's reader threads (``[transfers] load_threads``, from the hello reply) when
-the daemon runs on this machine (ipc://), minus one for the thread that drives the device;
-never fewer than one. The daemon's readers fill host slots from the store while the client
+How many threads (`default_threads`): a daemon on this machine (ipc://) says in its hello
+reply (``host_compute.threads``: ``[placement] threads``, or its rule); otherwise the rule here:
+the cores this process may run on, minus the daemon's reader threads (``[transfers]
+load_threads``) when it runs on this machine, minus one for the thread that drives the
+device; never fewer than one. The daemon's readers fill host slots from the store while the client
 computes: taking their cores would slow every miss for every client. torch's intra-op pool
 (`torch.set_num_threads`) multiplies each thread's matmuls: keep ``threads *
 torch.get_num_threads()`` within the same budget.
@@ -36,9 +37,17 @@ def default_threads(hello_info: Mapping[str, Any] | None = None, address: str = 
     readers = 0
     if address.startswith("ipc://") and hello_info is not None:
         host = hello_info.get("host_compute") or {}
-        value = host.get("reader_threads", 0) if isinstance(host, Mapping) else 0
-        readers = value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+        host = host if isinstance(host, Mapping) else {}
+        said = host.get("threads")
+        if _count(said):
+            return min(int(said), cores)  # the daemon's figure was measured on these threads
+        value = host.get("reader_threads", 0)
+        readers = int(value) if _count(value) else 0
     return max(1, cores - readers - 1)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class HostCompute:

@@ -130,6 +130,8 @@ def test_default_threads_leave_the_daemons_readers_their_cores(monkeypatch) -> N
     assert default_threads(hello, "ipc:///run/expertd.sock") == 16 - 4 - 1
     assert default_threads(hello, "tcp://10.0.0.2:5555") == 15  # another machine's readers
     assert default_threads({"host_compute": {"reader_threads": True}}, "ipc://x") == 15  # not a count
+    said = {"host_compute": {"threads": 6, "reader_threads": 4}}  # the daemon's [placement] threads
+    assert default_threads(said, "ipc://x") == 6 and default_threads(said, "tcp://h:1") == 15
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert default_threads({"host_compute": {"reader_threads": 8}}, "ipc://x") == 1  # never below one
     with pytest.raises(ValueError, match="at least 1"):
