@@ -157,3 +157,21 @@ def test_a_client_that_leaves_unpins_its_host_placed_slots():
     (reply,) = manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0)
     manager.client_gone("a")
     assert manager.tiers[HOST].pinned_slots == 0 and manager.tiers[DEVICE].pinned_slots == 0
+
+
+def test_per_expert_token_counts_place_only_the_batched_expert_on_the_device():
+    manager = make()
+    (start,) = [
+        c
+        for c in manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0, tokens=[1, 512])
+        if isinstance(c, StartTransfer)
+    ]
+    assert start.key == GEOMETRY.key(0, 5)
+
+
+@pytest.mark.parametrize("tokens", [0, -1, [1], [1, 2, 3], [1, "x"], 1 << 40])
+def test_bad_token_counts_are_refused_by_name_and_pin_nothing(tokens):
+    manager = make()
+    (error,) = manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0, tokens=tokens)
+    assert error.code == "bad_request" and "token" in error.message
+    assert manager.tiers[HOST].pinned_slots == 0

@@ -44,7 +44,7 @@ from expertd.daemon.core.events import (
     Reply,
     StartTransfer,
 )
-from expertd.daemon.core.manager_check import check_acquire
+from expertd.daemon.core.manager_check import check_acquire, check_tokens
 from expertd.daemon.core.manager_config import ClientState, LeaseRecord, ManagerConfig, Pending
 from expertd.daemon.core.manager_stats import manager_stats
 from expertd.daemon.core.placement import AutoPlan, plan_auto
@@ -114,7 +114,7 @@ class CacheManager:
         release: Iterable[int] = (),
         generation: Hashable = None,
         *,
-        tokens: int = 1,
+        tokens: int | Sequence[int] = 1,
     ) -> list[Command]:
         """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready.
 
@@ -123,8 +123,9 @@ class CacheManager:
 
         ``tier`` `AUTO`: the manager places each expert (`expertd.daemon.core.placement`):
         the reply's ``placements`` say which are computed from device slots and which from
-        host slots; ``tokens``: how many tokens this pass routes to each expert (a prefill
-        batch is dear on a CPU). Without a device tier every expert is placed on the host.
+        host slots; ``tokens``: how many tokens this pass routes to each expert, one count for
+        all or one per expert in ``experts`` order (a prefill batch is dear on a CPU).
+        Without a device tier every expert is placed on the host.
 
         ``release``: leases to release first; ones this client does not hold (any more)
         are ignored -- an expired lease is already released.
@@ -134,7 +135,7 @@ class CacheManager:
         auto = tier == AUTO and self.config.placement.enabled and DEVICE in self.tiers
         if tier == AUTO:
             tier = DEVICE if DEVICE in self.tiers else HOST
-        error = check_acquire(self, client, request_id, layer, experts, tier)
+        error = check_acquire(self, client, request_id, layer, experts, tier) or check_tokens(tokens, experts)
         if error:
             return [ErrorReply(client, request_id, *error)]
         out: list[Command] = []

@@ -134,7 +134,7 @@ class AutoPlan:
     background: list[int]  # host-placed keys to copy to the device for later uses
 
 
-def plan_auto(manager: CacheManager, keys: Sequence[int], tokens: int) -> AutoPlan:
+def plan_auto(manager: CacheManager, keys: Sequence[int], tokens: int | Sequence[int] = 1) -> AutoPlan:
     """Place each of ``keys`` (one layer's) for an ``auto`` acquire on ``manager``'s tiers.
 
     Only a key ready in a host slot can be computed on the host; one the device has or is
@@ -145,23 +145,28 @@ def plan_auto(manager: CacheManager, keys: Sequence[int], tokens: int) -> AutoPl
     device, host = manager.tiers[DEVICE], manager.tiers[HOST]
     if not config.enabled or not expert_bytes:
         return AutoPlan(list(keys), {}, [])
+    counts = [tokens] * len(keys) if isinstance(tokens, int) else list(tokens)
+    if len(counts) != len(keys):
+        raise ValueError(f"{len(counts)} token counts for {len(keys)} experts")
     waits = manager.prefetcher.waits() if manager.prefetcher is not None else None
     layers = manager.geometry.num_layers
     ready: list[int] = []
+    busy = 0.0  # device compute of the experts ready there
     misses: list[Miss] = []
-    for key in keys:
+    for key, count in zip(keys, counts, strict=True):
         slot = device.slot_of.get(key)
         if slot is not None and slot not in device.filling:
             ready.append(key)
+            busy += config.device_s(expert_bytes, count)
             continue
         wait = float(waits[key]) if waits is not None else math.inf
-        misses.append(Miss(key, tokens, wait, host.ready(key)))
+        misses.append(Miss(key, count, wait, host.ready(key)))
     backlog = manager.transfers.running[H2D] + manager.transfers.queued_demand(H2D)
     decisions = place(
         misses,
         config,
         expert_bytes,
-        device_busy_s=len(ready) * config.device_s(expert_bytes, tokens),
+        device_busy_s=busy,
         link_backlog_s=backlog * config.copy_s(expert_bytes),
         reuse_within=config.reuse_tokens * layers,
     )

@@ -46,9 +46,15 @@ def measure_host_gbps(
     tokens: int = 1,
     threads: int | None = None,
     passes: int = 20,
+    working_set_bytes: int = MIN_WORKING_SET_BYTES,
     timer: Callable[[], float] = time.perf_counter,
 ) -> HostPass:
-    """Time ``passes`` expert passes of ``tokens`` tokens at shape (``hidden``, ``ffn``) on ``threads``."""
+    """Time ``passes`` expert passes of ``tokens`` tokens at shape (``hidden``, ``ffn``) on ``threads``.
+
+    The passes rotate over copies of the weights, at least two and at least
+    ``working_set_bytes`` in all (keep it past the CPU's last-level cache: a smaller set
+    measures the cache, not RAM).
+    """
     import torch
 
     if hidden < 1 or ffn < 1 or tokens < 1 or passes < 1:
@@ -65,16 +71,17 @@ def measure_host_gbps(
         used_threads = torch.get_num_threads()
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
         expert_bytes = 3 * hidden * ffn * itemsize
-        copies = max(2, math.ceil(MIN_WORKING_SET_BYTES / expert_bytes))
+        copies = max(2, math.ceil(working_set_bytes / expert_bytes))
         gen = torch.Generator().manual_seed(0)
+        # Small uniform weights, filled in place (randn of a whole Mixtral expert is slow).
         experts = [
             tuple(
-                (torch.randn(shape, generator=gen) * 0.02).to(torch_dtype)
+                torch.empty(shape, dtype=torch_dtype).uniform_(-0.02, 0.02, generator=gen)
                 for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn))
             )
             for _ in range(copies)
         ]  # w1, w3: [F, D]; w2: [D, F]
-        x = torch.randn(tokens, hidden, generator=gen).to(torch_dtype)  # [T, D]
+        x = torch.empty(tokens, hidden, dtype=torch_dtype).uniform_(-1.0, 1.0, generator=gen)  # [T, D]
 
         def one(i: int) -> None:
             w1, w3, w2 = experts[i % copies]
