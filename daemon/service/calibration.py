@@ -50,13 +50,14 @@ def compute_threads(cfg: Any) -> int:
 
 def expert_shape(tensors: Any) -> tuple[int, int]:
     """(hidden D, FFN F) of an expert from its store tensors: D is the dimension every matrix
-    shares (gate/up [F, D], down [D, F], fused gate_up [2F, D] either way round); F makes up
-    the rest of the expert's elements as three D x F matrices."""
+    shares (gate/up [F, D], down [D, F], fused gate_up [2F, D] either way round; when both are
+    shared, the first matrix is a gate [out F, in D]); F makes up the rest of the expert's
+    elements as three D x F matrices."""
     matrices = [tuple(t.shape) for t in tensors if len(t.shape) == 2]
     if not matrices:
         raise ValueError("the store's expert has no 2-D tensor to calibrate a pass on")
     common = set(matrices[0]).intersection(*matrices[1:])
-    hidden = min(common) if common else min(matrices[0])
+    hidden = common.pop() if len(common) == 1 else matrices[0][1]
     elements = sum(a * b for a, b in matrices)
     return hidden, max(1, round(elements / (3 * hidden)))
 
@@ -75,7 +76,11 @@ def calibrate(cfg: Any, manifest: Any, *, device: str, measure: Any = None) -> H
     started = time.perf_counter()
     dtype = manifest.dtype if manifest.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
     try:
-        gbps = float(measure(hidden, ffn, dtype=dtype, threads=threads, passes=cfg.placement_calibrate_passes).gbps)
+        run = measure(
+            hidden, ffn, dtype=dtype, threads=threads, passes=cfg.placement_calibrate_passes,
+            working_set_bytes=cfg.placement_calibrate_mib << 20,
+        )  # fmt: skip
+        gbps = float(run.gbps)
     except Exception as exc:  # serve without host placement rather than not at all
         log.warning("host compute calibration failed (%s: %s): auto acquires go to the device", type(exc).__name__, exc)
         return HostCompute(0.0, "failed", threads, readers, time.perf_counter() - started)

@@ -160,6 +160,14 @@ KEYS: tuple[Key, ...] = (
     Key("placement", "calibrate_passes", "int", 10, "Expert passes the start-up calibration times (the median counts)."),
     Key(
         "placement",
+        "calibrate_mib",
+        "int",
+        64,
+        "MiB of weights the calibration's passes rotate over (past the CPU's last-level cache, so it "
+        "measures RAM), at least two experts: allocated for the calibration only, before the tiers, then freed.",
+    ),  # fmt: skip
+    Key(
+        "placement",
         "h2d_gbps",
         "float",
         25.0,

@@ -39,7 +39,7 @@ def auto_arguments(request: proto.Acquire) -> dict[str, Any]:
     """The manager's extra arguments for ``request`` (none unless it is an auto acquire)."""
     if request.tier != proto.AUTO_TIER or not request.tokens:
         return {}
-    return {"tokens": max(request.tokens)}  # the core weighs one count per acquire (its dearest expert)
+    return {"tokens": request.tokens}  # one count per expert, in ``experts`` order
 
 
 def reply_places(reply: Reply) -> tuple[str, ...] | None:
