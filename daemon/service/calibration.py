@@ -97,4 +97,9 @@ def calibrate(cfg: Any, manifest: Any, *, device: str, measure: Any = None) -> H
 
 def placement_config(cfg: Any, host: HostCompute) -> PlacementConfig:
     """The cost model's bandwidths: the host figure, the configured link."""
-    return PlacementConfig(h2d_gbps=cfg.placement_h2d_gbps, host_gbps=host.gbps, host_threads=host.threads)
+    return PlacementConfig(
+        h2d_gbps=cfg.placement_h2d_gbps,
+        host_gbps=host.gbps,
+        device_gbps=cfg.placement_device_gbps,
+        host_threads=host.threads,
+    )

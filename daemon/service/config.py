@@ -174,6 +174,13 @@ KEYS: tuple[Key, ...] = (
         "Host-to-device link bandwidth (GB/s) the placement weighs (PCIe 4.0 x16: about 25).",
     ),  # fmt: skip
     Key(
+        "placement",
+        "device_gbps",
+        "float",
+        1000.0,
+        "Device memory bandwidth (GB/s): an expert's pass on the device, which the placement weighs.",
+    ),  # fmt: skip
+    Key(
         "auth",
         "socket_group",
         "str",
