@@ -72,7 +72,7 @@ from expertd.client.hf_layers import (
     transformers_version,
 )
 from expertd.client.hf_layout import model_layout, slot_layout
-from expertd.daemon.protocol import MAX_EXPERTS_PER_MESSAGE
+from expertd.daemon.protocol import AUTO_TIER, MAX_EXPERTS_PER_MESSAGE
 from expertd.daemon.protocol.families import ExpertLayout
 
 log = logging.getLogger(__name__)
@@ -408,6 +408,11 @@ def offload(
         ) from None
     slots = slot_layout(client, layers, layout)
     tier = tier or client.default_tier
+    if tier == AUTO_TIER:
+        raise ModelLayoutError(
+            "tier 'auto' (host-placed experts computed on the CPU) is not supported by expertd.client.hf yet: "
+            "offload with tier 'device' or 'host', or compute with expertd.client.MoEBlock"
+        )
     if tier not in client.info["tiers"]:
         raise ModelLayoutError(f"the daemon has no {tier!r} tier (it has {', '.join(client.info['tiers'])})")
     runtime = Offload(
