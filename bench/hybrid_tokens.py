@@ -1,4 +1,4 @@
-"""Tokens/s of a Mixtral-shaped synthetic model on a 10% device tier: hybrid vs copy vs n-cpu-moe vs all on the device.
+"""Tokens/s of a Mixtral-shaped model on a 10% device tier: hybrid, copy, n-cpu-moe, all on the device.
 
     python bench/hybrid_tokens.py [--scale 2] [--layers 8] [--tokens 32] [--warmup 4] [--device-share 0.1]
 
@@ -48,9 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device-share", type=float, default=0.1, help="device tier / all experts")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if present")
     parser.add_argument("--threads", type=int, default=None, help="host compute threads (default: the rule)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--workdir", type=Path, default=None, help="where the store goes (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the store goes (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = args.rows.split(",")
@@ -135,7 +139,9 @@ def run_row(
     config = MoEConfig(hidden_size=x.shape[1], num_experts=num_experts, top_k=int(manifest.source["top_k"]))
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     on_device_layers = device_slots // num_experts  # n-cpu-moe: whole layers that fit the device tier
-    with PrivateDaemon(tmp / "store", tmp / f"d-{name}", daemon_flags(name, args, num_keys, device_slots)) as daemon:
+    with PrivateDaemon(
+        tmp / "store", tmp / f"d-{name}", daemon_flags(name, args, num_keys, device_slots)
+    ) as daemon:
         client = daemon.connect()
         host = HostCompute(args.threads, hello_info=client.info, address=client.address)
         try:
@@ -160,8 +166,12 @@ def run_row(
         finally:
             host.close()
             client.close()
-    placed = {k: after.get("placed", {}).get(k, 0) - before.get("placed", {}).get(k, 0) for k in ("host", "device")}
-    device_tier = {k: after["tiers"]["device"][k] - before["tiers"]["device"][k] for k in ("accesses", "hits")}
+    placed = {
+        k: after.get("placed", {}).get(k, 0) - before.get("placed", {}).get(k, 0) for k in ("host", "device")
+    }
+    device_tier = {
+        k: after["tiers"]["device"][k] - before["tiers"]["device"][k] for k in ("accesses", "hits")
+    }
     host_tier_uses = sum(after["tiers"]["host"]["layer_accesses"][on_device_layers:]) - sum(
         before["tiers"]["host"]["layer_accesses"][on_device_layers:]
     )  # n-cpu-moe: its host layers' experts, each computed on the CPU

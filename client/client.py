@@ -337,7 +337,13 @@ class ExpertClient(Multiplexer):
     # --- acquire and release ---------------------------------------------------------------
 
     def _send_acquire(
-        self, layer: int, experts: list[int], tier: str, *, carry: bool = True, tokens: list[int] | None = None
+        self,
+        layer: int,
+        experts: list[int],
+        tier: str,
+        *,
+        carry: bool = True,
+        tokens: list[int] | None = None,
     ) -> tuple[int, Acquire]:
         """Send an acquire carrying queued releases; returns its id and what was sent."""
         carried: list[int] = []
@@ -386,7 +392,8 @@ class ExpertClient(Multiplexer):
         if slab is None or not named <= self._slabs.keys() or len(reply.slots) != len(request.experts):
             self._release_now([reply.lease])
             raise ProtocolError(
-                f"acquire reply names tier(s) {', '.join(sorted(named))} (mapped: {', '.join(self._slabs)}) and "
+                f"acquire reply names tier(s) {', '.join(sorted(named))} "
+                f"(mapped: {', '.join(self._slabs)}) and "
                 f"{len(reply.slots)} slots for {len(request.experts)} experts"
             )
         return Lease(

@@ -410,7 +410,8 @@ def offload(
     tier = tier or client.default_tier
     if tier == AUTO_TIER:
         raise ModelLayoutError(
-            "tier 'auto' (host-placed experts computed on the CPU) is not supported by expertd.client.hf yet: "
+            "tier 'auto' (host-placed experts computed on the CPU) is not supported by "
+            "expertd.client.hf yet: "
             "offload with tier 'device' or 'host', or compute with expertd.client.MoEBlock"
         )
     if tier not in client.info["tiers"]:

@@ -132,7 +132,8 @@ def add_experts(
     assert host is not None, "host-placed experts need a HostCompute"
     x_cpu, weights_cpu, experts_cpu = on_cpu(x, weights, experts)
     futures = {  # the CPU starts on these while the device gets its own
-        e: host.submit(_contribution, x_cpu, weights_cpu, experts_cpu, e, expert_weights(e), names) for e in hosted
+        e: host.submit(_contribution, x_cpu, weights_cpu, experts_cpu, e, expert_weights(e), names)
+        for e in hosted
     }
     done = {
         e: _contribution(x, weights, experts, e, expert_weights(e), names) for e in which if e not in futures
@@ -184,7 +185,11 @@ class ClientExperts:
         self.wants_tokens = tier == AUTO_TIER
         self.max_per_acquire: int | None
         tiers = client.info.get("tiers", {})
-        named = [t for t in tiers if t in ("device", "host")] if tier == AUTO_TIER else [tier or client.default_tier]
+        named = (
+            [t for t in tiers if t in ("device", "host")]
+            if tier == AUTO_TIER
+            else [tier or client.default_tier]
+        )
         infos = [tiers[t] for t in named if t in tiers]  # unknown: acquire says so
         if infos:  # the most this client may pin at once (older daemons: the whole tier)
             pinnable = min(int(info.get("max_pinned", info["slots"])) for info in infos)
@@ -294,7 +299,15 @@ class MoEBlock(nn.Module):
                 on_host = frozenset(e for e in chunk if _on_host(lease, e, flat.device))
                 host = self._host_compute() if on_host else None
                 add_experts(
-                    acc, flat, weights, experts, chunk, lease.__getitem__, self.names, on_host=on_host, host=host
+                    acc,
+                    flat,
+                    weights,
+                    experts,
+                    chunk,
+                    lease.__getitem__,
+                    self.names,
+                    on_host=on_host,
+                    host=host,
                 )
         return acc.to(x.dtype).reshape(x.shape)
 

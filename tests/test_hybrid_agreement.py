@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from daemon_util import DaemonProcess
 
 from expertd.client import ExpertClient
@@ -34,7 +33,9 @@ def routing(seed: int = 5) -> Trace:
         for _layer in range(LAYERS):
             order = rng.permutation(EXPERTS)
             rows.append(rng.choice(order, TOP_K, replace=False, p=popularity[order] / popularity.sum()))
-    meta = TraceMeta(model="olmoe-shaped", num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K, requests=["r"])
+    meta = TraceMeta(
+        model="olmoe-shaped", num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K, requests=["r"]
+    )
     return Trace(
         meta=meta,
         request=np.zeros(len(rows), dtype=np.int32),
@@ -60,7 +61,9 @@ class RecordingManager(CacheManager):
         return self._noted(super().transfer_done(*args, **kw))
 
 
-def test_a_live_daemon_places_every_expert_where_replay_does(tmp_path: Path, short_dir: Path, monkeypatch) -> None:
+def test_a_live_daemon_places_every_expert_where_replay_does(
+    tmp_path: Path, short_dir: Path, monkeypatch
+) -> None:
     store = tmp_path / "store"
     manifest = pack_synthetic(store, "olmoe-1b-7b", scale=64, layers=LAYERS)
     trace = routing()
@@ -91,7 +94,9 @@ def test_a_live_daemon_places_every_expert_where_replay_does(tmp_path: Path, sho
     finally:
         daemon.kill()
     mismatched = [i for i, (a, b) in enumerate(zip(live, replayed, strict=True)) if a != b]
-    assert not mismatched, f"rows {mismatched[:5]} differ: live {live[mismatched[0]]}, replay {replayed[mismatched[0]]}"
+    assert not mismatched, (
+        f"rows {mismatched[:5]} differ: live {live[mismatched[0]]}, replay {replayed[mismatched[0]]}"
+    )
     on_host = sum(p.count("host") for p in live)
     assert on_host == row.host_computed == stats["placed"]["host"]
     assert 0 < on_host < len(trace) * TOP_K  # both kinds of decision were made

@@ -27,7 +27,9 @@ def test_the_hybrid_bench_runs_every_row_on_the_cpu_stand_in(tmp_path: Path) -> 
     for row in rows.values():
         assert row["tokens_per_s"] > 0
         assert row["bit_equal"], f"{row['row']} differs from the all-device ceiling: {row['max_abs_diff']}"
-    assert rows["hybrid"]["host_compute"]["source"] == "measured" and rows["hybrid"]["host_compute"]["gbps"] > 0
+    assert (
+        rows["hybrid"]["host_compute"]["source"] == "measured" and rows["hybrid"]["host_compute"]["gbps"] > 0
+    )
     assert rows["copy"]["host_computed"] == 0 and rows["copy"]["copied"] > 0
     assert rows["n-cpu-moe"]["on_device_layers"] == 0  # 3 slots hold no whole layer of 8
     assert rows["n-cpu-moe"]["host_computed"] == 6 * 4 * 2  # every expert use, top-2 on 4 layers

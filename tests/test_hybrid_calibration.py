@@ -59,7 +59,9 @@ def test_the_figure_is_configured_measured_or_off() -> None:
     assert calibrate(config(), shape, device="cuda", measure=measure).source == "measured"
 
 
-@pytest.mark.parametrize("bad", [RuntimeError("no torch"), SimpleNamespace(gbps=float("nan")), SimpleNamespace(gbps=0)])
+@pytest.mark.parametrize(
+    "bad", [RuntimeError("no torch"), SimpleNamespace(gbps=float("nan")), SimpleNamespace(gbps=0)]
+)
 def test_a_failed_calibration_serves_without_host_placement(bad) -> None:
     def measure(*args, **kw):
         if isinstance(bad, Exception):
@@ -76,7 +78,9 @@ def test_a_daemon_measures_at_start_and_says_so(tmp_path: Path, short_dir: Path)
     pack_synthetic(store, "mixtral-8x7b", scale=64, layers=2)
     conf = tmp_path / "expertd.toml"
     conf.write_text('[placement]\ncalibrate = "on"\ncalibrate_passes = 3\ncalibrate_mib = 8\nthreads = 1\n')
-    daemon = DaemonProcess(store, short_dir, "--config", str(conf), "--device", "cpu", "--device-size", "4 slots")
+    daemon = DaemonProcess(
+        store, short_dir, "--config", str(conf), "--device", "cpu", "--device-size", "4 slots"
+    )
     try:
         with ExpertClient(daemon.address) as client:
             host = client.hello.host_compute

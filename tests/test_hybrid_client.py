@@ -1,4 +1,4 @@
-"""Hybrid compute in the client: host-placed experts on CPU threads, the sum bit for bit the in-memory block's."""
+"""Hybrid compute in the client: host-placed experts on CPU threads, summed bit for bit as in memory."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def expert_weights(dtype: torch.dtype, seed: int = 3) -> dict[int, dict[int, dic
     g = torch.Generator().manual_seed(seed)
     shapes = {"w1": (48, 32), "w3": (48, 32), "w2": (32, 48)}
     return {
-        layer: {e: {n: (torch.randn(s, generator=g) / 8).to(dtype) for n, s in shapes.items()} for e in range(8)}
+        layer: {
+            e: {n: (torch.randn(s, generator=g) / 8).to(dtype) for n, s in shapes.items()} for e in range(8)
+        }
         for layer in range(2)
     }
 
@@ -35,7 +37,9 @@ def expert_weights(dtype: torch.dtype, seed: int = 3) -> dict[int, dict[int, dic
 class _PlacedLease:
     """A lease whose ``places`` say which experts the block computes on the host."""
 
-    def __init__(self, weights: dict[int, dict[str, torch.Tensor]], experts: list[int], host: set[int]) -> None:
+    def __init__(
+        self, weights: dict[int, dict[str, torch.Tensor]], experts: list[int], host: set[int]
+    ) -> None:
         self.weights = weights
         self.experts = experts
         self.places = tuple("host" if e in host else "device" for e in experts)

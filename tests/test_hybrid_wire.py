@@ -30,7 +30,10 @@ def test_an_auto_acquire_with_tokens_decodes() -> None:
         ({"tier": "auto", "tokens": [1]}, "tokens has 1 counts for 2 experts"),
         ({"tier": "auto", "tokens": [1, 0]}, r"tokens\[1\] must be a token count in \[1, 1048576\], got 0"),
         ({"tier": "auto", "tokens": [2**20 + 1, 1]}, r"tokens\[0\] must be a token count"),
-        ({"tier": "auto", "tokens": [True, 1]}, r"tokens\[0\] must be a token count in \[1, 1048576\], got True"),
+        (
+            {"tier": "auto", "tokens": [True, 1]},
+            r"tokens\[0\] must be a token count in \[1, 1048576\], got True",
+        ),
         ({"tier": "auto", "tokens": [1.5, 1]}, r"tokens\[0\] must be a token count"),
         ({"tier": "auto", "tokens": "many"}, "tokens must be a list of at most 1024 counts"),
         ({"tier": "auto", "tokens": [1] * 1025}, "not valid msgpack|tokens must be a list of at most 1024"),
@@ -59,7 +62,9 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def daemon(store, short_dir):
-    proc = DaemonProcess(store, short_dir, "--host-size", "16 slots", "--device", "cpu", "--device-size", "4 slots")
+    proc = DaemonProcess(
+        store, short_dir, "--host-size", "16 slots", "--device", "cpu", "--device-size", "4 slots"
+    )
     yield proc
     proc.kill()
 

@@ -37,10 +37,14 @@ def register(subparsers) -> None:
     serve.add_argument("--predictor", help="prefetch predictor, or none ([prefetch] predictor)")
     serve.add_argument("--load-threads", type=int, help="store reads in flight ([transfers] load_threads)")
     serve.add_argument(
-        "--host-gbps", type=float, help="host compute GB/s for tier=auto, instead of measuring ([placement] host_gbps)"
+        "--host-gbps",
+        type=float,
+        help="host compute GB/s for tier=auto, instead of measuring ([placement] host_gbps)",
     )
     serve.add_argument(
-        "--calibrate", choices=("auto", "on", "off"), help="measure host compute at start ([placement] calibrate)"
+        "--calibrate",
+        choices=("auto", "on", "off"),
+        help="measure host compute at start ([placement] calibrate)",
     )
     serve.add_argument("--lease-timeout-s", type=float, help="([clients] lease_timeout_s)")
     serve.add_argument("--max-pinned-share", type=float, help="([clients] max_pinned_share)")
@@ -225,8 +229,11 @@ def format_host_compute(host: dict[str, Any], placed: dict[str, Any]) -> str:
         figure = f"{host['gbps']:.1f} GB/s ({host['source']}"
         figure += f" in {host['seconds']:.2f} s)" if host["source"] == "measured" else ")"
     else:
-        figure = f"off ({host['source']}: auto acquires go to the device; [placement] host_gbps or calibrate = on)"
-    line = f"host compute {figure}, {host['threads']} client thread(s), {host['reader_threads']} reader thread(s)"
+        figure = (
+            f"off ({host['source']}: auto acquires go to the device; [placement] host_gbps or calibrate = on)"
+        )
+    line = f"host compute {figure}, {host['threads']} client thread(s), "
+    line += f"{host['reader_threads']} reader thread(s)"
     if placed:
         line += (
             f"; auto placed {placed.get('device', 0)} on the device, {placed.get('host', 0)} on the host "

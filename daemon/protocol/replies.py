@@ -60,7 +60,9 @@ class HelloReply:
 
     @classmethod
     def from_wire(cls, ok: Mapping[str, Any]) -> HelloReply:
-        if ok.get("protocol") not in SUPPORTED_VERSIONS:  # first: a clear version error, whatever else differs
+        if (
+            ok.get("protocol") not in SUPPORTED_VERSIONS
+        ):  # first: a clear version error, whatever else differs
             raise ProtocolError(
                 f"the daemon speaks protocol {ok.get('protocol')!r}, this client {PROTOCOL_VERSION}",
                 "unsupported_version",
@@ -149,7 +151,8 @@ class LeaseReply:
             raise ProtocolError(f"acquire reply is malformed ({exc!r}): {dict(ok)!r:.200}") from None
         if reply.places is not None and len(reply.places) != len(reply.slots):
             raise ProtocolError(
-                f"acquire reply has {len(reply.places)} places for {len(reply.slots)} slots: {dict(ok)!r:.200}"
+                f"acquire reply has {len(reply.places)} places for {len(reply.slots)} slots: "
+                f"{dict(ok)!r:.200}"
             )
         return reply
 

@@ -1,5 +1,6 @@
 """Host compute calibration at start: how fast this machine's CPU threads run a batch-1 pass
-of the store's expert shape (`expertd.daemon.service.host_compute.measure_host_gbps`), the figure tier="auto" placement weighs against a copy.
+of the store's expert shape (`expertd.daemon.service.host_compute.measure_host_gbps`), the
+figure tier="auto" placement weighs against a copy.
 
 ``[placement] host_gbps`` gives it instead; ``calibrate`` says when to measure (auto: with a
 CUDA device tier, where torch is loaded anyway). `expertd status` and the metrics show it.
@@ -82,7 +83,11 @@ def calibrate(cfg: Any, manifest: Any, *, device: str, measure: Any = None) -> H
         )  # fmt: skip
         gbps = float(run.gbps)
     except Exception as exc:  # serve without host placement rather than not at all
-        log.warning("host compute calibration failed (%s: %s): auto acquires go to the device", type(exc).__name__, exc)
+        log.warning(
+            "host compute calibration failed (%s: %s): auto acquires go to the device",
+            type(exc).__name__,
+            exc,
+        )
         return HostCompute(0.0, "failed", threads, readers, time.perf_counter() - started)
     took = time.perf_counter() - started
     if not gbps > 0 or gbps != gbps or gbps == float("inf"):

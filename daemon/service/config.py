@@ -137,8 +137,8 @@ KEYS: tuple[Key, ...] = (
         "calibrate",
         "choice:auto|on|off",
         "auto",
-        'Measure the host\'s compute bandwidth at start (a batch-1 pass of the store\'s expert shape on '
-        "`threads` CPU threads, timed `calibrate_passes` times), which tier=\"auto\" acquires weigh against "
+        "Measure the host's compute bandwidth at start (a batch-1 pass of the store's expert shape on "
+        '`threads` CPU threads, timed `calibrate_passes` times), which tier="auto" acquires weigh against '
         "copies: auto measures when device = cuda (torch is loaded anyway), on always, off never "
         "(without host_gbps, auto acquires are then all placed on the device).",
     ),  # fmt: skip
@@ -157,14 +157,21 @@ KEYS: tuple[Key, ...] = (
         "CPU threads a client computes host-placed experts on (the calibration's, and the clients' "
         "default); 0: the cores left after the reader threads (load_threads) and one for the device.",
     ),  # fmt: skip
-    Key("placement", "calibrate_passes", "int", 10, "Expert passes the start-up calibration times (the median counts)."),
+    Key(
+        "placement",
+        "calibrate_passes",
+        "int",
+        10,
+        "Expert passes the start-up calibration times (the median counts).",
+    ),
     Key(
         "placement",
         "calibrate_mib",
         "int",
         64,
         "MiB of weights the calibration's passes rotate over (past the CPU's last-level cache, so it "
-        "measures RAM), at least two experts: allocated for the calibration only, before the tiers, then freed.",
+        "measures RAM), at least two experts: allocated for the calibration only, before the tiers, "
+        "then freed.",
     ),  # fmt: skip
     Key(
         "placement",

@@ -176,7 +176,11 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
             "Host compute bandwidth tier=auto placement weighs (GB/s of expert bytes; 0: off).",
             value=host["gbps"],
         )
-        yield gauge("host_compute_threads", "CPU threads clients compute host-placed experts on.", value=host["threads"])
+        yield gauge(
+            "host_compute_threads",
+            "CPU threads clients compute host-placed experts on.",
+            value=host["threads"],
+        )
     placed = counter("auto_placed", "Experts of tier=auto acquires, by placement.", ("placement",))
     for key, value in stats.get("placed", {}).items():
         placed.add_metric([key], value)

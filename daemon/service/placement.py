@@ -52,4 +52,9 @@ def hello_host_compute(host: HostCompute | None, version: int) -> dict[str, Any]
     """What a protocol-3 client learns at hello: the host figure, and the threads it may use."""
     if host is None or version < AUTO_PROTOCOL:
         return None
-    return {"gbps": host.gbps, "source": host.source, "threads": host.threads, "reader_threads": host.reader_threads}
+    return {
+        "gbps": host.gbps,
+        "source": host.source,
+        "threads": host.threads,
+        "reader_threads": host.reader_threads,
+    }

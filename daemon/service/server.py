@@ -30,8 +30,8 @@ from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
 )
-from expertd.daemon.service.placement import auto_arguments, auto_refusal, hello_host_compute, reply_places
 from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
+from expertd.daemon.service.placement import auto_arguments, auto_refusal, hello_host_compute, reply_places
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
     Session,
@@ -390,7 +390,9 @@ class Server:
         )
         return ipc_identity(peer, hello.tenant, self.config.tenants, self.config.auth_ipc_admin, token_ok)
 
-    def hello_reply(self, identity: bytes | None = None, version: int = proto.PROTOCOL_VERSION) -> proto.HelloReply:
+    def hello_reply(
+        self, identity: bytes | None = None, version: int = proto.PROTOCOL_VERSION
+    ) -> proto.HelloReply:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
         if self.device is not None:
