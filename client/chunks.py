@@ -10,7 +10,7 @@ a time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from expertd.client.client import ExpertClient, Lease, PendingAcquire
 from expertd.daemon.protocol import ExpertdError
@@ -19,7 +19,8 @@ from expertd.daemon.protocol import ExpertdError
 class ChunkLeases:
     """The leases of ``chunks`` of ``layer``; ``first``: chunk 0's acquire if already sent;
     ``wait``: turns a pending acquire into its lease (default: `PendingAcquire.result`);
-    ``limit``: the most slots this client may pin at once (the hello's ``max_pinned``)."""
+    ``limit``: the most slots this client may pin at once (the hello's ``max_pinned``);
+    ``tokens``: expert -> tokens routed to it, sent with each chunk's acquire (tier "auto")."""
 
     def __init__(
         self,
@@ -31,8 +32,10 @@ class ChunkLeases:
         first: PendingAcquire | None = None,
         wait: Callable[[PendingAcquire], Lease] | None = None,
         limit: int | None = None,
+        tokens: Mapping[int, int] | None = None,
     ) -> None:
         self.client, self.layer, self.chunks, self.tier = client, layer, chunks, tier
+        self.tokens = tokens
         self.acquires = 0
         self.index = -1
         self._wait = wait or (lambda pending: pending.result())
@@ -46,14 +49,19 @@ class ChunkLeases:
         assert index == self.index + 1, f"chunks are taken in order: {index} after {self.index}"
         if self._lease is not None:
             self._lease.release()
-        pending = self._next or self.client.acquire_async(self.layer, self.chunks[index], self.tier)
+        pending = self._next or self._acquire(index)
         self._next = None
         if self._ahead and index + 1 < len(self.chunks):
-            self._next = self.client.acquire_async(self.layer, self.chunks[index + 1], self.tier)
+            self._next = self._acquire(index + 1)
         self._lease = self._wait(pending)
         self.acquires += 1
         self.index = index
         return self._lease
+
+    def _acquire(self, index: int) -> PendingAcquire:
+        chunk = self.chunks[index]
+        counts = None if self.tokens is None else [self.tokens.get(e, 1) for e in chunk]
+        return self.client.acquire_async(self.layer, chunk, self.tier, counts)
 
     def close(self) -> None:
         if self._lease is not None:

@@ -28,6 +28,12 @@ When one pass routes to more experts of a layer than the tier holds (a long pref
 small device tier), they are acquired in chunks of half the tier, in expert-id order, the next
 chunk asked for while one computes; still bit for bit.
 
+With ``tier="auto"`` the daemon places each expert: a lease's host-placed experts are a chunk of
+their own, computed on the CPU from the host slab's views after the device's kernels for the
+rest are queued, their rows moved to the device before the sum over k (grouped_mm, batched_mm,
+dense; eager for a model on the CPU). Each row is final before that sum, so on the CPU stand-in
+the logits are still the model's bit for bit.
+
 A store's layer i must be the model's MoE layer i: `offload` checks the store's
 ``checkpoint_layers`` against the model's MoE blocks, and the store's expert layout, shapes
 and dtype against the model's (`expertd.client.hf_layout`).
@@ -69,11 +75,14 @@ from expertd.client.hf_layers import (
     decoder_model,
     find_moe_layers,
     forward_pass,
+    routed_tokens,
     transformers_version,
 )
 from expertd.client.hf_layout import model_layout, slot_layout
 from expertd.daemon.protocol import AUTO_TIER, MAX_EXPERTS_PER_MESSAGE
 from expertd.daemon.protocol.families import ExpertLayout
+
+DEVICE, HOST = "device", "host"  # the tiers an auto lease places experts in
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +103,14 @@ class OffloadStats:
 
 
 class _ChunkLeases:
-    """A layer pass's `ChunkLeases`, each chunk seen as stacked slab views."""
+    """A layer pass's `ChunkLeases`, each chunk seen as stacked slab views.
+
+    With ``tier="auto"`` every acquired chunk is two compute chunks: ``2c`` its device-placed
+    experts (views of the device slab), ``2c + 1`` its host-placed ones (views of the host slab,
+    on the CPU: the experts functions compute that chunk there, while the device's kernels of
+    chunk ``2c`` run, and move its rows to the device). Each chunk's rows are final before
+    the sum over k, so the split changes no result on the CPU stand-in.
+    """
 
     def __init__(
         self,
@@ -103,8 +119,10 @@ class _ChunkLeases:
         chunks: list[list[int]],
         first: PendingAcquire | None,
         device: torch.device,
+        tokens: dict[int, int] | None = None,
     ) -> None:
         self.runtime, self.chunks, self.device = runtime, chunks, device
+        self.places = (DEVICE, HOST) if runtime.tier == AUTO_TIER else (runtime.tier,)
         self._leases = ChunkLeases(
             runtime.client,
             layer,
@@ -113,18 +131,42 @@ class _ChunkLeases:
             first=first,
             wait=runtime._wait,
             limit=runtime.max_per_acquire,
+            tokens=tokens,
         )
-        self._held: tuple[Slab, dict[int, int]] | None = None
+        self._held: dict[str, tuple[Slab | None, dict[int, int]]] = {}
 
-    def get(self, chunk: int) -> tuple[Slab, dict[int, int]]:
-        """Chunk ``chunk``'s slab and expert -> slot (the previous chunk is released)."""
-        if chunk != self._leases.index:
-            lease = self._leases.take(chunk)
-            slab = self.runtime._slab(lease, self.device)
-            slot_of = dict(zip(lease.experts, lease.slots, strict=True))
-            self._held = (slab, slot_of) if slab.zero_copy else slab.compact(slot_of)
-        assert self._held is not None
-        return self._held
+    @property
+    def count(self) -> int:
+        """Compute chunks (what the experts functions loop over)."""
+        return len(self.chunks) * len(self.places)
+
+    def get(self, chunk: int) -> tuple[Slab | None, dict[int, int]]:
+        """Compute chunk ``chunk``'s slab and expert -> slot (the previous lease is released);
+        (None, {}) when the lease placed none of its experts there."""
+        taken, place = divmod(chunk, len(self.places))
+        if taken != self._leases.index:
+            lease = self._leases.take(taken)
+            self._held = {}
+            for where in self.places:
+                mine = [i for i in range(len(lease.experts)) if lease.place(i) == where]
+                if not mine:
+                    self._held[where] = (None, {})
+                    continue
+                slab = self.runtime._slab(
+                    lease, mine[0], self.device, on_host=self.runtime.tier == AUTO_TIER and where == HOST
+                )
+                slot_of = {lease.experts[i]: lease.slots[i] for i in mine}
+                self._held[where] = (slab, slot_of) if slab.zero_copy else slab.compact(slot_of)
+        return self._held[self.places[place]]
+
+    def find(self, chunk: int, expert: int) -> tuple[Slab, int]:
+        """The slab and slot of ``expert`` of acquired chunk ``chunk``."""
+        for place in range(len(self.places)):
+            slab, slot_of = self.get(chunk * len(self.places) + place)
+            if expert in slot_of:
+                assert slab is not None
+                return slab, slot_of[expert]
+        raise KeyError(f"expert {expert} is in no lease of chunk {chunk}")
 
     def close(self) -> None:
         self._leases.close()
@@ -177,12 +219,14 @@ class Offload:
         self.hint = hint
         self.stats = OffloadStats()
         self.freed_bytes = 0
-        handle = client.info["tiers"][tier]
-        slots = int(handle.get("max_pinned", handle["slots"]))  # what one client may pin of the tier
+        tiers = client.info["tiers"]
+        handles = [tiers[t] for t in ((DEVICE, HOST) if tier == AUTO_TIER else (tier,)) if t in tiers]
+        slots = min(int(h.get("max_pinned", h["slots"])) for h in handles)  # what one client may pin
         self.max_per_acquire = min(slots, MAX_EXPERTS_PER_MESSAGE)
         self.chunk = max(1, min(slots // 2, MAX_EXPERTS_PER_MESSAGE))
         self._pending: dict[int, tuple[list[int], PendingAcquire]] = {}
         self._routed: dict[int, list[int]] = {}  # layer -> this pass's experts (for dense experts)
+        self._tokens: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens (tier auto)
         self._router_args: dict[int, tuple[tuple, dict]] = {}  # layer -> its router's extra arguments
         self._slabs: dict[tuple[int, int], Slab] = {}
         self._hooks: list[Any] = []
@@ -213,11 +257,17 @@ class Offload:
 
     def _make_router_hook(self, layer: MoELayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            order = acquire_order(*layer.routing(output))
+            experts, weights = layer.routing(output)
+            order = acquire_order(experts, weights)
             self._routed[layer.index] = order
+            if self.tier == AUTO_TIER:  # the daemon weighs a prefill's token counts
+                self._tokens[layer.index] = routed_tokens(experts, layer.num_experts)
             if len(order) <= self.max_per_acquire:  # ask now: the lease travels while the block goes on
                 self._drop_pending(layer.index)
-                self._pending[layer.index] = (order, self.client.acquire_async(layer.index, order, self.tier))
+                tokens = self._tokens.get(layer.index)
+                counts = None if tokens is None else [tokens[e] for e in order]
+                pending = self.client.acquire_async(layer.index, order, self.tier, counts)
+                self._pending[layer.index] = (order, pending)
             if self.hint and layer.index + 1 < len(self.layers) and args:
                 self._hint_next(layer.index, args[0])  # while the acquire travels
 
@@ -265,22 +315,29 @@ class Offload:
             ranked = sorted(order)
             chunks = [ranked[i : i + self.chunk] for i in range(0, len(ranked), self.chunk)]
             self.stats.chunked += 1
-        leases = _ChunkLeases(self, index, chunks, pending[1] if pending else None, hidden.device)
+        first = pending[1] if pending else None
+        leases = _ChunkLeases(self, index, chunks, first, hidden.device, self._tokens.pop(index, None))
         try:
             if dense:
-                return dense_on_slots(inner, hidden, [sorted(c) for c in chunks], leases.get)
+                routed = [sorted(c) for c in chunks for _ in leases.places]
+                return dense_on_slots(inner, hidden, routed, leases.get)
             assert experts is not None and weights is not None
             if impl == "grouped_mm":
-                return grouped_mm_on_slots(inner, hidden, experts, weights, len(chunks), leases.get)
+                return grouped_mm_on_slots(inner, hidden, experts, weights, leases.count, leases.get)
             if impl == "batched_mm":
-                return batched_mm_on_slots(inner, hidden, experts, weights, len(chunks), leases.get)
+                return batched_mm_on_slots(inner, hidden, experts, weights, leases.count, leases.get)
+            if len(leases.places) > 1 and hidden.device.type != "cpu":
+                raise ModelLayoutError(
+                    "tier 'auto' with the eager experts loop runs on the CPU only (it cannot mix devices "
+                    "inside the model's loop): model.set_experts_implementation('grouped_mm')"
+                )
             ranked = sorted(order)
             chunk_of = {e: c for c, chunk in enumerate(chunks) for e in chunk}
 
             def row(name: str) -> Rows:
                 def fetch(c: int) -> Tensor:
-                    slab, slot_of = leases.get(chunk_of[ranked[c]])
-                    return slab[name][slot_of[ranked[c]]]
+                    slab, slot = leases.find(chunk_of[ranked[c]], ranked[c])
+                    return slab[name][slot]
 
                 return Rows(fetch)
 
@@ -297,10 +354,11 @@ class Offload:
         self.stats.acquires += 1
         return lease
 
-    def _slab(self, lease: Lease, device: torch.device) -> Slab:
-        """The stacked views of the lease's tier (made once per mapping)."""
-        anchor = next(iter(lease.tensors(0).values()))
-        if anchor.device != device:
+    def _slab(self, lease: Lease, i: int, device: torch.device, *, on_host: bool = False) -> Slab:
+        """The stacked views of the tier of the lease's ``i``-th expert (made once per mapping);
+        ``on_host``: a host slab an auto lease placed experts in (computed on the CPU)."""
+        anchor = next(iter(lease.tensors(i).values()))
+        if anchor.device != device and not on_host:
             raise ModelLayoutError(
                 f"the model computes on {device} but the daemon's {lease.tier} tier is on {anchor.device}: "
                 f"serve with a device tier on {device.type}, or move the model"
@@ -309,7 +367,7 @@ class Offload:
         key = (storage.data_ptr(), storage.nbytes())
         slab = self._slabs.get(key)
         if slab is None:
-            handle = self.client.info["tiers"][lease.tier]
+            handle = self.client.info["tiers"][lease.place(i)]
             slab = self._slabs[key] = Slab.over(
                 self.slots, storage, int(handle["slots"]), int(handle["slot_bytes"])
             )
@@ -380,7 +438,10 @@ def offload(
 ) -> Offload:
     """Serve ``model``'s routed experts from ``client``'s daemon and drop them from ``model``.
 
-    ``tier``: where leases are taken (default: the daemon's, the device tier if it has one).
+    ``tier``: where leases are taken (default: the daemon's, the device tier if it has one);
+    ``"auto"``: the daemon places each expert, and host-placed ones are computed on the CPU from
+    the host slab's views while the device computes the rest (grouped_mm, batched_mm, Llama-4's
+    dense experts; eager on a CPU model only).
     ``hint``: send each next layer's gate guess ahead of its acquire. ``new_generations``: a
     forward pass with an empty cache starts a new generation at the daemon (`begin_generation`).
     Raises `ModelLayoutError` (naming what was found) if the model or the store do not match.
@@ -408,13 +469,12 @@ def offload(
         ) from None
     slots = slot_layout(client, layers, layout)
     tier = tier or client.default_tier
-    if tier == AUTO_TIER:
+    if tier == AUTO_TIER and client.hello is not None and client.hello.protocol < 3:
         raise ModelLayoutError(
-            "tier 'auto' (host-placed experts computed on the CPU) is not supported by "
-            "expertd.client.hf yet: "
-            "offload with tier 'device' or 'host', or compute with expertd.client.MoEBlock"
+            f"the daemon speaks protocol {client.hello.protocol}: no tier 'auto' "
+            "(offload with 'device' or 'host')"
         )
-    if tier not in client.info["tiers"]:
+    if tier not in client.info["tiers"] and tier != AUTO_TIER:
         raise ModelLayoutError(f"the daemon has no {tier!r} tier (it has {', '.join(client.info['tiers'])})")
     runtime = Offload(
         model, client, layers, layout, slots, tier=tier, hint=hint, new_generations=new_generations

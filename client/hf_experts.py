@@ -80,6 +80,13 @@ class Slab:
     pieces: dict[str, list[Tensor]]
 
     @property
+    def device(self) -> torch.device:
+        """Where the slab's weights are (an auto lease's host slab: the CPU)."""
+        for w in (*self.weights.values(), *(p for parts in self.pieces.values() for p in parts)):
+            return w.device
+        raise ValueError("a slab without weights has no device")
+
+    @property
     def zero_copy(self) -> bool:
         return not self.pieces
 
@@ -153,7 +160,8 @@ def _bias(inner: Any, slab: Slab, name: str, rows: Tensor) -> Tensor | None:
     return slab[f"{name}_bias"][rows] if getattr(inner, "has_bias", False) else None
 
 
-Chunks = Callable[[int], tuple[Slab, dict[int, int]]]  # chunk index -> (slab, expert -> slot)
+# chunk index -> (slab, expert -> slot); (None, {}): an auto lease placed none of its experts there
+Chunks = Callable[[int], tuple[Slab | None, dict[int, int]]]
 
 
 def grouped_mm_on_slots(
@@ -178,15 +186,17 @@ def grouped_mm_on_slots(
     weighted_all: Tensor | None = None
     for chunk in range(chunks):
         slab, slot_of = get(chunk)
-        slot_map = remap(
-            int(inner.num_experts), list(slot_of), list(slot_of.values()), expert_ids.device, slab.num_slots
-        )
-        rows = slot_map[expert_ids_g] < slab.num_slots if chunks > 1 else slice(None)
-        slots_g = slot_map[expert_ids_g[rows]]
+        if slab is None:  # an auto lease placed none of its experts here
+            continue
+        here = slab.device
+        ids_g, perm_h, hidden_h, weights_h = _on(here, expert_ids_g, perm, hidden, sample_weights)
+        slot_map = remap(int(inner.num_experts), list(slot_of), list(slot_of.values()), here, slab.num_slots)
+        rows = slot_map[ids_g] < slab.num_slots if chunks > 1 else slice(None)
+        slots_g = slot_map[ids_g[rows]]
         _, by_slot = torch.sort(slots_g, stable=True)  # whole groups move; rows inside keep their order
-        perm_c, slots_g = perm[rows][by_slot], slots_g[by_slot]
-        selected = hidden[perm_c // top_k]  # [n, D]
-        histc_input = slots_g.float() if hidden.device.type in ("cpu", "mps") else slots_g.int()
+        perm_c, slots_g = perm_h[rows][by_slot], slots_g[by_slot]
+        selected = hidden_h[perm_c // top_k]  # [n, D]
+        histc_input = slots_g.float() if here.type in ("cpu", "mps") else slots_g.int()
         per_slot = torch.histc(histc_input, bins=slab.num_slots, min=0, max=slab.num_slots - 1)
         offsets = torch.cumsum(per_slot, dim=0, dtype=torch.int32)
         bias = _bias(inner, slab, "gate_up_proj", slots_g)  # GPT-OSS: [n, 2F], by row
@@ -196,10 +206,12 @@ def grouped_mm_on_slots(
         proj = _grouped_linear(
             proj, slab["down_proj"], offsets, bias=bias, is_transposed=transposed
         )  # [n, D]
-        weighted = proj * sample_weights[perm_c].unsqueeze(-1)  # [n, D]
+        weighted = proj * weights_h[perm_c].unsqueeze(-1)  # [n, D]
         if weighted_all is None:
-            weighted_all = weighted.new_empty((tokens * top_k, hidden_dim))  # [T*k, D]
-        weighted_all[perm_c] = weighted  # each pair back in its (token, k) place
+            weighted_all = hidden.new_empty((tokens * top_k, hidden_dim), dtype=weighted.dtype)  # [T*k, D]
+        weighted_all[perm_c.to(hidden.device)] = weighted.to(
+            hidden.device
+        )  # each pair in its (token, k) place
     assert weighted_all is not None
     return weighted_all.view(tokens, top_k, hidden_dim).sum(dim=1).to(hidden.dtype)  # [T, D]
 
@@ -223,21 +235,23 @@ def batched_mm_on_slots(
     weighted_all: Tensor | None = None
     for chunk in range(chunks):
         slab, slot_of = get(chunk)
-        slot_map = remap(
-            int(inner.num_experts), list(slot_of), list(slot_of.values()), expert_ids.device, slab.num_slots
-        )
-        slots = slot_map[expert_ids]  # [T*k]
+        if slab is None:  # an auto lease placed none of its experts here
+            continue
+        here = slab.device
+        ids_h, selected_h, weights_h = _on(here, expert_ids, selected_all, sample_weights)
+        slot_map = remap(int(inner.num_experts), list(slot_of), list(slot_of.values()), here, slab.num_slots)
+        slots = slot_map[ids_h]  # [T*k]
         rows = slots < slab.num_slots  # this chunk's pairs
         mine = slots[rows]
         bias = _bias(inner, slab, "gate_up_proj", mine)
-        proj = _batched_linear(selected_all[rows], slab["gate_up_proj"][mine], bias, transposed)  # [n, 2F]
+        proj = _batched_linear(selected_h[rows], slab["gate_up_proj"][mine], bias, transposed)  # [n, 2F]
         proj = inner._apply_gate(proj)  # [n, F]
         bias = _bias(inner, slab, "down_proj", mine)
         proj = _batched_linear(proj, slab["down_proj"][mine], bias, transposed)  # [n, D]
-        weighted = proj * sample_weights[rows].unsqueeze(-1)  # [n, D]
+        weighted = proj * weights_h[rows].unsqueeze(-1)  # [n, D]
         if weighted_all is None:
-            weighted_all = weighted.new_empty((tokens * top_k, hidden_dim))  # [T*k, D]
-        weighted_all[rows] = weighted
+            weighted_all = hidden.new_empty((tokens * top_k, hidden_dim), dtype=weighted.dtype)  # [T*k, D]
+        weighted_all[rows.to(hidden.device)] = weighted.to(hidden.device)
     assert weighted_all is not None
     return weighted_all.view(tokens, top_k, hidden_dim).sum(dim=1).to(hidden.dtype)  # [T, D]
 
@@ -254,11 +268,21 @@ def dense_on_slots(inner: Any, routed_in: Tensor, routed: list[list[int]], get: 
     num_experts, hidden_dim = int(inner.num_experts), int(inner.hidden_size)
     hidden = routed_in.view(num_experts, -1, hidden_dim)  # [E, T, D]
     out = torch.zeros_like(hidden)  # [E, T, D]: the unrouted experts' exact zeros
-    for chunk, ids in enumerate(routed):
+    for chunk, routed_ids in enumerate(routed):
         slab, slot_of = get(chunk)
-        slots = torch.tensor([slot_of[e] for e in ids], dtype=torch.long, device=hidden.device)
+        ids = [e for e in routed_ids if e in slot_of]  # an auto lease's chunk: the experts placed here
+        if slab is None or not ids:
+            continue
+        here = slab.device
+        slots = torch.tensor([slot_of[e] for e in ids], dtype=torch.long, device=here)
         index = torch.tensor(ids, dtype=torch.long, device=hidden.device)
-        gate_up = torch.bmm(hidden[index], slab["gate_up_proj"][slots])  # [n, T, 2F]
+        (mine,) = _on(here, hidden[index])
+        gate_up = torch.bmm(mine, slab["gate_up_proj"][slots])  # [n, T, 2F]
         gate, up = gate_up.chunk(2, dim=-1)  # [n, T, F]
-        out[index] = torch.bmm(up * inner.act_fn(gate), slab["down_proj"][slots])  # [n, T, D]
+        out[index] = torch.bmm(up * inner.act_fn(gate), slab["down_proj"][slots]).to(out.device)  # [n, T, D]
     return out.view(-1, hidden_dim)  # [E*T, D]
+
+
+def _on(device: torch.device, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors on ``device`` (the activations a host-placed chunk computes on the CPU)."""
+    return tuple(t if t.device == device else t.to(device) for t in tensors)

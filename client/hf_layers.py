@@ -206,6 +206,12 @@ def rank_routing(experts: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     return torch.gather(experts, -1, order), torch.gather(weights, -1, order)
 
 
+def routed_tokens(experts: Tensor, num_experts: int) -> dict[int, int]:
+    """Expert id -> how many of this pass's tokens it is routed to."""
+    counts = torch.bincount(experts.reshape(-1).long().cpu(), minlength=num_experts)  # [E]
+    return {e: int(n) for e, n in enumerate(counts.tolist()) if n}
+
+
 def acquire_order(experts: Tensor, weights: Tensor) -> list[int]:
     """The experts a forward pass needs, in the order acquires name them: token by token, each
     token's highest weight first, first occurrence only. One token: exactly its trace row."""

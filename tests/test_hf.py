@@ -56,13 +56,13 @@ def checkpoints(workdir):
     return get
 
 
-def serve(store: Path, workdir: Path, device_slots: int, device: str = "cpu") -> DaemonProcess:
+def serve(store: Path, workdir: Path, device_slots: int, device: str = "cpu", *extra: str) -> DaemonProcess:
     """A daemon whose host tier holds every expert and whose device tier (CPU stand-in) few."""
     manifest = json.loads((store / "manifest.json").read_text())
     total = manifest["num_layers"] * manifest["num_experts"]
     run = Path(tempfile.mkdtemp(prefix="d-", dir=workdir))
     flags = ["--host-size", f"{total} slots", "--device", device, "--device-size", f"{device_slots} slots"]
-    return DaemonProcess(store, run, *flags, "--log-level", "warning")
+    return DaemonProcess(store, run, *flags, *extra, "--log-level", "warning")
 
 
 def load(model_dir: Path, dtype: torch.dtype, implementation: str | None = None):
@@ -100,6 +100,8 @@ def run_matches_the_model(
     device_slots: int,
     *,
     hint: bool = False,
+    tier: str | None = None,
+    flags: tuple[str, ...] = (),
 ):
     """Offload a fresh copy of the model through a daemon of ``device_slots`` device slots: its
     logits and greedy tokens equal the untouched copy's. Returns the `Offload`."""
@@ -107,13 +109,14 @@ def run_matches_the_model(
     ids = byte_prompt(PROMPT)
     with torch.no_grad():
         want_logits, want_tokens = reference(ids).logits, generate(reference, ids)
-    daemon = serve(store, workdir, device_slots=device_slots)
+    daemon = serve(store, workdir, device_slots, "cpu", *flags)
     try:
         with ExpertClient(daemon.address) as client:
-            run = offload(model, client, hint=hint)
+            run = offload(model, client, hint=hint, tier=tier)
             with torch.no_grad():
                 assert torch.equal(model(ids).logits, want_logits)
                 assert torch.equal(generate(model, ids), want_tokens)
+            run.placed = client.stats().get("placed", {})
     finally:
         daemon.kill()
     return run
@@ -194,6 +197,26 @@ def test_a_store_whose_gate_and_up_are_apart_still_computes_exactly(implementati
     run_matches_the_model(base / "model", base / "store", workdir, torch.bfloat16, implementation, 12)
 
 
+@pytest.mark.parametrize(
+    ("name", "dtype", "implementation"),
+    [("qwen3_moe", torch.bfloat16, "eager"), ("qwen3_moe", torch.bfloat16, "grouped_mm"),
+     ("qwen3_moe", torch.bfloat16, "batched_mm"), ("gpt_oss", torch.float32, "grouped_mm"),
+     ("llama4_text", torch.float32, None)],
+)  # fmt: skip
+def test_auto_placement_computes_host_experts_and_stays_exact(
+    name, dtype, implementation, checkpoints, workdir
+):
+    """tier="auto": the daemon places misses on the host (host 100 GB/s against a 25 GB/s link);
+    each lease's host-placed experts are their own chunk, computed from the host slab: the
+    logits and tokens are still the model's, bit for bit."""
+    model_dir, store = checkpoints(name, dtype)
+    run = run_matches_the_model(
+        model_dir, store, workdir, dtype, implementation, 12, tier="auto",
+        flags=("--host-gbps", "100", "--max-pinned-share", "1"),
+    )  # fmt: skip
+    assert run.placed["host"] > 0 and run.placed["device"] > 0, run.placed
+
+
 @pytest.mark.gpu
 def test_on_cuda_with_a_cuda_device_tier_too(checkpoints, workdir):
     """The model on the GPU, the experts in the daemon's CUDA slab (IPC views): the same tokens."""
@@ -212,6 +235,31 @@ def test_on_cuda_with_a_cuda_device_tier_too(checkpoints, workdir):
                 assert torch.equal(generate(model, ids), want_tokens)
     finally:
         daemon.kill()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_auto_placement_on_cuda_stays_within_bf16(implementation, checkpoints, workdir):
+    """The model on the GPU, tier="auto": host-placed experts computed on the CPU from the host
+    slab, their rows moved to the GPU before the sum over k. Stated tolerance: logits within 4
+    bf16 ulps (2**-6) of their largest magnitude (the CPU and GPU kernels round differently)."""
+    model_dir, store = checkpoints("qwen3_moe", torch.bfloat16)
+    reference = load(model_dir, torch.bfloat16, implementation).cuda()
+    model = load(model_dir, torch.bfloat16, implementation).cuda()
+    ids = byte_prompt(PROMPT).cuda()
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+    daemon = serve(store, workdir, 12, "cuda", "--host-gbps", "1000", "--max-pinned-share", "1")
+    try:
+        with ExpertClient(daemon.address) as client:
+            offload(model, client, tier="auto")
+            with torch.no_grad():
+                got = model(ids).logits.float()
+            placed = client.stats()["placed"]
+    finally:
+        daemon.kill()
+    assert placed["host"] > 0, placed
+    assert (got - want).abs().max().item() <= 2**-6 * want.abs().max().item()
 
 
 def test_offload_refuses_a_store_of_another_model(checkpoints, workdir):
