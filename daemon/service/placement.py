@@ -8,14 +8,14 @@ from typing import Any
 from expertd.daemon import protocol as proto
 from expertd.daemon.core.events import AUTO, Reply
 from expertd.daemon.service.calibration import HostCompute
-from expertd.daemon.service.config import TenantPolicy
 from expertd.daemon.service.sessions import Session
 
 AUTO_PROTOCOL = 3  # the first protocol version with tier "auto"
 
 
-def auto_refusal(request: proto.Acquire, session: Session, tenant: TenantPolicy) -> tuple[str, str] | None:
-    """The error an auto acquire gets from this session, or None (every other acquire: None)."""
+def auto_refusal(request: proto.Acquire, session: Session, tenant: Any) -> tuple[str, str] | None:
+    """The error an auto acquire gets from this session, or None (every other acquire: None);
+    ``tenant``: the session's tenant's isolation (its ``isolation`` mode)."""
     if request.tier != proto.AUTO_TIER:
         return None
     if session.protocol < AUTO_PROTOCOL:
