@@ -8,9 +8,11 @@ expert by expert.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
+import pytest
 from daemon_util import DaemonProcess
 
 from expertd.client import ExpertClient
@@ -61,6 +63,10 @@ class RecordingManager(CacheManager):
         return self._noted(super().transfer_done(*args, **kw))
 
 
+@pytest.mark.skipif(
+    "placement" not in inspect.signature(replay_module.replay_timed).parameters,
+    reason="timed replay does not model placement on this branch yet (issue 15a's replay_timed(placement=))",
+)
 def test_a_live_daemon_places_every_expert_where_replay_does(
     tmp_path: Path, short_dir: Path, monkeypatch
 ) -> None:
