@@ -30,6 +30,17 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
+def cuda_experts(reader: StoreReader, layers: range) -> MemoryExperts:
+    """The store's experts of ``layers``, moved to the GPU (the reference)."""
+    weights = MemoryExperts.from_store(reader, layers).weights
+    return MemoryExperts(
+        {
+            layer: {e: {n: t.cuda() for n, t in w.items()} for e, w in by_expert.items()}
+            for layer, by_expert in weights.items()
+        }
+    )
+
+
 def test_pinned_host_slab_copies_to_device_slots_exactly():
     host = HostSlab("gpu-test-host", 4, 1 << 20)
     device = CudaDeviceSlab(3, 1 << 20)
@@ -56,12 +67,7 @@ def test_moe_block_through_a_cuda_device_tier_equals_the_stores_weights(store, s
     try:
         reader = StoreReader(store)
         config = MoEConfig(hidden_size=reader.manifest.tensors[0].shape[1], num_experts=64, top_k=8)
-        memory = MemoryExperts(
-            {
-                layer: {e: {n: t.cuda() for n, t in w.items()} for e, w in layer_weights.items()}
-                for layer, layer_weights in MemoryExperts.from_store(reader, range(3)).weights.items()
-            }
-        )
+        memory = cuda_experts(reader, range(3))
         with ExpertClient(daemon.address) as client:
             assert client.default_tier == "device"
             torch.manual_seed(0)
@@ -96,12 +102,7 @@ def test_hybrid_block_on_cuda_matches_the_stores_weights_within_bf16(store, shor
     try:
         reader = StoreReader(store)
         config = MoEConfig(hidden_size=reader.manifest.tensors[0].shape[1], num_experts=64, top_k=8)
-        memory = MemoryExperts(
-            {
-                layer: {e: {n: t.cuda() for n, t in w.items()} for e, w in layer_weights.items()}
-                for layer, layer_weights in MemoryExperts.from_store(reader, range(3)).weights.items()
-            }
-        )
+        memory = cuda_experts(reader, range(3))
         with ExpertClient(daemon.address) as client, HostCompute(2) as host:
             for layer in range(3):  # the host tier holds every expert: misses can be computed there
                 for expert in range(64):

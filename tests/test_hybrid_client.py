@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,14 +12,6 @@ from expertd.client.host_compute import HostCompute, default_threads
 from expertd.client.moe import add_experts, route
 
 CFG = MoEConfig(hidden_size=32, num_experts=8, top_k=4)  # k > 2: the order of a sum shows
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expert_weights(dtype: torch.dtype, seed: int = 3) -> dict[int, dict[int, dict[str, torch.Tensor]]]:

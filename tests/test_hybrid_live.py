@@ -6,7 +6,6 @@ device tier); on CUDA, tests/test_gpu.py checks it within a bf16 tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from expertd.daemon.store.pack import pack_synthetic
 from expertd.daemon.store.reader import StoreReader
 
 OLMOE = MoEConfig(hidden_size=32, num_experts=64, top_k=8, norm_topk_prob=False)  # olmoe-1b-7b / 64
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
