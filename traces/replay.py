@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from expertd.daemon.core.cache_core import ISOLATION_MODES, CacheCore, Isolation
 from expertd.daemon.core.defaults import DEFAULT_NAME
 from expertd.daemon.core.defaults import resolve as resolve_default
 from expertd.daemon.core.events import (
@@ -28,12 +30,12 @@ from expertd.daemon.core.events import (
     H2D,
     HOST,
     LOAD,
+    Command,
     ErrorReply,
-    Predict,
     Reply,
     StartTransfer,
 )
-from expertd.daemon.core.manager import CacheManager, ManagerConfig
+from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry, PolicyError
 from expertd.policies.registry import make_policy, parse_spec, policy_class
@@ -41,6 +43,8 @@ from expertd.traces.timing import TimingModel
 from expertd.traces.trace import Trace
 
 BOUND_POLICY = "belady"
+REPLAY_CLIENT = "replay"  # the one client of a replay without tenants
+PRIVATE_SEED = 0  # private tenants' drawn waits: reproducible in replay
 
 
 class ReplayError(ValueError):
@@ -70,6 +74,10 @@ class ReplayRow:
     bound_ratio: float | None = None
     error: str | None = None  # the policy cannot run at this capacity (the row has no results)
     prefetch: dict | None = None  # timed mode with a predictor: its precision, recall, waste
+    tenants: dict | None = None  # timed mode with tenants: each one's acquires, accesses, hits
+    # ... and private tenants' replies timed to the grid: "drawn" (its own cache would have
+    # missed what the shared one hit) and "real" (it missed for real)
+    private_replies: dict | None = None
     # timed mode with host compute (a profile with host_gbps): where the experts were computed
     seconds_per_token: float | None = None  # = time_s_per_token
     host_computed: int | None = None  # expert passes computed on the host
@@ -153,6 +161,8 @@ def replay_timed(
     hints: Callable[[int], Iterable[tuple[int, Sequence[int]]]] | None = None,
     placement: bool = False,
     round_trips: bool = True,
+    tenants: Mapping[str, Isolation] | None = None,
+    observe: Callable[[str, Reply], None] | None = None,
 ) -> ReplayRow:
     """Timed mode: the cache manager, a virtual clock and the links of ``timing``.
 
@@ -166,6 +176,10 @@ def replay_timed(
     host-placed experts compute on the host while the device computes the rest of the layer.
     ``round_trips``: each acquire pays ``timing``'s client/daemon round trip (an in-process
     system, such as the peers in `expertd.traces.peers`, pays none).
+    ``tenants``: name -> isolation; the trace's requests are dealt to them in turn (request
+    r to the (r mod n)-th), one client each, as a daemon with those ``[tenants]`` would
+    serve them (`CacheCore`); None: one shared client. ``observe(client, reply)``: every
+    reply, in the order the acquires were answered.
     """
     prefetch = prefetch or PrefetchConfig()
     geometry = geometry_of(trace)
@@ -187,13 +201,18 @@ def replay_timed(
             geometry, host_slots=slots, host_policy=policy, load_depth=1,
             lease_timeout_s=math.inf, expert_bytes=timing.expert_bytes, prefetch=prefetch,
         )  # fmt: skip
+    _check_tenants(tenants, timing)
     started = time.perf_counter()
-    manager = CacheManager(config)
-    if predictor_state is not None and manager.prefetcher is not None:
-        manager.prefetcher.load_state(predictor_state)
+    clock = [0.0]  # the virtual time of the event being handled
+    core = CacheCore(config, tenants, clock=lambda: clock[0], rng=random.Random(PRIVATE_SEED))
+    clients = list(tenants) if tenants else [REPLAY_CLIENT]
+    for client in clients:
+        core.connect(client, client if tenants else "default", 0.0)
+    if predictor_state is not None and config.prefetch.predictor:
+        core.partitions.load_predictor_state(predictor_state)
     if timing.has_device and timing.host_slots is None:
-        manager.preload(HOST, range(num_keys))  # warm host: RAM holds every expert
-    cache = manager.tiers[tier].policy
+        core.partitions.shared.preload(HOST, range(num_keys))  # warm host: RAM holds every expert
+    cache = core.tiers[tier].policy
     if cache.offline:
         cache.prepare(keys)
 
@@ -202,7 +221,7 @@ def replay_timed(
     replies: list[Reply] = []
     seq = 0
 
-    def run(commands: list, at: float) -> None:
+    def run(commands: Iterable[Command], at: float) -> None:
         nonlocal seq
         for command in commands:
             if isinstance(command, StartTransfer):
@@ -210,10 +229,23 @@ def replay_timed(
                 heapq.heappush(events, (at + duration[command.link], seq, command.transfer_id))
             elif isinstance(command, Reply):
                 replies.append(command)
-            elif isinstance(command, Predict):
-                run(manager.predict(command), at)
             elif isinstance(command, ErrorReply):
                 raise ReplayError(f"replay acquire failed: {command.code}: {command.message}")
+
+    def finish_next() -> float:
+        """The next transfer finishes or held reply leaves, whichever comes first: its time."""
+        due = core.next_due()
+        if events and (due is None or events[0][0] <= due):
+            at, _, transfer_id = heapq.heappop(events)
+            clock[0] = at
+            run(core.transfer_done(transfer_id, True, "", at), at)
+            return at
+        assert due is not None
+        clock[0] = due
+        for reply, release in core.due(due):
+            replies.append(reply)
+            core.sent(release, due)
+        return due
 
     layers = trace.layer.tolist()
     experts = trace.experts.tolist()
@@ -222,25 +254,28 @@ def replay_timed(
     host_computed = 0
     asked = AUTO if placement else tier
     hit_s, socket_s = (timing.acquire_hit_s, timing.acquire_socket_s) if round_trips else (0.0, 0.0)
-    lease: list[int] = []
+    leases: dict[str, list[int]] = {client: [] for client in clients}
     for row, (layer, row_experts, request) in enumerate(zip(layers, experts, requests, strict=True)):
         while events and events[0][0] <= now:
-            finish, _, transfer_id = heapq.heappop(events)
-            run(manager.transfer_done(transfer_id, True), finish)
+            finish_next()
+        clock[0] = now
+        client = clients[request % len(clients)]
         if row and request != requests[row - 1]:
-            manager.end_generation("replay", requests[row - 1])
-        run(manager.acquire("replay", row, layer, row_experts, asked, now, lease, request), now)
+            previous = requests[row - 1]
+            core.end_generation(clients[previous % len(clients)], previous)
+        run(core.acquire(client, row, layer, row_experts, asked, now, leases[client], request), now)
         if hints is not None:
             for hint_layer, hint_experts in hints(row):
-                run(manager.hint("replay", hint_layer, hint_experts, now, generation=request), now)
+                run(core.hint(client, hint_layer, hint_experts, now, generation=request), now)
         ready = now
         while not replies:
-            if not events:
+            if not events and core.next_due() is None:
                 raise ReplayError(f"row {row}: acquire cannot complete (capacity {slots} too small?)")
-            ready, _, transfer_id = heapq.heappop(events)
-            run(manager.transfer_done(transfer_id, True), ready)
+            ready = finish_next()
         reply = replies.pop()
-        lease = [reply.lease_id]
+        if observe is not None:
+            observe(client, reply)
+        leases[client] = [reply.lease_id]
         stall += ready - now
         on_host = reply.host_computed if placement else 0  # without a device, layer_s is the host's
         host_computed += on_host
@@ -248,7 +283,7 @@ def replay_timed(
         now = ready + trip + timing.layer_end_s(on_host)
     seconds = time.perf_counter() - started
 
-    stats = manager.stats()
+    stats = core.stats()
     tokens = int(forward_ids(trace)[-1]) + 1 if len(trace) else 0
     per_link = {link: info["bytes"] for link, info in stats["links"].items()}
     counters = stats["tiers"][tier]
@@ -267,6 +302,8 @@ def replay_timed(
         bytes_moved=sum(per_link.values()),
         bytes_per_link=per_link,
         prefetch=_prefetch_summary(stats, tier),
+        tenants=core.tenant_stats() if tenants else None,
+        private_replies={k: n for k, (n, _) in core.timing.grid_points.items()} if tenants else None,
     )
     if timing.has_device:
         row_out.seconds_per_token = row_out.time_s_per_token
@@ -288,6 +325,37 @@ def set_bound(row: ReplayRow, trace: Trace, timing: TimingModel, bound_loads: in
         row.copy_bound_ratio = total_s / copy_bound if copy_bound else math.inf
     row.bound_s_per_token = bound / tokens
     row.bound_ratio = total_s / bound if bound else math.inf
+
+
+def _check_tenants(tenants: Mapping[str, Isolation] | None, timing: TimingModel) -> None:
+    for name, policy in (tenants or {}).items():
+        if policy.isolation not in ISOLATION_MODES:
+            raise ReplayError(f"tenant {name}: isolation {policy.isolation!r} is none of {ISOLATION_MODES}")
+        if not 0 < policy.share <= 1:
+            raise ReplayError(f"tenant {name}: share {policy.share} must be in (0, 1]")
+    partitioned = any(p.isolation == "partitioned" for p in (tenants or {}).values())
+    if partitioned and timing.has_device and timing.host_slots is None:
+        raise ReplayError("partitioned tenants need a host tier of a given size (--host-capacity)")
+
+
+def parse_tenants(spec: str) -> dict[str, Isolation]:
+    """``"a,b:partitioned:0.5,c:private"`` -> name -> isolation (shared, share 1 unless given)."""
+    out: dict[str, Isolation] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, rest = item.partition(":")
+        mode, _, share = rest.partition(":")
+        if not name or name in out:
+            raise ReplayError(f"tenant {item!r}: a name of its own, please (NAME[:MODE[:SHARE]])")
+        try:
+            value = float(share) if share else 1.0
+        except ValueError:
+            raise ReplayError(f"tenant {item!r}: share {share!r} is not a number") from None
+        out[name] = Isolation(mode or "shared", value)
+    if not out:
+        raise ReplayError(f"--tenants {spec!r} names no tenant")
+    return out
 
 
 def _prefetch_summary(stats: dict, tier: str) -> dict | None:
@@ -335,8 +403,11 @@ def sweep(
     prefetch: PrefetchConfig | None = None,
     progress: Callable[[str], None] | None = None,
     predictor_state: Mapping[str, Any] | None = None,
+    tenants: Mapping[str, Isolation] | None = None,
 ) -> list[ReplayRow]:
     """Every policy at every capacity (slots), each row with its Belady bound.
+
+    ``tenants`` (timed mode only): the trace's requests dealt to these tenants (`replay_timed`).
 
     ``default`` names expertd's default configuration (`expertd.daemon.core.defaults`): its
     device policy with its own prefetch settings; ``prefetch`` applies to the others. Timed
@@ -345,6 +416,8 @@ def sweep(
     """
     from expertd.traces.peers import PEERS, run_peer
 
+    if tenants and timing is None:
+        raise ReplayError("tenants need --timed: isolation is a matter of time and of shared slots")
     for spec in policies:
         if spec not in PEERS:
             policy_class(parse_spec(resolve_default(spec)[0])[0])  # fail early on unknown names
@@ -368,7 +441,7 @@ def sweep(
                 else:
                     row = replay_timed(
                         trace, policy, slots, timing, prefetch=own_prefetch or prefetch, bound_loads=loads,
-                        predictor_state=predictor_state, placement=hybrid,
+                        predictor_state=predictor_state, tenants=tenants, placement=hybrid,
                     )  # fmt: skip
                 row.policy = spec
             except (PolicyError, ReplayError) as exc:  # e.g. lru-per-layer with fewer slots than layers
