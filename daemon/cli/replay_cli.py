@@ -74,6 +74,10 @@ def register(subparsers) -> None:
     timed.add_argument("--nvme-gbps", type=float, default=None, help="store->host bandwidth, GB/s")
     timed.add_argument("--layer-ms", type=float, default=None, help="compute time of one layer, ms")
     timed.add_argument(
+        "--host-gbps", type=float, default=None, help="a batch-1 expert pass on the host CPU, GB/s"
+    )
+    timed.add_argument("--acquire-us", type=float, default=None, help="one acquire's round trip, us")
+    timed.add_argument(
         "--predictor",
         default=None,
         help="prefetch with this predictor (default: none; `--policy default` brings its own)",
@@ -193,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
                 host_slots=host_slots,
                 recorded_expert_bytes=_int_or_none(meta.extra.get("expert_bytes")),
                 top_k=meta.top_k,
+                host_gbps=args.host_gbps,
+                acquire_us=args.acquire_us,
             )
         prefetch = None
         geometry = Geometry(meta.num_layers, meta.num_experts)
@@ -284,6 +290,9 @@ def format_table(rows, *, timed: bool) -> str:
     if timed:
         header += f" {'stall ms/tok':>12} {'ms/tok':>9} {'tok/s':>8} {'GB moved':>9}"
         header += f" {'bound ms':>9} {'ratio':>6}"
+    hybrid = timed and any(row.host_computed is not None for row in rows)
+    if hybrid:
+        header += f" {'on host':>9} {'copied':>8}"
     header += f" {'seconds':>8}"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -300,6 +309,9 @@ def format_table(rows, *, timed: bool) -> str:
                 f" {row.tokens_per_s:>8.2f} {row.bytes_moved / 1e9:>9.2f}"
                 f" {row.bound_s_per_token * 1e3:>9.2f} {row.bound_ratio:>6.2f}"
             )
+        if hybrid:
+            on_host, copied = row.host_computed, row.copied
+            line += f" {'-' if on_host is None else on_host:>9} {'-' if copied is None else copied:>8}"
         line += f" {row.seconds:>8.2f}"
         if row.prefetch:
             p = row.prefetch

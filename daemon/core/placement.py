@@ -45,7 +45,7 @@ class PlacementConfig:
     device_gbps: float = 1000.0  # device memory bandwidth (a batch-1 pass on the device)
     host_knee_tokens: float = 1.0  # tokens one host pass takes at ``host_gbps`` before compute binds
     device_knee_tokens: float = 64.0  # the same on the device
-    reuse_tokens: float = 2.0  # copy in the background when the next use is expected within this many tokens
+    reuse_tokens: float = 8.0  # copy in the background when the next use is expected within this many tokens
     host_threads: int = 0  # threads the host pass ran on (reported only; 0: unknown)
 
     def __post_init__(self) -> None:
