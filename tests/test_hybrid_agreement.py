@@ -3,21 +3,21 @@
 The same cost model (host 100 GB/s against a 25 GB/s link), tiers, policies and routing: a
 client acquiring one layer at a time and waiting for each lease leaves no transfer in flight
 at the next acquire, as replay's virtual clock does, so every decision must be the same,
-expert by expert.
+expert by expert. One reader thread, as replay models the load link (``load_depth=1``): with
+four, the loads of one acquire finish in any order, its copies follow in that order, and the
+device's recency among those experts (so a later eviction, so a later placement) can differ
+from replay's; 2 of 4 runs did before the daemon was given ``--load-threads 1``.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
-import pytest
 from daemon_util import DaemonProcess
 
 from expertd.client import ExpertClient
 from expertd.daemon.core.events import Reply
-from expertd.daemon.core.manager import CacheManager
 from expertd.daemon.store.pack import pack_synthetic
 from expertd.traces import replay as replay_module
 from expertd.traces.timing import TimingModel
@@ -47,48 +47,28 @@ def routing(seed: int = 5) -> Trace:
     )
 
 
-class RecordingManager(CacheManager):
-    """The real cache manager, noting every reply's placements (in the order they are answered)."""
-
-    replies: list[Reply]
-
-    def _noted(self, commands: list) -> list:
-        self.replies.extend(c for c in commands if isinstance(c, Reply))
-        return commands
-
-    def acquire(self, *args, **kw):
-        return self._noted(super().acquire(*args, **kw))
-
-    def transfer_done(self, *args, **kw):
-        return self._noted(super().transfer_done(*args, **kw))
-
-
-@pytest.mark.skipif(
-    "placement" not in inspect.signature(replay_module.replay_timed).parameters,
-    reason="timed replay does not model placement on this branch yet (issue 15a's replay_timed(placement=))",
-)
-def test_a_live_daemon_places_every_expert_where_replay_does(
-    tmp_path: Path, short_dir: Path, monkeypatch
-) -> None:
+def test_a_live_daemon_places_every_expert_where_replay_does(tmp_path: Path, short_dir: Path) -> None:
     store = tmp_path / "store"
     manifest = pack_synthetic(store, "olmoe-1b-7b", scale=64, layers=LAYERS)
     trace = routing()
     host_slots = LAYERS * EXPERTS  # every expert fits; both start cold
 
-    RecordingManager.replies = []
-    monkeypatch.setattr(replay_module, "CacheManager", RecordingManager)
+    replies: list[Reply] = []
     timing = TimingModel(
         expert_bytes=manifest.raw_bytes, h2d_gbps=25.0, nvme_gbps=2.0, layer_s=1e-3, host_slots=host_slots,
         host_gbps=100.0, device_gbps=1000.0,
     )  # fmt: skip
-    row = replay_module.replay_timed(trace, "lru", DEVICE_SLOTS, timing, host_policy="lru", placement=True)
-    replayed = [reply.placements for reply in sorted(RecordingManager.replies, key=lambda r: r.request_id)]
+    row = replay_module.replay_timed(
+        trace, "lru", DEVICE_SLOTS, timing, host_policy="lru", placement=True,
+        observe=lambda client, reply: replies.append(reply),
+    )  # fmt: skip
+    replayed = [reply.placements for reply in sorted(replies, key=lambda r: r.request_id)]
     assert len(replayed) == len(trace)
 
     daemon = DaemonProcess(
         store, short_dir, "--device", "cpu", "--device-size", f"{DEVICE_SLOTS} slots",
         "--host-size", f"{host_slots} slots", "--host-gbps", "100", "--predictor", "none",
-        "--device-policy", "lru", "--host-policy", "lru", "--max-pinned-share", "1",
+        "--device-policy", "lru", "--host-policy", "lru", "--max-pinned-share", "1", "--load-threads", "1",
     )  # fmt: skip
     live = []
     try:
