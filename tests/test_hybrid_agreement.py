@@ -6,7 +6,7 @@ at the next acquire, as replay's virtual clock does, so every decision must be t
 expert by expert. One reader thread, as replay models the load link (``load_depth=1``): with
 four, the loads of one acquire finish in any order, its copies follow in that order, and the
 device's recency among those experts (so a later eviction, so a later placement) can differ
-from replay's; 2 of 4 runs did before the daemon was given ``--load-threads 1``.
+from replay.s; 3 of 5 runs did before the daemon was given ``--load-threads 1``.
 """
 
 from __future__ import annotations

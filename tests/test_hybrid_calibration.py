@@ -106,3 +106,14 @@ def test_metrics_export_the_host_figure_and_placements() -> None:
     assert found["expertd_host_compute_threads"].samples[0].value == 3
     placed = {s.labels["placement"]: s.value for s in found["expertd_auto_placed"].samples}
     assert placed == {"device": 4, "host": 7, "background": 1}
+
+
+def test_with_host_placement_the_default_prefetch_share_takes_the_whole_link() -> None:
+    from expertd.daemon.core.defaults import HYBRID_PREFETCH, PREFETCH
+    from expertd.daemon.service.startup import prefetch_settings
+
+    base = ServeConfig.from_mapping({"server": {"store": "/s"}})
+    assert prefetch_settings(base).share == PREFETCH["share"]
+    assert prefetch_settings(base, hybrid=True).share == HYBRID_PREFETCH["share"] == 1.0
+    chosen = ServeConfig.from_mapping({"server": {"store": "/s"}, "prefetch": {"share": 0.5}})
+    assert prefetch_settings(chosen, hybrid=True).share == 0.5  # a share someone chose stands

@@ -112,7 +112,8 @@ KEYS: tuple[Key, ...] = (
         "float",
         defaults.PREFETCH["share"],
         "Most of a link's transfers prefetches may take, over any `window` consecutive ones "
-        "(demand transfers are never limited).",
+        "(demand transfers are never limited). Left at its default with host placement on "
+        "([placement]), it is 1.0: the link is idle while the host computes.",
     ),  # fmt: skip
     Key("prefetch", "window", "int", defaults.PREFETCH["window"], "Transfers `share` is counted over."),
     Key(

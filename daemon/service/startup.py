@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from expertd.daemon.core import defaults
 from expertd.daemon.core.cache_core import CacheCore
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.partitions import PartitionError, Partitions
@@ -52,15 +53,22 @@ class Parts:
     host_compute: HostCompute | None = None  # what tier="auto" placement weighs ([placement])
 
 
-def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
-    """The [prefetch] keys as the cache manager takes them (ValueError names a bad one)."""
+def prefetch_settings(cfg: ServeConfig, hybrid: bool = False) -> PrefetchConfig:
+    """The [prefetch] keys as the cache manager takes them (ValueError names a bad one).
+
+    ``hybrid`` (host placement on): a ``share`` left at its default becomes the hybrid default's
+    (`expertd.daemon.core.defaults.HYBRID_PREFETCH`): the link is idle while the host computes.
+    """
+    share = cfg.prefetch_share
+    if hybrid and share == defaults.PREFETCH["share"]:
+        share = defaults.HYBRID_PREFETCH["share"]
     return PrefetchConfig(
         None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
         depth=cfg.prefetch_depth,
         min_prob=cfg.prefetch_min_prob,
         budget=cfg.prefetch_budget,
         width=cfg.prefetch_width,
-        share=cfg.prefetch_share,
+        share=share,
         window=cfg.prefetch_window,
     )
 
@@ -144,11 +152,11 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
                 key,
                 spec,
             )
+    parts.host_compute = host_compute = calibrate(cfg, manifest, device=cfg.tiers_device)
     try:
-        prefetch = prefetch_settings(cfg)
+        prefetch = prefetch_settings(cfg, hybrid=host_compute.gbps > 0 and device is not None)
     except ValueError as exc:
         raise StartupError(f"[prefetch]: {exc}") from None
-    parts.host_compute = host_compute = calibrate(cfg, manifest, device=cfg.tiers_device)
     manager_config = ManagerConfig(
         Geometry(manifest.num_layers, manifest.num_experts),
         host_slots=host_slots,
