@@ -64,6 +64,21 @@ class PrefetchConfig:
         if self.predictor is not None:
             check_predictor(self.predictor)  # a bad name or parameter fails here, not at first use
 
+    @classmethod
+    def from_settings(cls, settings: object, **overrides: Any) -> PrefetchConfig:
+        """From the ``prefetch_<field>`` attributes of ``settings`` (the daemon's `ServeConfig`,
+        `expertd replay`'s arguments), then ``overrides``: the one place either is read. A field
+        neither gives keeps its default; predictor ``"none"`` is no prefetching."""
+        values = {
+            f.name: getattr(settings, f"prefetch_{f.name}")
+            for f in dataclasses.fields(cls)
+            if hasattr(settings, f"prefetch_{f.name}")
+        }
+        values.update(overrides)
+        if values.get("predictor") == "none":
+            values["predictor"] = None
+        return cls(**values)
+
 
 @dataclasses.dataclass
 class PrefetchPlan:
