@@ -212,14 +212,7 @@ def run(args: argparse.Namespace) -> int:
         if args.predictor:
             from expertd.daemon.core.prefetch import PrefetchConfig
 
-            prefetch = PrefetchConfig(
-                args.predictor,
-                depth=args.prefetch_depth,
-                min_prob=args.prefetch_min_prob,
-                budget=args.prefetch_budget,
-                width=args.prefetch_width,
-                share=args.prefetch_share,
-            )
+            prefetch = PrefetchConfig.from_settings(args, predictor=args.predictor)
             if not args.timed:
                 raise CliError("--predictor needs --timed (prefetching is a matter of time)")
         tenants = None
