@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from expertd.daemon.core.cache_core import ISOLATION_MODES, CacheCore, Isolation
+from expertd.daemon.core.cache_core import CacheCore, Isolation
 from expertd.daemon.core.defaults import DEFAULT_NAME
 from expertd.daemon.core.defaults import resolve as resolve_default
 from expertd.daemon.core.events import (
@@ -328,11 +328,6 @@ def set_bound(row: ReplayRow, trace: Trace, timing: TimingModel, bound_loads: in
 
 
 def _check_tenants(tenants: Mapping[str, Isolation] | None, timing: TimingModel) -> None:
-    for name, policy in (tenants or {}).items():
-        if policy.isolation not in ISOLATION_MODES:
-            raise ReplayError(f"tenant {name}: isolation {policy.isolation!r} is none of {ISOLATION_MODES}")
-        if not 0 < policy.share <= 1:
-            raise ReplayError(f"tenant {name}: share {policy.share} must be in (0, 1]")
     partitioned = any(p.isolation == "partitioned" for p in (tenants or {}).values())
     if partitioned and timing.has_device and timing.host_slots is None:
         raise ReplayError("partitioned tenants need a host tier of a given size (--host-capacity)")
@@ -347,12 +342,13 @@ def parse_tenants(spec: str) -> dict[str, Isolation]:
         name, _, rest = item.partition(":")
         mode, _, share = rest.partition(":")
         if not name or name in out:
-            raise ReplayError(f"tenant {item!r}: a name of its own, please (NAME[:MODE[:SHARE]])")
+            raise ReplayError(
+                f"--tenants {item!r}: each tenant needs a name of its own (NAME[:MODE[:SHARE]])"
+            )
         try:
-            value = float(share) if share else 1.0
-        except ValueError:
-            raise ReplayError(f"tenant {item!r}: share {share!r} is not a number") from None
-        out[name] = Isolation(mode or "shared", value)
+            out[name] = Isolation(mode or "shared", float(share) if share else 1.0)
+        except ValueError as exc:  # a share that is no number, a mode that is none
+            raise ReplayError(f"--tenants {item!r}: {exc}") from None
     if not out:
         raise ReplayError(f"--tenants {spec!r} names no tenant")
     return out

@@ -239,6 +239,7 @@ def build_timing(
     top_k: int = 1,
     host_gbps: float | None = None,
     acquire_us: float | None = None,
+    acquire_hit_us: float | None = None,
 ) -> TimingModel:
     """A `TimingModel` from a profile, the model's known sizes, and explicit overrides.
 
@@ -246,7 +247,8 @@ def build_timing(
     writes it); for a model not in `MODEL_SIZES`, compute is then estimated from the experts
     alone (``top_k`` experts' bytes per layer over memory bandwidth): a floor, since attention
     and dense layers are not counted. ``host_gbps`` / ``acquire_us`` replace the profile's host
-    pass bandwidth and acquire round trip (both the socket's and the hit path's).
+    pass bandwidth and acquire round trip (both the socket's and the hit path's, unless
+    ``acquire_hit_us`` gives the hit path's).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
@@ -279,5 +281,10 @@ def build_timing(
         device_gbps=hw.mem_gbps,
         host_knee_tokens=hw.host_knee_tokens,
         acquire_socket_s=(acquire_us if acquire_us is not None else hw.acquire_socket_us) / 1e6,
-        acquire_hit_s=(acquire_us if acquire_us is not None else hw.acquire_hit_us) / 1e6,
+        acquire_hit_s=_first(acquire_hit_us, acquire_us, hw.acquire_hit_us) / 1e6,
     )
+
+
+def _first(*values: float | None) -> float:
+    """The first of ``values`` that is not None."""
+    return next(v for v in values if v is not None)

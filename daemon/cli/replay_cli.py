@@ -78,6 +78,12 @@ def register(subparsers) -> None:
     )
     timed.add_argument("--acquire-us", type=float, default=None, help="one acquire's round trip, us")
     timed.add_argument(
+        "--acquire-hit-us",
+        type=float,
+        default=None,
+        help="the round trip of an acquire whose experts are all on the device, us (default: --acquire-us)",
+    )
+    timed.add_argument(
         "--predictor",
         default=None,
         help="prefetch with this predictor (default: none; `--policy default` brings its own)",
@@ -199,20 +205,14 @@ def run(args: argparse.Namespace) -> int:
                 top_k=meta.top_k,
                 host_gbps=args.host_gbps,
                 acquire_us=args.acquire_us,
+                acquire_hit_us=args.acquire_hit_us,
             )
         prefetch = None
         geometry = Geometry(meta.num_layers, meta.num_experts)
         if args.predictor:
             from expertd.daemon.core.prefetch import PrefetchConfig
 
-            prefetch = PrefetchConfig(
-                args.predictor,
-                depth=args.prefetch_depth,
-                min_prob=args.prefetch_min_prob,
-                budget=args.prefetch_budget,
-                width=args.prefetch_width,
-                share=args.prefetch_share,
-            )
+            prefetch = PrefetchConfig.from_settings(args, predictor=args.predictor)
             if not args.timed:
                 raise CliError("--predictor needs --timed (prefetching is a matter of time)")
         tenants = None

@@ -59,18 +59,9 @@ def prefetch_settings(cfg: ServeConfig, hybrid: bool = False) -> PrefetchConfig:
     ``hybrid`` (host placement on): a ``share`` left at its default becomes the hybrid default's
     (`expertd.daemon.core.defaults.HYBRID_PREFETCH`): the link is idle while the host computes.
     """
-    share = cfg.prefetch_share
-    if hybrid and share == defaults.PREFETCH["share"]:
-        share = defaults.HYBRID_PREFETCH["share"]
-    return PrefetchConfig(
-        None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
-        depth=cfg.prefetch_depth,
-        min_prob=cfg.prefetch_min_prob,
-        budget=cfg.prefetch_budget,
-        width=cfg.prefetch_width,
-        share=share,
-        window=cfg.prefetch_window,
-    )
+    if hybrid and cfg.prefetch_share == defaults.PREFETCH["share"]:
+        return PrefetchConfig.from_settings(cfg, share=defaults.HYBRID_PREFETCH["share"])
+    return PrefetchConfig.from_settings(cfg)
 
 
 def _top_k(manifest: Any) -> int:
