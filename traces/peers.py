@@ -33,8 +33,8 @@ from expertd.daemon.core import defaults
 from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.traces.replay import (
     BOUND_POLICY,
-    ReplayError,
     ReplayRow,
+    RowUnavailable,
     forward_ids,
     replay_hits,
     replay_timed,
@@ -55,7 +55,7 @@ MOE_INFINITY_POLICY = "lfu"
 def run_peer(name: str, trace: Trace, slots: int, timing: TimingModel, bound_loads: int) -> ReplayRow:
     """Peer ``name`` at ``slots`` device slots, timed, with its bound set."""
     if not timing.has_device:
-        raise ReplayError(f"{name}: the peers need a profile with a device tier")
+        raise RowUnavailable(f"{name}: the peers need a profile with a device tier")
     if name == "default-copy":
         policy, prefetch = defaults.resolve(defaults.DEFAULT_NAME)
         row = replay_timed(trace, policy, slots, timing, prefetch=prefetch, bound_loads=bound_loads)
@@ -68,7 +68,7 @@ def run_peer(name: str, trace: Trace, slots: int, timing: TimingModel, bound_loa
         row = _oracle_row(trace, slots, timing, bound_loads)
     else:
         if name in HOST_PEERS and not timing.has_host_compute:
-            raise ReplayError(f"{name}: computes on the CPU; the profile has no host compute")
+            raise RowUnavailable(f"{name}: computes on the CPU; the profile has no host compute")
         started = time.perf_counter()
         if name == "mixtral-offloading":
             total, hits, copied = _per_layer_lru(trace, slots, timing)
@@ -80,7 +80,7 @@ def run_peer(name: str, trace: Trace, slots: int, timing: TimingModel, bound_loa
             total, hits, host = _static(trace, _most_used(trace, slots), timing)
             copied = 0
         else:
-            raise ReplayError(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
+            raise RowUnavailable(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
         row = _row(trace, slots, total, hits, host, copied, time.perf_counter() - started)
         row.stall_s_per_token = (total - len(trace) * timing.layer_s) / (row.tokens or 1)
         row.bytes_moved = copied * timing.expert_bytes
@@ -257,7 +257,7 @@ def hybrid_oracle_s(trace: Trace, timing: TimingModel, slots: int) -> float:
 
 def _oracle_row(trace: Trace, slots: int, timing: TimingModel, bound_loads: int) -> ReplayRow:
     if not timing.has_host_compute:
-        raise ReplayError("hybrid-oracle: the profile has no host compute")
+        raise RowUnavailable("hybrid-oracle: the profile has no host compute")
     started = time.perf_counter()
     total = hybrid_oracle_s(trace, timing, slots)
     fetches = bypass_min_fetches(trace.keys(), slots)

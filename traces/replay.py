@@ -51,6 +51,11 @@ class ReplayError(ValueError):
     """A replay cannot run as asked (capacity, policy or timing out of range)."""
 
 
+class RowUnavailable(ReplayError):
+    """One row cannot run here (e.g. a peer that computes on the CPU, on a profile without host
+    compute): the row says why, the others run."""
+
+
 @dataclasses.dataclass
 class ReplayRow:
     """One policy at one capacity: the unit of `replay`'s table and JSON."""
@@ -430,7 +435,7 @@ def sweep(
                 loads = bound.accesses - bound.hits
                 if spec in PEERS:
                     if timing is None:
-                        raise ReplayError(f"{spec} is another system's row: it needs --timed")
+                        raise RowUnavailable(f"{spec} is another system's row: it needs --timed")
                     row = run_peer(spec, trace, slots, timing, loads)
                 elif timing is None:
                     row = bound if spec == BOUND_POLICY else replay_hits(trace, policy, slots, keys)
@@ -440,7 +445,7 @@ def sweep(
                         predictor_state=predictor_state, tenants=tenants, placement=hybrid,
                     )  # fmt: skip
                 row.policy = spec
-            except (PolicyError, ReplayError) as exc:  # e.g. lru-per-layer with fewer slots than layers
+            except (PolicyError, RowUnavailable) as exc:  # e.g. lru-per-layer with fewer slots than layers
                 fraction = slots / geometry_of(trace).num_keys
                 row = ReplayRow(spec, fraction, slots, len(keys), 0, 0.0, 0.0, error=str(exc))
             row.bound_hit_rate = bound.hit_rate
