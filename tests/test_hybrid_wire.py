@@ -94,3 +94,28 @@ def test_protocol_1_and_unknown_tiers_are_refused_by_name(daemon) -> None:
     assert isinstance(bad, proto.ExpertdError) and "tokens is for tier 'auto' only" in str(bad)
     assert raw.request(4, proto.Ping(reply=True)) == {"pong": True}  # still serving
     raw.close()
+
+
+def test_a_private_tenant_is_refused_auto_and_a_shared_one_is_placed(store, short_dir) -> None:
+    """Host placement has no timing shadow: a private tenant's auto acquire would tell, by where its
+    experts are placed, what the others keep on the device. So it is refused, by name."""
+    conf = short_dir / "expertd.toml"
+    conf.write_text('[tenants.eve]\nisolation = "private"\n')
+    daemon = DaemonProcess(
+        store, short_dir, "--config", str(conf), "--host-size", "16 slots", "--device", "cpu",
+        "--device-size", "4 slots", "--host-gbps", "100", "--max-pinned-share", "1",
+    )  # fmt: skip
+    try:
+        eve, bob = RawClient(daemon.address), RawClient(daemon.address)
+        eve.hello("eve", tenant="eve")
+        bob.hello("bob")
+        refused = eve.request(2, proto.Acquire(0, [1], "auto", tokens=[1]))
+        assert isinstance(refused, proto.ExpertdError) and refused.code == "bad_request"
+        assert "not offered to a private tenant" in str(refused)
+        assert isinstance(eve.request(3, proto.Acquire(0, [1], "device")), dict)  # its own tiers still serve
+        placed = bob.request(2, proto.Acquire(0, [2, 3], "auto", tokens=[1, 1]))
+        assert isinstance(placed, dict) and placed["tier"] == "auto" and len(placed["places"]) == 2
+        eve.close()
+        bob.close()
+    finally:
+        daemon.kill()
