@@ -269,3 +269,19 @@ def test_replay_command_counts_each_tenants_hits(tmp_path, capsys):
     assert set(row["tenants"]) == {"a", "b", "c"}
     assert sum(t["hits"] for t in row["tenants"].values()) == row["hits"]
     assert set(row["private_replies"]) == {"drawn", "real"}
+
+
+def test_live_replay_gives_its_daemons_every_prefetch_setting_timed_replay_uses():
+    import argparse
+    import tomllib
+
+    from expertd.daemon.cli.replay_cli import prefetch_toml
+    from expertd.daemon.service.config import ServeConfig
+    from expertd.daemon.service.startup import prefetch_settings
+
+    args = argparse.Namespace(
+        prefetch_depth=3, prefetch_min_prob=0.4, prefetch_budget=5, prefetch_width=3, prefetch_share=0.5
+    )
+    timed = PrefetchConfig.from_settings(args, predictor="temporal")
+    served = prefetch_settings(ServeConfig.from_mapping(tomllib.loads(prefetch_toml(timed))))
+    assert served == timed

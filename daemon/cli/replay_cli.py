@@ -370,6 +370,7 @@ def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
 def run_live(args: argparse.Namespace, trace) -> int:
     """`replay --live`: a real daemon per policy and capacity; measured stalls and tokens/s."""
     from expertd.daemon.core.defaults import DEFAULT_NAME
+    from expertd.daemon.core.prefetch import PrefetchConfig
     from expertd.policies.base import PolicyError
     from expertd.policies.registry import available
     from expertd.traces.live import live_sweep
@@ -379,12 +380,9 @@ def run_live(args: argparse.Namespace, trace) -> int:
     num_keys = meta.num_layers * meta.num_experts
     policies = [p.strip() for p in args.policy.split(",") if p.strip()] if args.policy else ["lru"]
     config = ""
-    if args.predictor:
-        config = (
-            f"[prefetch]\npredictor = {args.predictor!r}\ndepth = {args.prefetch_depth}\n"
-            f"min_prob = {args.prefetch_min_prob}\nbudget = {args.prefetch_budget}\n"
-        )
     try:
+        if args.predictor:  # the same settings as --timed replays with
+            config = prefetch_toml(PrefetchConfig.from_settings(args, predictor=args.predictor))
         capacities = [parse_capacity(c, num_keys)[0] for c in args.capacity.split(",") if c.strip()]
         unknown = [p for p in policies if p.split("(")[0] not in available() and p != DEFAULT_NAME]
         if config and DEFAULT_NAME in policies:
@@ -413,6 +411,12 @@ def run_live(args: argparse.Namespace, trace) -> int:
     if args.json:
         args.json.write_text(json.dumps([dict(row, trace=meta.model) for row in rows], indent=1))
     return 0
+
+
+def prefetch_toml(prefetch) -> str:
+    """The ``[prefetch]`` table of a daemon config that prefetches as ``prefetch`` says."""
+    keys = ("predictor", "depth", "min_prob", "budget", "width", "share", "window")
+    return "[prefetch]\n" + "".join(f"{key} = {getattr(prefetch, key)!r}\n" for key in keys)
 
 
 def _int_or_none(value: object) -> int | None:
