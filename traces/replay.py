@@ -280,6 +280,19 @@ def timed_bound(trace: Trace, timing: TimingModel, bound_loads: int) -> float:
     return bound
 
 
+# Peer systems' rows (`--policy advised-mmap`): what a user without expertd runs, as the same
+# simulator sees it. An advised mmap and llama.cpp (mmap) read on demand into the page cache,
+# whose eviction is LRU-like; neither prefetches past the layer in hand.
+PEERS = {"advised-mmap": "lru", "llama.cpp": "lru"}
+
+
+def resolve_spec(spec: str) -> tuple[str, PrefetchConfig | None]:
+    """A row name as (policy, its own prefetch settings or None): peers, ``default``, policies."""
+    if spec in PEERS:
+        return PEERS[spec], PrefetchConfig()  # demand reads only, whatever --predictor says
+    return resolve_default(spec)
+
+
 def sweep(
     trace: Trace,
     policies: list[str],
@@ -296,7 +309,7 @@ def sweep(
     device policy with its own prefetch settings; ``prefetch`` applies to the others.
     """
     for spec in policies:
-        policy_class(parse_spec(resolve_default(spec)[0])[0])  # fail early on unknown names
+        policy_class(parse_spec(resolve_spec(spec)[0])[0])  # fail early on unknown names
     keys = trace.keys()
     rows: list[ReplayRow] = []
     for slots in capacities:
@@ -305,7 +318,7 @@ def sweep(
             if progress:
                 progress(f"{spec} at {slots} slots")
             try:
-                policy, own_prefetch = resolve_default(spec)
+                policy, own_prefetch = resolve_spec(spec)
                 if timing is None:
                     row = bound if spec == BOUND_POLICY else replay_hits(trace, policy, slots, keys)
                 else:
