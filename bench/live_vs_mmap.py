@@ -51,6 +51,7 @@ SYSTEMS: dict[str, tuple[str, list[str], str, str]] = {
     "expertd": ("expertd", [], "", "none"),
     "expertd-lru": ("expertd", ["--predictor", "none"], "", "none"),
     "expertd-deep": ("expertd", [], DEEP_PREFETCH, "none"),
+    "expertd-cross": ("expertd", ["--predictor", "cross-layer"], DEEP_PREFETCH, "none"),
     "expertd-predictive": ("expertd", ["--host-policy", "predictive"], DEEP_PREFETCH, "none"),
     "expertd-threads8": ("expertd", ["--load-threads", "8"], DEEP_PREFETCH, "none"),
     "expertd-lz4": ("expertd", [], DEEP_PREFETCH, "lz4-planes"),
@@ -207,7 +208,7 @@ def run_matrix(args) -> tuple[list[dict], dict]:
                         from llama_peer import ensure_gguf
 
                         store = ensure_gguf(store, trace_name, args.max_tokens)
-                    ref_key = f"{ra}/{trace_name}/{system}"
+                    ref_key = f"{trace_name}/{system}"  # all in RAM: readahead plays no part
                     if args.reference and ref_key not in reference:
                         res = one_run(system, store, trace_name, args, num_keys, slot_bytes, True, tag)
                         reference[ref_key] = res
@@ -239,7 +240,7 @@ def aggregate(rows: list[dict], reference: dict) -> list[dict]:
         groups.setdefault((r["readahead"], r["trace"], r["budget"], r["system"]), []).append(r)
     table = []
     for (ra, trace, budget, system), rs in groups.items():
-        ref = reference.get(f"{ra}/{trace}/{system}")
+        ref = reference.get(f"{trace}/{system}")
         entry = {
             "readahead": ra,
             "readahead_kb": rs[0]["readahead_kb"],
@@ -258,6 +259,39 @@ def aggregate(rows: list[dict], reference: dict) -> list[dict]:
             entry["prefetch_recall"] = statistics.median(p.get("recall", 0.0) for p in prefetch)
         table.append(entry)
     return table
+
+
+SIM_ROWS = {"expertd": "default", "advised": "advised-mmap", "llama.cpp": "llama.cpp"}
+
+
+def simulate(args, table: list[dict], reference: dict) -> None:
+    """Timed replay (`cpu-nvme`, this disk's bandwidth, the measured compute) beside each live row."""
+    from expertd.daemon.cli.replay_cli import load_for_replay
+    from expertd.daemon.store.manifest import load_manifest
+    from expertd.traces.replay import sweep
+    from expertd.traces.timing import build_timing
+
+    for trace_name in args.traces:
+        trace = load_for_replay(trace_name, "all", args.max_tokens)
+        meta = trace.meta
+        ref = reference.get(f"{trace_name}/advised") or reference.get(f"{trace_name}/mmap")
+        if ref is None:
+            continue  # compute time per layer comes from a baseline's all-in-RAM run
+        layer_ms = 1e3 / ref["tokens_per_s"] / meta.num_layers
+        slot_bytes = load_manifest(ensure_store(args, trace_name, "none")).slot_bytes
+        timing = build_timing(
+            model=meta.model, num_layers=meta.num_layers, profile="cpu-nvme", expert_mb=slot_bytes / 1e6,
+            nvme_gbps=args.sim_nvme_gbps, layer_ms=layer_ms,
+        )  # fmt: skip
+        num_keys = meta.num_layers * meta.num_experts
+        for budget in args.budgets:
+            slots = max(meta.top_k, int(budget * num_keys))
+            rows = sweep(trace, list(SIM_ROWS.values()), [slots], timing=timing)
+            simulated = {row.policy: row.tokens_per_s for row in rows}
+            for t in table:
+                if (t["trace"], t["budget"]) == (trace_name, budget) and t["system"] in SIM_ROWS:
+                    t["simulated_tokens_per_s"] = simulated[SIM_ROWS[t["system"]]]
+                    t["simulated_layer_ms"] = layer_ms
 
 
 def goals(table: list[dict]) -> list[dict]:
@@ -366,18 +400,20 @@ def main(argv=None) -> int:
     started = time.time()
     rows, reference = run_matrix(args)
     table = aggregate(rows, reference)
+    simulate(args, table, reference)
     checks = goals(table)
     plotted = plot(table, args.plot) if not args.quick else None
     print(f"load average at the end: {load_average():.2f} (shared machine: figures are loaded)")
     head = f"{'ra KiB':>6} {'trace':8} {'budget':>6} {'system':18} {'steady tok/s (range)':>24}"
-    print(f"{head} {'cold':>7} {'slowdown':>8}")
+    print(f"{head} {'cold':>7} {'slowdown':>8} {'simulated':>9}")
     for t in sorted(table, key=lambda t: (t["readahead_kb"], t["trace"], t["budget"], t["system"])):
         s = t["steady"]
         slow = f"{t['slowdown']:.2f}" if "slowdown" in t else "-"
+        sim = f"{t['simulated_tokens_per_s']:.2f}" if "simulated_tokens_per_s" in t else "-"
         print(
             f"{t['readahead_kb']:>6} {t['trace']:8} {t['budget']:>6.0%} {t['system']:18} "
             f"{s['median']:8.2f} ({s['min']:.2f}-{s['max']:.2f})".ljust(78)
-            + f" {t['cold']['median']:7.2f} {slow:>8}"
+            + f" {t['cold']['median']:7.2f} {slow:>8} {sim:>9}"
         )
     for c in checks:
         print(
