@@ -45,12 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 DAEMON_SLACK = 192 << 20  # the daemon's own memory besides its host tier (Python, numpy, zmq)
 CLIENT_SLACK = 64 << 20
 PRESETS = {"granite": "granite-3.0-1b-a400m", "mixtral": "mixtral-8x7b", "llama4": "llama-4-maverick"}
-DEEP_PREFETCH = "[prefetch]\ndepth = 4\nmin_prob = 0.1\nbudget = 16\nwidth = 8\n"
+DEEP_PREFETCH = "[prefetch]\ndepth = 4\nmin_prob = 0.1\nbudget = 16\nwidth = 8\nshare = 1.0\n"
 # name -> (client mode, daemon flags, prefetch TOML, store codec)
 SYSTEMS: dict[str, tuple[str, list[str], str, str]] = {
     "expertd": ("expertd", [], "", "none"),
     "expertd-lru": ("expertd", ["--predictor", "none"], "", "none"),
     "expertd-deep": ("expertd", [], DEEP_PREFETCH, "none"),
+    "expertd-evict": ("expertd", ["--host-policy", "predictive"], "", "none"),
     "expertd-cross": ("expertd", ["--predictor", "cross-layer"], DEEP_PREFETCH, "none"),
     "expertd-predictive": ("expertd", ["--host-policy", "predictive"], DEEP_PREFETCH, "none"),
     "expertd-threads8": ("expertd", ["--load-threads", "8"], DEEP_PREFETCH, "none"),
@@ -365,6 +366,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=REPO / "out" / "bench-live", help="store location")
     parser.add_argument("--plot", type=Path, default=REPO / "out" / "bench-live" / "live_vs_mmap.png")
     parser.add_argument("--cleanup", action="store_true", help="delete the stores afterwards")
+    parser.add_argument("--merge", type=Path, nargs="+", help="report earlier runs' stdout files as one")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny, one repetition, no limits")
     args = parser.parse_args(argv)
     args.traces = [t for t in args.traces.split(",") if t]
@@ -398,7 +400,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
-    rows, reference = run_matrix(args)
+    if args.merge:  # the runs of earlier invocations (their stdout files), reported as one
+        rows, reference = [], {}
+        for path in args.merge:
+            earlier = json.loads(path.read_text().strip().splitlines()[-1])
+            rows += earlier["runs"]
+            reference.update({k: {"tokens_per_s": v} for k, v in earlier["reference"].items()})
+        args.traces = sorted({r["trace"] for r in rows})
+        args.budgets = sorted({r["budget"] for r in rows})
+        args.systems = sorted({r["system"] for r in rows})
+    else:
+        rows, reference = run_matrix(args)
     table = aggregate(rows, reference)
     simulate(args, table, reference)
     checks = goals(table)
