@@ -112,14 +112,14 @@ def run_client(command: list[str], own_budget: int, group: Cgroup) -> dict:
         assert proc.stdout is not None and proc.stdin is not None
         line = proc.stdout.readline().strip()
         if line != "ready":
-            raise RuntimeError(f"client {command[2:4]} failed to start: {line!r}")
+            raise RuntimeError(f"client {command[-7]} failed to start: {line!r}")
         baseline = group.usage()
         group.limit(baseline + own_budget + CLIENT_SLACK)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         out = proc.stdout.readline()
         if not out:
-            raise RuntimeError(f"client {command[2:4]} died (exit {proc.wait(30)}): out of memory?")
+            raise RuntimeError(f"client {command[-7]} died (exit {proc.wait(30)}): out of memory?")
         result = json.loads(out)
         proc.wait(60)
     finally:
@@ -181,6 +181,32 @@ def ensure_store(args, trace_name: str, codec: str) -> Path:
     return store
 
 
+def log_run(args, obj: dict) -> None:
+    """Append one run to ``--runs-log`` (JSON lines) as it ends: an interrupted matrix keeps its runs."""
+    if args.runs_log is not None:
+        with open(args.runs_log, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+
+def read_runs(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Runs and reference runs from earlier stdout files (last line JSON) or ``--runs-log`` files."""
+    rows: list[dict] = []
+    reference: dict = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            obj = json.loads(line)
+            if obj.get("bench") == "live_vs_mmap":
+                rows += obj["runs"]
+                reference.update({k: {"tokens_per_s": v} for k, v in obj["reference"].items()})
+            elif "reference_key" in obj:
+                reference[obj["reference_key"]] = {"tokens_per_s": obj["tokens_per_s"]}
+            elif "system" in obj:
+                rows.append(obj)
+    return rows, reference
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -213,6 +239,7 @@ def run_matrix(args) -> tuple[list[dict], dict]:
                     if args.reference and ref_key not in reference:
                         res = one_run(system, store, trace_name, args, num_keys, slot_bytes, True, tag)
                         reference[ref_key] = res
+                        log_run(args, {"reference_key": ref_key, "tokens_per_s": res["tokens_per_s"]})
                         print(f"[{ref_key}] all in RAM: {res['tokens_per_s']:.2f} tokens/s", file=sys.stderr)
                     for budget in args.budgets:
                         slots = max(trace.meta.top_k, int(budget * num_keys))
@@ -221,6 +248,7 @@ def run_matrix(args) -> tuple[list[dict], dict]:
                             res.update(readahead=ra, readahead_kb=ra_kb, trace=trace_name, system=system)
                             res.update(budget=budget, slots=slots, rep=rep, budget_bytes=slots * slot_bytes)
                             rows.append(res)
+                            log_run(args, res)
                             print(
                                 f"[ra {ra_kb} KiB] {trace_name} {budget:.0%} {system:18s} rep {rep}: "
                                 f"steady {res['steady_tokens_per_s']:7.2f}  "
@@ -367,6 +395,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=REPO / "out" / "bench-live" / "live_vs_mmap.png")
     parser.add_argument("--cleanup", action="store_true", help="delete the stores afterwards")
     parser.add_argument("--merge", type=Path, nargs="+", help="report earlier runs' stdout files as one")
+    parser.add_argument("--runs-log", type=Path, help="append each run to this JSON-lines file as it ends")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny, one repetition, no limits")
     args = parser.parse_args(argv)
     args.traces = [t for t in args.traces.split(",") if t]
@@ -401,11 +430,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     if args.merge:  # the runs of earlier invocations (their stdout files), reported as one
-        rows, reference = [], {}
-        for path in args.merge:
-            earlier = json.loads(path.read_text().strip().splitlines()[-1])
-            rows += earlier["runs"]
-            reference.update({k: {"tokens_per_s": v} for k, v in earlier["reference"].items()})
+        rows, reference = read_runs(args.merge)
         args.traces = sorted({r["trace"] for r in rows})
         args.budgets = sorted({r["budget"] for r in rows})
         args.systems = sorted({r["system"] for r in rows})
