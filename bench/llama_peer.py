@@ -17,6 +17,7 @@ is its RAM tier, bounded by the bench's cgroup like the other clients.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -45,11 +46,18 @@ def ensure_gguf(store: Path, trace_name: str, max_tokens: int) -> Path:
     return path
 
 
-def _tiled(shape: tuple[int, ...], std: float, seed: int):
+@functools.cache
+def _block(std: float, seed: int):
     import numpy as np
 
-    block = (np.random.default_rng(seed).standard_normal(1 << 20) * std).astype(np.float16)
-    return np.resize(block, shape)
+    return (np.random.default_rng(seed).standard_normal(1 << 16) * std).astype(np.float16)
+
+
+def _tiled(shape: tuple[int, ...], std: float, seed: int):
+    """Random-looking f16 weights, cheaply: one small block per (std, seed % 7), repeated."""
+    import numpy as np
+
+    return np.resize(_block(std, seed % 7), shape)
 
 
 def write_gguf(store: Path, trace_name: str, max_tokens: int, path: Path) -> None:
