@@ -105,7 +105,7 @@ def write_gguf(store: Path, trace_name: str, max_tokens: int, path: Path) -> Non
         ]
     tmp = path.with_suffix(".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_context_length(tokens + 8)
+    writer.add_context_length(max(512, tokens + 8))
     writer.add_embedding_length(hidden)
     writer.add_block_count(layers)
     writer.add_feed_forward_length(ffn)
@@ -181,7 +181,7 @@ def run(gguf_path: str, trace_name: str, max_tokens: int, cold_tokens: int, warm
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 9 or sys.argv[1] != "run":
+    if len(sys.argv) != 8 or sys.argv[1] != "run":
         raise SystemExit(__doc__.split("\n")[2])
     _, _, path, name, max_tok, cold_tok, warm_flag, _slots = sys.argv
     run(path, name, int(max_tok), int(cold_tok), warm_flag == "1")
