@@ -142,6 +142,8 @@ def one_run(system: str, store: Path, trace: str, args, slots: int, slot_bytes: 
     try:
         if mode != "expertd":
             own = budget if mode in ("mmap", "advised", "pread", "llama") else 0
+            if mode == "llama":  # its attention and embedding weights too: the others have none
+                own += max(0, store.stat().st_size - args.num_keys[trace] * slot_bytes)
             result = run_client(
                 client_command(system, str(store), trace, args, slots, warm), own, client_group
             )
@@ -227,6 +229,7 @@ def run_matrix(args) -> tuple[list[dict], dict]:
             for trace_name in args.traces:
                 trace = load_for_replay(trace_name, "all", args.max_tokens)
                 num_keys = trace.meta.num_layers * trace.meta.num_experts
+                args.num_keys[trace_name] = num_keys
                 for system in args.systems:
                     codec = SYSTEMS[system][3]
                     store = ensure_store(args, trace_name, codec)
@@ -388,6 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="Granite's expert shapes divided by")
     parser.add_argument("--mixtral-scale", type=float, default=8.0, help="Mixtral's expert shapes divided by")
+    parser.add_argument("--sim-nvme-gbps", type=float, default=0.95, help="disk GB/s, timed replay rows")
     parser.add_argument(
         "--no-reference", dest="reference", action="store_false", help="skip the all-in-RAM runs"
     )
@@ -407,6 +411,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(not 0 < b <= 1 for b in args.budgets):
         parser.error(f"budgets must be in (0, 1], got {args.budgets}")
     args.readahead = [r.strip() for r in args.readahead.split(",") if r.strip()]
+    args.num_keys = {}
     is_root = os.geteuid() == 0
     args.cgroups = is_root and not args.quick
     args.readahead_change = is_root and not args.quick
@@ -434,6 +439,7 @@ def main(argv=None) -> int:
         args.traces = sorted({r["trace"] for r in rows})
         args.budgets = sorted({r["budget"] for r in rows})
         args.systems = sorted({r["system"] for r in rows})
+        args.max_tokens = max(r["tokens"] for r in rows)  # the simulated rows replay what ran
     else:
         rows, reference = run_matrix(args)
     table = aggregate(rows, reference)
