@@ -46,16 +46,17 @@ DAEMON_SLACK = 192 << 20  # the daemon's own memory besides its host tier (Pytho
 CLIENT_SLACK = 64 << 20
 PRESETS = {"granite": "granite-3.0-1b-a400m", "mixtral": "mixtral-8x7b", "llama4": "llama-4-maverick"}
 DEEP_PREFETCH = "[prefetch]\ndepth = 4\nmin_prob = 0.1\nbudget = 16\nwidth = 8\nshare = 1.0\n"
+PREDICTIVE = ["--host-policy", "predictive"]  # evict by predicted next use (the device tier's default)
 # name -> (client mode, daemon flags, prefetch TOML, store codec)
 SYSTEMS: dict[str, tuple[str, list[str], str, str]] = {
     "expertd": ("expertd", [], "", "none"),
     "expertd-lru": ("expertd", ["--predictor", "none"], "", "none"),
     "expertd-deep": ("expertd", [], DEEP_PREFETCH, "none"),
-    "expertd-evict": ("expertd", ["--host-policy", "predictive"], "", "none"),
+    "expertd-evict": ("expertd", PREDICTIVE, "", "none"),
     "expertd-cross": ("expertd", ["--predictor", "cross-layer"], DEEP_PREFETCH, "none"),
-    "expertd-predictive": ("expertd", ["--host-policy", "predictive"], DEEP_PREFETCH, "none"),
-    "expertd-threads8": ("expertd", ["--load-threads", "8"], DEEP_PREFETCH, "none"),
-    "expertd-lz4": ("expertd", [], DEEP_PREFETCH, "lz4-planes"),
+    "expertd-predictive": ("expertd", PREDICTIVE, DEEP_PREFETCH, "none"),
+    "expertd-threads8": ("expertd", [*PREDICTIVE, "--load-threads", "8"], DEEP_PREFETCH, "none"),
+    "expertd-lz4": ("expertd", PREDICTIVE, DEEP_PREFETCH, "lz4-planes"),
     "mmap": ("mmap", [], "", "none"),
     "advised": ("advised", [], "", "none"),
     "pread": ("pread", [], "", "none"),
