@@ -43,6 +43,14 @@ def ensure_gguf(store: Path, trace_name: str, max_tokens: int) -> Path:
     path = store.parent / f"{store.name}-{trace_name}-{max_tokens}.gguf"
     if not path.exists():
         write_gguf(store, trace_name, max_tokens, path)
+    # Written back and out of the page cache: pages still dirty from the write would stay
+    # cached (charged to this process, not the client's memory group) and the run unbounded.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     return path
 
 
