@@ -87,7 +87,10 @@ CLIENT = textwrap.dedent(
     sys.stdin.readline()  # the parent has set this process's memory limit
     if warm:
         drive(trace, source)  # the reference run: everything fits, time a second pass
+    io = lambda: int(open("/proc/self/io").read().split("read_bytes:")[1].split()[0])
+    before = io()
     result = drive(trace, source, steady_from=0 if warm else cold_tokens).as_dict()
+    result["read_bytes"] = io() - before  # from the disk, page-cache readahead included
     if client is not None:
         stats = client.stats()
         result["daemon_host"] = stats["tiers"]["host"]
@@ -162,7 +165,9 @@ def one_run(system: str, store: Path, trace: str, args, slots: int, slot_bytes: 
                 with PrivateDaemon(store, workdir, daemon_flags, launcher=wrapper if bounded else None) as d:
                     d.connect(name="bench-ready").close()
                     command = client_command(system, d.address, trace, args, slots, warm)
+                    before = read_bytes(d.proc.pid)
                     result = run_client(command, 0, client_group)
+                    result["read_bytes"] = read_bytes(d.proc.pid) - before  # its reader threads'
                 result["daemon_peak_bytes"] = daemon_group.peak()
             finally:
                 daemon_group.remove()
@@ -182,6 +187,12 @@ def ensure_store(args, trace_name: str, codec: str) -> Path:
         print(f"packing {preset} / {scale:g} ({codec}) into {store} (once)", file=sys.stderr)
         pack_synthetic(store, preset, scale=scale, codec=codec, force=True)
     return store
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes process ``pid`` has had read from storage (``/proc/PID/io``; O_DIRECT reads included)."""
+    text = Path(f"/proc/{pid}/io").read_text()
+    return int(text.split("read_bytes:")[1].split()[0])
 
 
 def log_run(args, obj: dict) -> None:
@@ -286,6 +297,12 @@ def aggregate(rows: list[dict], reference: dict) -> list[dict]:
         }
         if ref:
             entry["slowdown"] = ref["tokens_per_s"] / entry["steady"]["median"]
+        read = [r["read_bytes"] / r["tokens"] for r in rs if "read_bytes" in r]
+        if read:
+            entry["read_mb_per_token"] = statistics.median(read) / 1e6
+        hits = [r["daemon_host"]["hit_rate"] for r in rs if r.get("daemon_host")]
+        if hits:
+            entry["hit_rate"] = statistics.median(hits)
         prefetch = [r["prefetch"] for r in rs if r.get("prefetch")]
         if prefetch:
             entry["prefetch_precision"] = statistics.median(p.get("precision", 0.0) for p in prefetch)
@@ -449,7 +466,7 @@ def main(argv=None) -> int:
     plotted = plot(table, args.plot) if not args.quick else None
     print(f"load average at the end: {load_average():.2f} (shared machine: figures are loaded)")
     head = f"{'ra KiB':>6} {'trace':8} {'budget':>6} {'system':18} {'steady tok/s (range)':>24}"
-    print(f"{head} {'cold':>7} {'slowdown':>8} {'simulated':>9}")
+    print(f"{head} {'cold':>7} {'slowdown':>8} {'simulated':>9} {'MB/token':>8} {'hit rate':>8}")
     for t in sorted(table, key=lambda t: (t["readahead_kb"], t["trace"], t["budget"], t["system"])):
         s = t["steady"]
         slow = f"{t['slowdown']:.2f}" if "slowdown" in t else "-"
@@ -458,6 +475,7 @@ def main(argv=None) -> int:
             f"{t['readahead_kb']:>6} {t['trace']:8} {t['budget']:>6.0%} {t['system']:18} "
             f"{s['median']:8.2f} ({s['min']:.2f}-{s['max']:.2f})".ljust(78)
             + f" {t['cold']['median']:7.2f} {slow:>8} {sim:>9}"
+            + f" {t.get('read_mb_per_token', float('nan')):8.1f} {t.get('hit_rate', float('nan')):8.3f}"
         )
     for c in checks:
         print(

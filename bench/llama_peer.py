@@ -28,6 +28,10 @@ SPIKE = 100.0  # the embedding's one large component
 GATE_HIGH, GATE_LOW = 8.0, -8.0
 
 
+def _read_bytes() -> int:
+    return int(Path("/proc/self/io").read_text().split("read_bytes:")[1].split()[0])
+
+
 def available() -> str:
     """Empty if llama.cpp can run here, else why not."""
     try:
@@ -167,6 +171,7 @@ def run(gguf_path: str, trace_name: str, max_tokens: int, cold_tokens: int, warm
             llm.eval([3 + f])
         llm.reset()
     cold_seconds = 0.0
+    io_before = _read_bytes()
     started = time.perf_counter()
     for f in range(tokens):
         if f == cold_tokens and not warm:
@@ -184,6 +189,7 @@ def run(gguf_path: str, trace_name: str, max_tokens: int, cold_tokens: int, warm
         "tokens_per_s": tokens / seconds,
         "steady_tokens_per_s": (tokens - cold) / (seconds - cold_seconds),
         "cold_tokens_per_s": cold / cold_seconds if cold_seconds else float("nan"),
+        "read_bytes": _read_bytes() - io_before,
     }
     print(json.dumps(result), flush=True)
 
