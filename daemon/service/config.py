@@ -77,8 +77,9 @@ KEYS: tuple[Key, ...] = (
         "policy",
         "host",
         "str",
-        defaults.HOST_POLICY,
-        "Eviction policy of the host tier (see `expertd replay --help`).",
+        None,
+        f"Eviction policy of the host tier (see `expertd replay --help`); unset: `{defaults.HOST_POLICY}`, "
+        f"or `{defaults.HOST_POLICY_NO_DEVICE}` when device = off (the host tier then serves every acquire).",
     ),
     Key(
         "policy",
