@@ -159,13 +159,15 @@ def run(gguf_path: str, trace_name: str, max_tokens: int, cold_tokens: int, warm
 
     trace = load_for_replay(trace_name, "all", max_tokens)
     tokens = int(forward_ids(trace)[-1]) + 1
-    llm = llama_cpp.Llama(
-        model_path=gguf_path, n_ctx=tokens + 8, n_threads=1, n_threads_batch=1, n_batch=8,
-        use_mmap=True, verbose=False,
-    )  # fmt: skip
     drop_file_cache(Path(gguf_path))
+    # Ready before the model loads: llama.cpp maps it with MAP_POPULATE (reading all of it),
+    # so the memory limit must be in force first, or the whole file counts as the idle footprint.
     print("ready", flush=True)
     sys.stdin.readline()
+    llm = llama_cpp.Llama(
+        model_path=gguf_path, n_ctx=max(512, tokens + 8), n_threads=1, n_threads_batch=1, n_batch=8,
+        use_mmap=True, verbose=False,
+    )  # fmt: skip
     if warm:
         for f in range(tokens):
             llm.eval([3 + f])
