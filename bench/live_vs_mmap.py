@@ -208,17 +208,20 @@ def read_runs(paths: list[Path]) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     reference: dict = {}
     for path in paths:
+        tag = path.stem  # runs logged before tags were: one invocation per file
         for line in path.read_text().splitlines():
             if not line.startswith("{"):
                 continue
             obj = json.loads(line)
             if obj.get("bench") == "live_vs_mmap":
-                rows += obj["runs"]
-                reference.update({k: {"tokens_per_s": v} for k, v in obj["reference"].items()})
+                rows += [{"tag": tag, **r} for r in obj["runs"]]
+                reference.update({f"{tag}:{k}": {"tokens_per_s": v} for k, v in obj["reference"].items()})
             elif "reference_key" in obj:
-                reference[obj["reference_key"]] = {"tokens_per_s": obj["tokens_per_s"]}
+                reference[f"{obj.get('tag', tag)}:{obj['reference_key']}"] = {
+                    "tokens_per_s": obj["tokens_per_s"]
+                }
             elif "system" in obj:
-                rows.append(obj)
+                rows.append({"tag": tag, **obj})
     return rows, reference
 
 
@@ -255,13 +258,22 @@ def run_matrix(args) -> tuple[list[dict], dict]:
                     if args.reference and ref_key not in reference:
                         res = one_run(system, store, trace_name, args, num_keys, slot_bytes, True, tag)
                         reference[ref_key] = res
-                        log_run(args, {"reference_key": ref_key, "tokens_per_s": res["tokens_per_s"]})
+                        log_run(
+                            args,
+                            {"reference_key": ref_key, "tokens_per_s": res["tokens_per_s"], "tag": args.tag},
+                        )
                         print(f"[{ref_key}] all in RAM: {res['tokens_per_s']:.2f} tokens/s", file=sys.stderr)
                     for budget in args.budgets:
                         slots = max(trace.meta.top_k, int(budget * num_keys))
                         for rep in range(args.repeats):
                             res = one_run(system, store, trace_name, args, slots, slot_bytes, False, tag)
-                            res.update(readahead=ra, readahead_kb=ra_kb, trace=trace_name, system=system)
+                            res.update(
+                                readahead=ra,
+                                readahead_kb=ra_kb,
+                                trace=trace_name,
+                                system=system,
+                                tag=args.tag,
+                            )
                             res.update(budget=budget, slots=slots, rep=rep, budget_bytes=slots * slot_bytes)
                             rows.append(res)
                             log_run(args, res)
@@ -282,11 +294,13 @@ def aggregate(rows: list[dict], reference: dict) -> list[dict]:
     """Median and range per (readahead, trace, budget, system), with slowdowns vs all-in-RAM."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["readahead"], r["trace"], r["budget"], r["system"]), []).append(r)
+        key = (r.get("tag", ""), r["readahead"], r["trace"], r["budget"], r["system"])
+        groups.setdefault(key, []).append(r)
     table = []
-    for (ra, trace, budget, system), rs in groups.items():
-        ref = reference.get(f"{trace}/{system}")
+    for (tag, ra, trace, budget, system), rs in groups.items():
+        ref = reference.get(f"{tag}:{trace}/{system}") or reference.get(f"{trace}/{system}")
         entry = {
+            "tag": tag,  # one invocation: ratios are taken within it
             "readahead": ra,
             "readahead_kb": rs[0]["readahead_kb"],
             "trace": trace,
@@ -312,7 +326,15 @@ def aggregate(rows: list[dict], reference: dict) -> list[dict]:
     return table
 
 
-SIM_ROWS = {"expertd": "default", "advised": "advised-mmap", "llama.cpp": "llama.cpp"}
+# live system -> the replay row that models it (`cpu-nvme`: the host tier serves from disk)
+SIM_ROWS = {
+    "expertd": "default",
+    "expertd-evict": "default",
+    "expertd-lru": "lru",
+    "pread": "lru",
+    "advised": "advised-mmap",
+    "llama.cpp": "llama.cpp",
+}
 
 
 def simulate(args, table: list[dict], reference: dict) -> None:
@@ -325,7 +347,7 @@ def simulate(args, table: list[dict], reference: dict) -> None:
     for trace_name in args.traces:
         trace = load_for_replay(trace_name, "all", args.max_tokens)
         meta = trace.meta
-        ref = reference.get(f"{trace_name}/advised") or reference.get(f"{trace_name}/mmap")
+        ref = next((v for k, v in reference.items() if k.endswith(f"{trace_name}/advised")), None)
         if ref is None:
             continue  # compute time per layer comes from a baseline's all-in-RAM run
         layer_ms = 1e3 / ref["tokens_per_s"] / meta.num_layers
@@ -346,20 +368,21 @@ def simulate(args, table: list[dict], reference: dict) -> None:
 
 
 def goals(table: list[dict]) -> list[dict]:
-    """expertd / advised (steady, medians) and slowdown vs llama.cpp, per trace and readahead."""
-    by = {(t["readahead"], t["trace"], t["budget"], t["system"]): t for t in table}
+    """Each expertd variant / advised (steady medians, one invocation), its slowdown / llama.cpp's."""
+    by = {(t["tag"], t["readahead"], t["trace"], t["budget"], t["system"]): t for t in table}
     out = []
-    for (ra, trace, budget, system), t in by.items():
-        if system != "expertd":
+    for (tag, ra, trace, budget, system), t in by.items():
+        if not system.startswith("expertd"):
             continue
-        row = {"readahead": ra, "trace": trace, "budget": budget}
-        advised = by.get((ra, trace, budget, "advised"))
+        row = {"tag": tag, "readahead": ra, "trace": trace, "budget": budget, "system": system}
+        advised = by.get((tag, ra, trace, budget, "advised"))
         if advised:
             row["vs_advised"] = t["steady"]["median"] / advised["steady"]["median"]
-        peer = by.get((ra, trace, budget, "llama.cpp"))
+        peer = by.get((tag, ra, trace, budget, "llama.cpp"))
         if peer and "slowdown" in peer and "slowdown" in t:
             row["slowdown_vs_llama"] = t["slowdown"] / peer["slowdown"]
-        out.append(row)
+        if len(row) > 5:  # a baseline to compare with ran in the same invocation
+            out.append(row)
     return out
 
 
@@ -431,6 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"budgets must be in (0, 1], got {args.budgets}")
     args.readahead = [r.strip() for r in args.readahead.split(",") if r.strip()]
     args.num_keys = {}
+    args.tag = f"run-{os.getpid()}"
     is_root = os.geteuid() == 0
     args.cgroups = is_root and not args.quick
     args.readahead_change = is_root and not args.quick
@@ -466,21 +490,23 @@ def main(argv=None) -> int:
     checks = goals(table)
     plotted = plot(table, args.plot) if not args.quick else None
     print(f"load average at the end: {load_average():.2f} (shared machine: figures are loaded)")
-    head = f"{'ra KiB':>6} {'trace':8} {'budget':>6} {'system':18} {'steady tok/s (range)':>24}"
-    print(f"{head} {'cold':>7} {'slowdown':>8} {'simulated':>9} {'MB/token':>8} {'hit rate':>8}")
-    for t in sorted(table, key=lambda t: (t["readahead_kb"], t["trace"], t["budget"], t["system"])):
+    head = f"{'ra KiB':>6} {'trace':8} {'budget':>6} {'system':20} {'steady tok/s (range)':>24}"
+    print(f"{head} {'cold':>7} {'slowdown':>8} {'simulated':>9} {'MB/token':>8} {'hit rate':>8} invocation")
+    for t in sorted(table, key=lambda t: (t["tag"], t["readahead_kb"], t["trace"], t["budget"], t["system"])):
         s = t["steady"]
         slow = f"{t['slowdown']:.2f}" if "slowdown" in t else "-"
         sim = f"{t['simulated_tokens_per_s']:.2f}" if "simulated_tokens_per_s" in t else "-"
         print(
-            f"{t['readahead_kb']:>6} {t['trace']:8} {t['budget']:>6.0%} {t['system']:18} "
+            f"{t['readahead_kb']:>6} {t['trace']:8} {t['budget']:>6.0%} {t['system']:20} "
             f"{s['median']:8.2f} ({s['min']:.2f}-{s['max']:.2f})".ljust(78)
             + f" {t['cold']['median']:7.2f} {slow:>8} {sim:>9}"
-            + f" {t.get('read_mb_per_token', float('nan')):8.1f} {t.get('hit_rate', float('nan')):8.3f}"
+            + f" {t.get('read_mb_per_token', float('nan')):8.1f}"
+            + f" {t.get('hit_rate', float('nan')):8.3f} {t['tag']}"
         )
     for c in checks:
         print(
-            f"goal [{c['trace']}, ra {c['readahead']}, {c['budget']:.0%}]: expertd / advised "
+            f"goal [{c['tag']}: {c['trace']}, ra {c['readahead']}, {c['budget']:.0%}]: "
+            f"{c['system']} / advised "
             f"{c.get('vs_advised', float('nan')):.2f} (goal >= 1.5); slowdown vs llama.cpp "
             f"{c.get('slowdown_vs_llama', float('nan')):.2f} (goal <= 0.67)"
         )
