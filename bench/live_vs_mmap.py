@@ -398,11 +398,11 @@ def plot(table: list[dict], path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (trace, ra_kb) in zip(axes[0], panels, strict=True):
         for system in sorted({t["system"] for t in table}):
-            pts = sorted(
-                (t["budget"], t["steady"])
-                for t in table
-                if (t["trace"], t["readahead_kb"], t["system"]) == (trace, ra_kb, system)
-            )
+            by_budget: dict[float, dict] = {}  # one point per budget: the first invocation's
+            for t in table:
+                if (t["trace"], t["readahead_kb"], t["system"]) == (trace, ra_kb, system):
+                    by_budget.setdefault(t["budget"], t["steady"])
+            pts = sorted(by_budget.items())
             if not pts:
                 continue
             xs = [100 * b for b, _ in pts]
