@@ -397,7 +397,9 @@ def plot(table: list[dict], path: Path) -> str | None:
     panels = sorted({(t["trace"], t["readahead_kb"]) for t in table})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     systems = sorted({t["system"] for t in table})
-    colour = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(systems)}  # the same in every panel
+    colour = {
+        name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(systems)
+    }  # the same in every panel
     for ax, (trace, ra_kb) in zip(axes[0], panels, strict=True):
         for system in systems:
             by_budget: dict[float, dict] = {}  # one point per budget: the first invocation's
