@@ -396,24 +396,28 @@ def plot(table: list[dict], path: Path) -> str | None:
         return None
     panels = sorted({(t["trace"], t["readahead_kb"]) for t in table})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    systems = sorted({t["system"] for t in table})
+    colour = {
+        name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(systems)
+    }  # the same in every panel
     for ax, (trace, ra_kb) in zip(axes[0], panels, strict=True):
-        for system in sorted({t["system"] for t in table}):
-            pts = sorted(
-                (t["budget"], t["steady"])
-                for t in table
-                if (t["trace"], t["readahead_kb"], t["system"]) == (trace, ra_kb, system)
-            )
+        for system in systems:
+            by_budget: dict[float, dict] = {}  # one point per budget: the first invocation's
+            for t in table:
+                if (t["trace"], t["readahead_kb"], t["system"]) == (trace, ra_kb, system):
+                    by_budget.setdefault(t["budget"], t["steady"])
+            pts = sorted(by_budget.items())
             if not pts:
                 continue
             xs = [100 * b for b, _ in pts]
             ys = [s["median"] for _, s in pts]
             err = [[s["median"] - s["min"] for _, s in pts], [s["max"] - s["median"] for _, s in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system, color=colour[system])
         ax.set_title(f"{trace}, readahead {ra_kb} KiB")
         ax.set_xlabel("RAM budget, % of experts")
         ax.set_ylabel("tokens/s (steady, median)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
