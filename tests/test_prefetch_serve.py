@@ -134,7 +134,7 @@ def test_a_prediction_aware_policy_without_a_predictor_is_warned_about(store, sh
         (("--device", "off", "--host-policy", "lru"), "lru"),  # a chosen policy stands
     ],
 )
-def test_without_a_device_tier_the_host_tier_evicts_by_prediction(store, short_dir, flags, host_policy):
+def test_the_host_tier_evicts_by_prediction_when_there_is_no_device_tier(store, short_dir, flags, host_policy):
     from expertd.client import ExpertClient
 
     daemon = DaemonProcess(store, short_dir / "d", *flags)
