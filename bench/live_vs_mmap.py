@@ -50,8 +50,7 @@ PREDICTIVE = ["--host-policy", "predictive"]  # evict by predicted next use (the
 # name -> (client mode, daemon flags, prefetch TOML, store codec)
 SYSTEMS: dict[str, tuple[str, list[str], str, str]] = {
     "expertd": ("expertd", [], "", "none"),
-    "expertd-lru": ("expertd", ["--predictor", "none", "--host-policy", "lru"], "", "none"),
-    "expertd-lru-prefetch": ("expertd", ["--host-policy", "lru"], "", "none"),  # the default before issue 16
+    "expertd-lru": ("expertd", ["--predictor", "none"], "", "none"),
     "expertd-deep": ("expertd", [], DEEP_PREFETCH, "none"),
     "expertd-evict": ("expertd", PREDICTIVE, "", "none"),
     "expertd-cross": ("expertd", ["--predictor", "cross-layer"], DEEP_PREFETCH, "none"),

@@ -50,16 +50,11 @@ def stated_defaults() -> list[tuple[str, str]]:
     key = {k.attr: k.default for k in KEYS}  # expertd.toml's keys
     return [
         ("docs/getting-started.md", f"`--device-policy NAME` (default `{defaults.DEVICE_POLICY}`"),
-        (
-            "docs/getting-started.md",
-            f"`--host-policy NAME` (default `{defaults.HOST_POLICY}`, or "
-            f"`{defaults.HOST_POLICY_NO_DEVICE}` with `--device off`)",
-        ),
+        ("docs/getting-started.md", f"`--host-policy NAME` (default `{defaults.HOST_POLICY}`)"),
         ("docs/getting-started.md", f"redrawn every {option(['status'], '--watch').const:g} s"),
         (
             "docs/prefetch.md",
-            f"device policy `{defaults.DEVICE_POLICY}`, host policy `{defaults.HOST_POLICY}` "
-            f"(`{defaults.HOST_POLICY_NO_DEVICE}` without a device tier), predictor "
+            f"device policy `{defaults.DEVICE_POLICY}`, host policy `{defaults.HOST_POLICY}`, predictor "
             f"`{p['predictor']}`, depth {p['depth']}, min_prob {p['min_prob']}, width {p['width']}, "
             f"budget {p['budget']}, share {p['share']}, window {p['window']}.",
         ),

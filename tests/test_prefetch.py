@@ -307,9 +307,7 @@ def test_serve_without_flags_runs_exactly_replays_default():
 
     config = ServeConfig.from_mapping({})
     policy, prefetch = defaults.resolve("default")
-    assert config.policy_device == policy and config.policy_host is None  # resolved by the device tier
-    assert defaults.host_policy("cpu") == defaults.HOST_POLICY
-    assert defaults.host_policy("off") == policy  # no device tier: as replay's default on the host
+    assert config.policy_device == policy and config.policy_host == defaults.HOST_POLICY
     assert prefetch_settings(config) == prefetch
     assert config.prefetch_state is None
 

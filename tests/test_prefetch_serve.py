@@ -124,22 +124,3 @@ def test_a_prediction_aware_policy_without_a_predictor_is_warned_about(store, sh
         assert "inside every acquire" not in quiet.log()
     finally:
         quiet.terminate()
-
-
-@pytest.mark.parametrize(
-    ("flags", "host_policy"),
-    [
-        (("--device", "off"), "predictive"),  # the host tier serves every acquire: evict by prediction
-        (("--device", "cpu"), "lru"),
-        (("--device", "off", "--host-policy", "lru"), "lru"),  # a chosen policy stands
-    ],
-)
-def test_without_a_device_tier_the_host_tier_evicts_by_prediction(store, short_dir, flags, host_policy):
-    from expertd.client import ExpertClient
-
-    daemon = DaemonProcess(store, short_dir / "d", *flags)
-    try:
-        with ExpertClient(daemon.address) as client:
-            assert client.stats()["tiers"]["host"]["policy"] == host_policy
-    finally:
-        daemon.terminate()

@@ -21,17 +21,6 @@ DEFAULT_NAME = "default"
 DEVICE_POLICY = "predictive"
 #: The host tier (RAM) usually holds most experts; recency is enough there.
 HOST_POLICY = "lru"
-#: Without a device tier the host tier serves every acquire from a store on disk, and it
-#: evicts by predicted next use like a device tier: on Granite's routing at half the experts
-#: that keeps 0.69 of accesses in RAM where recency keeps 0.59 (docs/benchmarks.md, live).
-HOST_POLICY_NO_DEVICE = DEVICE_POLICY
-
-
-def host_policy(device: str) -> str:
-    """The host tier's default policy when the device tier is ``device`` (off, cpu, cuda)."""
-    return HOST_POLICY_NO_DEVICE if device == "off" else HOST_POLICY
-
-
 #: Prefetch only likely guesses (a wrong one costs a whole expert transfer, a right one
 #: saves at most the compute it overlaps), at most two per layer for the next two layers,
 #: and never more than a quarter of any 32 consecutive transfers on a link.

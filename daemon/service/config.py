@@ -78,9 +78,8 @@ KEYS: tuple[Key, ...] = (
         "policy",
         "host",
         "str",
-        None,
-        f"Eviction policy of the host tier (see `expertd replay --help`); unset: `{defaults.HOST_POLICY}`, "
-        f"or `{defaults.HOST_POLICY_NO_DEVICE}` when device = off (the host tier then serves every acquire).",
+        defaults.HOST_POLICY,
+        "Eviction policy of the host tier (see `expertd replay --help`).",
     ),
     Key(
         "policy",

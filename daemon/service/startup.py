@@ -16,7 +16,6 @@ from typing import Any
 
 import zmq
 
-from expertd.daemon.core import defaults
 from expertd.daemon.core.cache_core import CacheCore
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.partitions import PartitionError, Partitions
@@ -124,8 +123,7 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
         raise StartupError(str(exc)) from None
     from expertd.policies.registry import parse_spec, policy_class
 
-    host_policy = cfg.policy_host or defaults.host_policy(cfg.tiers_device)
-    for key, spec in (("host", host_policy), ("device", cfg.policy_device)):
+    for key, spec in (("host", cfg.policy_host), ("device", cfg.policy_device)):
         policy = policy_class(parse_spec(spec)[0])
         if policy.offline:
             raise StartupError(f"[policy] {key} = {spec!r} needs the future: it is for replay only")
@@ -144,7 +142,7 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
         Geometry(manifest.num_layers, manifest.num_experts),
         host_slots=host_slots,
         device_slots=device.num_slots if device else 0,
-        host_policy=host_policy,
+        host_policy=cfg.policy_host,
         device_policy=cfg.policy_device,
         load_depth=cfg.transfers_load_threads or 1,
         h2d_depth=cfg.transfers_h2d_depth or 1,
