@@ -149,7 +149,8 @@ def test_peer_rows_read_on_demand_whatever_the_predictor(granite):
     rows = sweep(granite, ["advised-mmap", "llama.cpp", "default"], [384], timing=timing, prefetch=prefetch)
     advised, llama, default = rows
     assert advised.policy == "advised-mmap" and advised.prefetch is None
-    assert (advised.hits, advised.tokens_per_s) == (lru.hits, lru.tokens_per_s)  # demand LRU, exactly
+    assert (advised.hits, advised.bytes_moved) == (lru.hits, lru.bytes_moved)  # demand LRU, exactly
+    assert advised.tokens_per_s >= lru.tokens_per_s  # and no client/daemon round trip
     assert (llama.hits, llama.bytes_moved) == (advised.hits, advised.bytes_moved)
     assert default.prefetch is not None and default.prefetch["predictor"]
 
@@ -281,3 +282,19 @@ def test_replay_command_counts_each_tenants_hits(tmp_path, capsys):
     assert set(row["tenants"]) == {"a", "b", "c"}
     assert sum(t["hits"] for t in row["tenants"].values()) == row["hits"]
     assert set(row["private_replies"]) == {"drawn", "real"}
+
+
+def test_live_replay_gives_its_daemons_every_prefetch_setting_timed_replay_uses():
+    import argparse
+    import tomllib
+
+    from expertd.daemon.cli.replay_cli import prefetch_toml
+    from expertd.daemon.service.config import ServeConfig
+    from expertd.daemon.service.startup import prefetch_settings
+
+    args = argparse.Namespace(
+        prefetch_depth=3, prefetch_min_prob=0.4, prefetch_budget=5, prefetch_width=3, prefetch_share=0.5
+    )
+    timed = PrefetchConfig.from_settings(args, predictor="temporal")
+    served = prefetch_settings(ServeConfig.from_mapping(tomllib.loads(prefetch_toml(timed))))
+    assert served == timed

@@ -21,12 +21,14 @@ acquires still wait for; the others wait, in order, without holding anything.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from expertd.daemon.core.events import (
+    AUTO,
     DEVICE,
     H2D,
     HOST,
@@ -40,10 +42,11 @@ from expertd.daemon.core.events import (
     Reply,
     StartTransfer,  # noqa: F401 - callers take the manager's commands from here
 )
-from expertd.daemon.core.manager_check import check_acquire
+from expertd.daemon.core.manager_check import check_acquire, check_tokens
 from expertd.daemon.core.manager_config import ClientState, LeaseRecord, ManagerConfig, Pending
 from expertd.daemon.core.manager_stats import manager_stats
 from expertd.daemon.core.manager_transfers import TransferScheduling
+from expertd.daemon.core.placement import AutoPlan, plan_auto
 from expertd.daemon.core.prefetch import Prefetcher
 from expertd.daemon.core.slots import SlotTable
 from expertd.daemon.core.transfers import Transfers
@@ -88,6 +91,7 @@ class CacheManager(TransferScheduling):
         self.layer_accesses = {name: [0] * layers for name in self.tiers}
         self.layer_hits = {name: [0] * layers for name in self.tiers}
         self.prefetch_cancelled = 0
+        self.placed = {DEVICE: 0, HOST: 0, "background": 0}  # auto acquires' experts, by placement
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
         if self.prefetcher is not None:
             for table in self.tiers.values():
@@ -106,18 +110,29 @@ class CacheManager(TransferScheduling):
         now: float,
         release: Iterable[int] = (),
         generation: Hashable = None,
+        *,
+        tokens: int | Sequence[int] = 1,
     ) -> list[Command]:
         """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready.
 
         ``generation``: which of the client's generations this is (predictors keep history
         per generation); None: the client's acquires are one stream.
 
+        ``tier`` `AUTO`: the manager places each expert (`expertd.daemon.core.placement`):
+        the reply's ``placements`` say which are computed from device slots and which from
+        host slots; ``tokens``: how many tokens this pass routes to each expert, one count for
+        all or one per expert in ``experts`` order (a prefill batch is dear on a CPU).
+        Without a device tier every expert is placed on the host.
+
         ``release``: leases to release first; ones this client does not hold (any more)
         are ignored -- an expired lease is already released.
         """
         state = self._touch(client, now)
         release = list(release)
-        error = check_acquire(self, client, request_id, layer, experts, tier)
+        auto = tier == AUTO and self.config.placement.enabled and DEVICE in self.tiers
+        if tier == AUTO:
+            tier = DEVICE if DEVICE in self.tiers else HOST
+        error = check_acquire(self, client, request_id, layer, experts, tier) or check_tokens(tokens, experts)
         if error:
             return [ErrorReply(client, request_id, *error)]
         out: list[Command] = []
@@ -149,23 +164,72 @@ class CacheManager(TransferScheduling):
             slot_of, filling = target.slot_of, target.filling
             slots = [slot_of.get(key, -1) for key in keys]
             if -1 not in slots and filling.isdisjoint(slots):
-                out.append(self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0))
+                reply = self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0)
+                if auto:
+                    reply = dataclasses.replace(reply, tier=AUTO)
+                    self.placed[DEVICE] += len(keys)
+                out.append(reply)
                 if self.prefetcher is not None:  # after the reply has gone out: see `Predict`
                     out.append(Predict(client, generation, layer, tuple(experts)))
                 return out
         plan = None
         if self.prefetcher is not None:  # a miss: what it evicts depends on what it teaches
             plan = self.prefetcher.on_acquire(state.tenant, (client, generation), layer, experts)
-        pending = Pending(client, request_id, tier, keys, t0, state.forward, now)
-        self._pending[(client, request_id)] = pending
-        state.pending.add(request_id)
-        self._admission[tier].append(pending)
+        if auto:
+            placed = plan_auto(self, keys, tokens)
+            out.extend(self._place(client, state, request_id, layer, keys, t0, placed, now))
+        else:
+            pending = Pending(client, request_id, tier, keys, t0, state.forward, now)
+            self._pending[(client, request_id)] = pending
+            state.pending.add(request_id)
+            self._admission[tier].append(pending)
         out.extend(self._admit_all())
         if plan is not None:
             out.extend(self._prefetch(plan))
         else:
             out.extend(self._dispatch())
         return out
+
+    def _place(
+        self,
+        client: ClientId,
+        state: ClientState,
+        request_id: int,
+        layer: int,
+        keys: list[int],
+        t0: int,
+        placed: AutoPlan,
+        now: float,
+    ) -> list[Command]:
+        """An auto acquire's miss: pin its host-placed slots, queue its background copies,
+        and admit its device part (or reply at once when nothing is left for the device)."""
+        host = self.tiers[HOST]
+        times = {key: t for t, key in enumerate(keys, t0)}
+        state.pins[DEVICE] -= len(placed.host)
+        state.pins[HOST] = state.pins.get(HOST, 0) + len(placed.host)
+        for key, slot in placed.host.items():
+            t = times[key]
+            self.tiers[DEVICE].policy.on_miss(key, t)  # a device miss that bypasses the device
+            host.policy.on_hit(key, t)
+            host.used(slot)
+            host.pin(slot)
+            self.layer_accesses[DEVICE][layer] += 1
+            self.layer_accesses[HOST][layer] += 1
+            self.layer_hits[HOST][layer] += 1
+        for key in placed.background:
+            self._ensure(key, DEVICE, Priority.PREDICTED, times[key], background=True)
+        self.placed[HOST] += len(placed.host)
+        self.placed[DEVICE] += len(placed.device)
+        self.placed["background"] += len(placed.background)
+        pending = Pending(client, request_id, DEVICE, placed.device, t0, state.forward, now)
+        pending.asked, pending.host = keys, placed.host
+        pending.times = [times[key] for key in placed.device]
+        self._pending[(client, request_id)] = pending
+        state.pending.add(request_id)
+        if not placed.device:
+            return [self._grant(pending)]
+        self._admission[DEVICE].append(pending)
+        return []
 
     def predict(self, command: Predict) -> list[Command]:
         """The prediction work a hit put off until its reply was out: learn, then prefetch."""
@@ -424,7 +488,7 @@ class CacheManager(TransferScheduling):
         num_experts = self.geometry.num_experts
         tier.policy.on_step(pending.forward, pending.keys[0] // num_experts)
         for i, key in enumerate(pending.keys):
-            t = pending.t0 + i
+            t = pending.times[i] if pending.times is not None else pending.t0 + i
             layer = key // num_experts
             accesses[layer] += 1
             slot = tier.slot_of.get(key)
@@ -463,19 +527,29 @@ class CacheManager(TransferScheduling):
         state.pending.discard(pending.request_id)
         lease_id = next(self._ids)
         slots = [pending.pinned[key] for key in pending.keys]
-        self._leases[lease_id] = LeaseRecord(pending.client, pending.tier, slots)
+        self._leases[lease_id] = LeaseRecord(pending.client, pending.tier, slots, list(pending.host.values()))
         state.leases.add(lease_id)
-        return Reply(pending.client, pending.request_id, lease_id, pending.tier, tuple(slots), pending.hits)
+        client, request_id, hits = pending.client, pending.request_id, pending.hits
+        if pending.asked is None:
+            return Reply(client, request_id, lease_id, pending.tier, tuple(slots), hits)
+        host, asked = pending.host, pending.asked
+        slots_asked = tuple(host[key] if key in host else pending.pinned[key] for key in asked)
+        placements = tuple(HOST if key in host else DEVICE for key in asked)
+        return Reply(client, request_id, lease_id, AUTO, slots_asked, hits, placements)
 
     def _release(self, lease_id: int) -> None:
         lease = self._leases.pop(lease_id)
         tier = self.tiers[lease.tier]
         for slot in lease.slots:
             tier.unpin(slot)
+        for slot in lease.host_slots:
+            self.tiers[HOST].unpin(slot)
         state = self._clients.get(lease.client)
         if state is not None:
             state.leases.discard(lease_id)
             state.pins[lease.tier] -= len(lease.slots)
+            if lease.host_slots:
+                state.pins[HOST] -= len(lease.host_slots)
 
     def _abandon(self, pending: Pending) -> None:
         """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""
@@ -484,6 +558,10 @@ class CacheManager(TransferScheduling):
         if state is not None:
             state.pending.discard(pending.request_id)
             state.pins[pending.tier] -= len(pending.keys)
+            if pending.host:
+                state.pins[HOST] -= len(pending.host)
+        for slot in pending.host.values():
+            self.tiers[HOST].unpin(slot)
         if not pending.admitted:
             self._admission[pending.tier].remove(pending)
             return

@@ -45,7 +45,9 @@ class TransferScheduling:
         """Keys admitted acquires wait for that hold no slot yet (`CacheManager` says)."""
         raise NotImplementedError
 
-    def _ensure(self, key: int, tier: str, priority: Priority, t: int, prob: float = 1.0) -> None:
+    def _ensure(
+        self, key: int, tier: str, priority: Priority, t: int, prob: float = 1.0, background: bool = False
+    ) -> None:
         """Make sure a transfer will bring ``key`` into ``tier`` at ``priority`` or better."""
         transfer = self.transfers.of(tier, key)
         if transfer is not None:
@@ -53,7 +55,7 @@ class TransferScheduling:
                 self.transfers.reprioritize(transfer, priority)
             return
         if tier == HOST or self.tiers[HOST].ready(key):
-            self.transfers.queue(LINK_INTO[tier], key, priority, t, prob)
+            self.transfers.queue(LINK_INTO[tier], key, priority, t, prob, background)
             return
         # The device wants a key the host does not hold yet: load it, then copy it up.
         want = self._wants_device.get(key)
@@ -119,7 +121,7 @@ class TransferScheduling:
         committed = self._committed(tier_name)
         if transfer.key not in committed and tier.pinned_slots + len(committed) + 1 > tier.num_slots:
             return None  # the unpinned slots are promised to admitted acquires
-        if transfer.prefetch and not self.transfers.share_allows(transfer.link):
+        if transfer.prefetch and not transfer.background and not self.transfers.share_allows(transfer.link):
             self.transfers.deferred += 1
             return None  # the link's prefetch share is spent: wait for demand transfers
         guard = None
