@@ -59,7 +59,14 @@ def test_llama_cpp_runs_the_bench_protocol_where_it_builds(model):
     if load_peer().available():
         pytest.skip(f"llama.cpp is not available here: {load_peer().available()}")
     _, path = model
-    command = [sys.executable, str(REPO / "bench" / "llama_peer.py"), "run", str(path), "granite", str(TOKENS)]
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "llama_peer.py"),
+        "run",
+        str(path),
+        "granite",
+        str(TOKENS),
+    ]
     proc = subprocess.run(
         [*command, "2", "0", "1"], input="go\n", capture_output=True, text=True, timeout=240, check=True
     )
