@@ -142,6 +142,19 @@ def test_timed_mode_without_device_computes_from_host(granite):
     assert math.isfinite(row.tokens_per_s) and row.bound_ratio >= 1.0
 
 
+def test_peer_rows_read_on_demand_whatever_the_predictor(granite):
+    timing = build_timing(model=granite.meta.model, num_layers=24, profile="cpu-nvme")
+    prefetch = PrefetchConfig(predictor="combined")
+    lru = sweep(granite, ["lru"], [384], timing=timing)[0]
+    rows = sweep(granite, ["advised-mmap", "llama.cpp", "default"], [384], timing=timing, prefetch=prefetch)
+    advised, llama, default = rows
+    assert advised.policy == "advised-mmap" and advised.prefetch is None
+    assert (advised.hits, advised.bytes_moved) == (lru.hits, lru.bytes_moved)  # demand LRU, exactly
+    assert advised.tokens_per_s >= lru.tokens_per_s  # and no client/daemon round trip
+    assert (llama.hits, llama.bytes_moved) == (advised.hits, advised.bytes_moved)
+    assert default.prefetch is not None and default.prefetch["predictor"]
+
+
 def test_replay_command_writes_the_json_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     code = main(["replay", "granite-3.0-1b-a400m", "--policy", "lru,fifo", "--capacity", "0.1,50"])

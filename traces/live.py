@@ -63,21 +63,46 @@ class LiveResult:
     rows: int
     seconds: float
     wait_s: float  # time spent getting weights (acquire round trips and stalls, or page faults)
+    cold_tokens: int = 0  # the first tokens, timed apart (`drive`'s ``steady_from``)
+    cold_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else float("inf")
 
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Tokens/s after the first ``cold_tokens`` (all of them when none were set apart)."""
+        seconds = self.seconds - self.cold_seconds
+        return (self.tokens - self.cold_tokens) / seconds if seconds > 0 else float("inf")
+
+    @property
+    def cold_tokens_per_s(self) -> float:
+        return self.cold_tokens / self.cold_seconds if self.cold_seconds else float("nan")
+
     def as_dict(self) -> dict[str, float]:
-        return dict(dataclasses.asdict(self), tokens_per_s=self.tokens_per_s)
+        return dict(
+            dataclasses.asdict(self),
+            tokens_per_s=self.tokens_per_s,
+            steady_tokens_per_s=self.steady_tokens_per_s,
+            cold_tokens_per_s=self.cold_tokens_per_s,
+        )
 
 
-def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: int = 0) -> LiveResult:
-    """Run every row of ``trace`` through ``source``'s weights; the wall time it took."""
+def drive(
+    trace: Trace, source: ExpertSource, *, progress: bool = False, seed: int = 0, steady_from: int = 0
+) -> LiveResult:
+    """Run every row of ``trace`` through ``source``'s weights; the wall time it took.
+
+    ``steady_from``: the tokens (forward passes) before it are also timed apart, as the cold start.
+    """
     from expertd.client.moe import expert_ffn, swiglu_names
 
     gate, up, down = swiglu_names(source.tensor_names)
     layers, rows, requests = trace.layer.tolist(), trace.experts.tolist(), trace.request.tolist()
+    forwards = forward_ids(trace)
+    split_row = int(np.searchsorted(forwards, steady_from)) if steady_from > 0 else 0
+    cold_seconds = 0.0
     begin_generation = getattr(source, "begin_generation", None)
     # A bank of random hidden states, one per row in turn. (Feeding each layer's output to
     # the next, normalised, is a power iteration: the state decays into denormals, which
@@ -91,6 +116,8 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
         iterator = tqdm(iterator, total=len(layers), unit="layer", leave=False, file=sys.stderr)
     started = time.perf_counter()
     for row, (layer, experts) in enumerate(iterator):
+        if row == split_row and split_row:
+            cold_seconds = time.perf_counter() - started
         if begin_generation is not None and (row == 0 or requests[row] != requests[row - 1]):
             begin_generation()  # a new generation: the daemon's predictors start its history afresh
         asked = time.perf_counter()
@@ -106,8 +133,9 @@ def drive(trace: Trace, source: ExpertSource, *, progress: bool = False, seed: i
     if bank is not None and bank.is_cuda:
         torch.cuda.synchronize(bank.device)  # the last layer's kernels are part of the time
     seconds = time.perf_counter() - started
-    tokens = int(forward_ids(trace)[-1]) + 1 if len(trace) else 0
-    return LiveResult(tokens, len(layers), seconds, waited)
+    tokens = int(forwards[-1]) + 1 if len(trace) else 0
+    cold_tokens = min(steady_from, tokens) if cold_seconds else 0
+    return LiveResult(tokens, len(layers), seconds, waited, cold_tokens, cold_seconds)
 
 
 class ClientSource:

@@ -18,6 +18,9 @@ describes each with its source:
   miss), as it was before placement: the baseline the hybrid default replaces.
 - ``hybrid-oracle``: `hybrid_oracle_s`, a bound no schedule of copies and host passes
   beats, whatever it knows of the future.
+- ``advised-mmap``, ``llama.cpp`` (profiles without a device tier, `cpu-nvme`): the store
+  mmap'd, the page cache the RAM tier: demand reads into an LRU-like cache, no prefetch and
+  no round trip; what bench/live_vs_mmap.py measures live (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from expertd.traces.replay import (
 from expertd.traces.timing import TimingModel
 from expertd.traces.trace import Trace
 
-PEERS = ("default-copy", "mixtral-offloading", "moe-infinity", "n-cpu-moe", "fiddler", "hybrid-oracle")
+DISK_PEERS = ("advised-mmap", "llama.cpp")  # read experts from disk into the page cache, on demand
+DEVICE_PEERS = ("default-copy", "mixtral-offloading", "moe-infinity", "n-cpu-moe", "fiddler", "hybrid-oracle")
+PEERS = (*DEVICE_PEERS, *DISK_PEERS)
 HOST_PEERS = ("n-cpu-moe", "fiddler")  # the peers that compute on the CPU
 TUNE_SHARE = 0.2  # fiddler's profiling part: this share of the trace's tokens, from the start
 # The best of the settings tried on Mixtral's first 200 tokens at 10% (/tmp runs, not shipped):
@@ -53,7 +58,17 @@ MOE_INFINITY_POLICY = "lfu"
 
 
 def run_peer(name: str, trace: Trace, slots: int, timing: TimingModel, bound_loads: int) -> ReplayRow:
-    """Peer ``name`` at ``slots`` device slots, timed, with its bound set."""
+    """Peer ``name`` at ``slots`` device slots (host slots for `DISK_PEERS`), timed, with its bound set."""
+    if name in DISK_PEERS:
+        if timing.has_device:
+            raise RowUnavailable(
+                f"{name}: reads from disk into RAM; this profile has a device tier (cpu-nvme)"
+            )
+        row = replay_timed(
+            trace, "lru", slots, timing, prefetch=PrefetchConfig(), bound_loads=bound_loads, round_trips=False
+        )
+        row.policy = name
+        return row
     if not timing.has_device:
         raise RowUnavailable(f"{name}: the peers need a profile with a device tier")
     if name == "default-copy":
