@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import zmq
 
-from expertd.client.lease import Lease, PendingAcquire
+from expertd.client.fastpath import REPORT_FLUSH_EVENTS, SUPPORTED, FastPath
+from expertd.client.lease import FastLease, Lease, PendingAcquire, ReadyAcquire
 from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S, Multiplexer
 from expertd.client.views import SlabViews
 from expertd.daemon.protocol import (
@@ -44,6 +45,7 @@ from expertd.daemon.protocol import (
     Hint,
     LeaseReply,
     LoadState,
+    Op,
     Ping,
     ProtocolError,
     Release,
@@ -86,12 +88,15 @@ class ExpertClient(Multiplexer):
         client_key: str | os.PathLike[str] | None = None,
         admin_token: str | None = None,
         daemon_user: str | None = None,
+        fast_path: bool = True,
     ) -> None:
         """``server_key``/``client_key``: certificate files (`expertd keys`) for a tcp:// daemon
         (default: $EXPERTD_SERVER_KEY, $EXPERTD_CLIENT_KEY); ``admin_token``: for admin
         operations over ipc:// when the daemon requires it; ``daemon_user``: who runs the daemon,
         if not root, this user or `expertd` (default: $EXPERTD_DAEMON_USER): an ipc:// socket in a
-        directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent."""
+        directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent.
+        ``fast_path``: serve hits from shared memory without a round trip where the daemon offers
+        it (`expertd.client.fastpath`); False: every acquire asks the daemon."""
         if address is None:
             address = default_address()
         check_before_connect(address, daemon_user, connect_timeout_s)  # before a socket exists
@@ -116,6 +121,8 @@ class ExpertClient(Multiplexer):
         self._wake = threading.Event()  # wakes the background thread early
         self._wake_at = 0.0  # when the background thread wakes on its own
         self.admin_token = admin_token
+        self._fast_wanted = fast_path and SUPPORTED
+        self._fast: FastPath | None = None
         try:
             self._hello()
         except BaseException:
@@ -163,8 +170,16 @@ class ExpertClient(Multiplexer):
         """Pin ``experts`` of ``layer`` in ``tier`` (default: the daemon's) and wait for them."""
         return self.acquire_async(layer, experts, tier).result()
 
-    def acquire_async(self, layer: int, experts: Iterable[int], tier: str | None = None) -> PendingAcquire:
-        """Send an acquire now; the returned `PendingAcquire` waits for its lease."""
+    def acquire_async(
+        self, layer: int, experts: Iterable[int], tier: str | None = None
+    ) -> PendingAcquire | ReadyAcquire:
+        """Send an acquire now; the returned `PendingAcquire` waits for its lease (a hit served
+        from shared memory comes back as a `ReadyAcquire`)."""
+        fast = self._fast
+        if fast is not None and not self._stale:
+            lease = self._fast_acquire(fast, layer, experts, tier or self.default_tier)
+            if lease is not None:
+                return ReadyAcquire(lease)
         if self._stale:
             self._rehello(self._session)
         session = self._session
@@ -175,6 +190,9 @@ class ExpertClient(Multiplexer):
 
     def release(self, lease: Lease) -> None:
         """Release ``lease`` now and wait for the daemon to confirm (no-op if already sent)."""
+        if isinstance(lease, FastLease):
+            lease.release()  # unpinned at once; the daemon needs no answer
+            return
         with self._cond:
             queued = lease.lease_id in self._releases
             if queued:
@@ -240,6 +258,17 @@ class ExpertClient(Multiplexer):
         self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
+        fast, self._fast = self._fast, None
+        if fast is not None:
+            report = fast.take_report()
+            if report is not None and self._sock_lock.acquire(timeout=1.0):
+                try:  # before bye: the daemon's counters see these hits
+                    self._sock.send(encode_request(next(self._ids), report), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                finally:
+                    self._sock_lock.release()
+            fast.close()
         if self._sock_lock.acquire(timeout=1.0):
             try:
                 self._sock.send(encode_request(next(self._ids), Bye()), zmq.NOBLOCK)
@@ -286,13 +315,22 @@ class ExpertClient(Multiplexer):
                 f"({hello.model!r}, {hello.num_layers} layers x {hello.num_experts} experts); "
                 f"this client was serving {self.hello.model!r}"
             )
+        fast = None
+        if self._fast_wanted and hello.protocol >= 3 and any("fast" in h for h in hello.tiers.values()):
+            try:
+                fast = FastPath(hello.tiers, hello.num_layers, hello.num_experts)
+            except (OSError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+                log.info("expertd at %s: no shared-memory hits (%s)", self.address, exc)
         with self._cond:
+            old, self._fast = self._fast, fast  # pins and reports of the old session are void
             self.info, self.hello, self.layout, self._slabs = ok, hello, hello.tensors, slabs
             self._ping_after_s = PING_AFTER_IDLE * hello.heartbeat_s
             self._session += 1
             self._stale = False
             self._releases.clear()  # leases of the old session are void
             self._abandoned.clear()
+        if old is not None:
+            old.close()
 
     def _rehello(self, seen_session: int) -> None:
         """Say hello again unless another thread already did since ``seen_session``."""
@@ -300,6 +338,47 @@ class ExpertClient(Multiplexer):
             if self._session == seen_session:
                 log.info("expertd at %s does not know this client (restarted?): hello again", self.address)
                 self._hello()
+
+    def _send(self, request: Request, *, reply: bool) -> int:
+        """Every message goes after the hits served before it: the daemon sees them in order."""
+        fast = self._fast
+        if fast is not None and fast.events and request.op is not Op.REPORT:
+            self._flush_report(fast)
+        return super()._send(request, reply=reply)
+
+    def _flush_report(self, fast: FastPath) -> None:
+        report = fast.take_report()
+        if report is not None:
+            super()._send(report, reply=False)
+
+    def _fast_acquire(
+        self, fast: FastPath, layer: int, experts: Iterable[int], tier: str
+    ) -> FastLease | None:
+        """An acquire served from shared memory, or None: it takes the socket."""
+        experts = [int(e) for e in experts]
+        session = self._session
+        pinned = fast.pin(int(layer), experts, tier, self.generation)
+        if pinned is None:
+            if fast.void:
+                self._stale = True  # the daemon that made the table is gone: hello before the next call
+            return None
+        fast_id, slots = pinned
+        lease = FastLease(
+            self, fast_id, int(layer), tuple(experts), tier, slots, len(slots), session, self._slabs[tier]
+        )
+        if len(fast.events) >= REPORT_FLUSH_EVENTS:
+            self._flush_report(fast)
+        return lease
+
+    def _fast_release(self, lease: FastLease) -> None:
+        fast = self._fast
+        if fast is None or lease.session != self._session:
+            return  # its session ended: the daemon dropped its pin row already
+        fast.unpin(lease.lease_id, lease.tier, lease.slots)
+        if len(fast.events) >= REPORT_FLUSH_EVENTS:
+            self._flush_report(fast)
+        elif len(fast.events) == 1 and fast.since + self.release_linger_s < self._wake_at:
+            self._wake.set()  # the background thread sends it after the linger
 
     def _call(self, request: Request) -> ReplyBody:
         """Send and wait for the typed reply; after ``no_session``, hello again and retry once."""
@@ -428,6 +507,12 @@ class ExpertClient(Multiplexer):
                 next_flush = now + self.release_linger_s  # busy: tick, so releases need no wake-up
             else:
                 next_flush = float("inf")
+        fast = self._fast
+        if fast is not None and fast.events:
+            if now - fast.since >= self.release_linger_s:
+                self._flush_report(fast)
+            else:
+                next_flush = min(next_flush, fast.since + self.release_linger_s)
         ping_every = PING_AFTER_IDLE * self.heartbeat_s
         ping = now - self._last_send >= ping_every
         if (flush or ping) and self._sock_lock.acquire(blocking=False):

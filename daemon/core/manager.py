@@ -46,6 +46,7 @@ from expertd.daemon.core.manager_check import check_acquire
 from expertd.daemon.core.manager_config import ClientState, LeaseRecord, ManagerConfig, Pending
 from expertd.daemon.core.manager_stats import manager_stats
 from expertd.daemon.core.prefetch import Prefetcher, PrefetchPlan
+from expertd.daemon.core.reported import reported_hit
 from expertd.daemon.core.slots import REJECTED, SlotTable
 from expertd.daemon.core.transfers import Transfer, Transfers
 from expertd.daemon.protocol.errors import ErrorCode
@@ -91,6 +92,7 @@ class CacheManager:
         self.layer_accesses = {name: [0] * layers for name in self.tiers}
         self.layer_hits = {name: [0] * layers for name in self.tiers}
         self.prefetch_cancelled = 0
+        self.reported_stale = 0  # fast-path hits reported after their slot was reassigned
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
         if self.prefetcher is not None:
             for table in self.tiers.values():
@@ -98,6 +100,8 @@ class CacheManager:
                     table.policy.bind_estimator(self.prefetcher.waits)
 
     # --- events ---------------------------------------------------------------------------
+
+    reported_hit = reported_hit  # a hit served from shared memory, accounted afterwards
 
     def acquire(
         self,

@@ -121,6 +121,7 @@ class Partitions:
     end_generation = _routed("end_generation", translate=False)
     heartbeat = _routed("heartbeat", translate=False)
     knows = _routed("knows", translate=False)
+    reported_hit = _routed("reported_hit", translate=False)  # the shared pool only: see the server
 
     def set_tenant(self, client: ClientId, tenant: str, now: float, partition: str | None = None) -> None:
         partition = partition if partition in self._managers else SHARED_POOL

@@ -52,6 +52,7 @@ from expertd.daemon.protocol.requests import (
     Op,
     Ping,
     Release,
+    Report,
     Request,
     Shutdown,
     Stats,
@@ -69,6 +70,7 @@ from expertd.daemon.protocol.wire import (
     MAX_RELEASES_PER_ACQUIRE,
     MAX_REPLY_BYTES,
     MAX_REQUEST_ID,
+    OLDEST_CLIENT_PROTOCOL,
     PROTOCOL_VERSION,
 )
 
@@ -83,6 +85,7 @@ __all__ = [
     "MAX_REPLY_BYTES",
     "MAX_REQUEST_ID",
     "NO_REPLY",
+    "OLDEST_CLIENT_PROTOCOL",
     "PROTOCOL_VERSION",
     "REPLY_TYPES",
     "REQUEST_TYPES",
@@ -110,6 +113,7 @@ __all__ = [
     "RangeError",
     "Release",
     "ReplyBody",
+    "Report",
     "Request",
     "SessionError",
     "ShuttingDown",

@@ -9,7 +9,9 @@ import msgpack
 from expertd.daemon.protocol.errors import ProtocolError
 
 #: 2: typed replies (stats under ``stats``, pong/done shapes), ``generation`` instead of ``request``.
-PROTOCOL_VERSION = 2
+#: 3: ``report`` (hits served from shared memory), tiers' ``fast`` handles in the hello reply.
+PROTOCOL_VERSION = 3
+OLDEST_CLIENT_PROTOCOL = 2  # a client of 2 is served as before (no shared-memory hits)
 MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this
 MAX_EXPERTS_PER_MESSAGE = 1024
 MAX_RELEASES_PER_ACQUIRE = 64

@@ -30,7 +30,9 @@ from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
 )
+from expertd.daemon.service.fast_hits import apply_report
 from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
+from expertd.daemon.service.residency import Residency
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
     Session,
@@ -47,6 +49,7 @@ log = logging.getLogger("expertd")
 SHARED = TenantPolicy()
 STATUS_EVERY_S = 5.0
 PEER_CHECK_S = 0.5  # how often ipc:// clients' processes are checked for having exited
+DEFERRED_POLL_S = 0.001  # how often a write held back by a shared-memory pin looks again
 
 
 class Server:
@@ -70,6 +73,7 @@ class Server:
         self.held = HeldReplies()  # private tenants' replies, held back
         self.messages = {"received": 0, "rejected": 0}
         self.metrics: Any = None  # the Prometheus endpoint, with [metrics] port
+        self.residency: Residency | None = None  # shared-memory hits (`service.residency`), if on
 
     # --- startup ----------------------------------------------------------------------------
 
@@ -107,6 +111,7 @@ class Server:
         self.router, self.curve = parts.listener.router, parts.listener.curve
         self._router_fd = self.router.getsockopt(zmq.FD)
         self.admin_token = parts.listener.admin_token
+        self.residency = parts.residency
 
     def _load_predictor_state(self, path: Path) -> None:
         load_predictor_state(self.manager, path, self.manifest.model)
@@ -128,6 +133,8 @@ class Server:
         try:
             while not self._stopping:
                 wait_s = self.held.wait_s(self.clock(), TICK_S)
+                if wait_s is not None and self.residency is not None and self.residency.deferred:
+                    wait_s = min(wait_s, DEFERRED_POLL_S)  # a held-back write waits for a client's unpin
                 if wait_s is None:  # a held-back reply is due: it leaves on time, before any new work
                     self._send_held()
                     continue
@@ -154,6 +161,9 @@ class Server:
                                 proto.ErrorCode.INTERNAL,
                                 f"internal error: {exc!r:.200}",
                             )
+                if self.residency is not None and self.residency.deferred:
+                    for command in self.residency.ready(now):
+                        self.engine.submit(command)
                 if now - last_tick >= TICK_S:
                     self._expire(now)
                     last_tick = now
@@ -205,6 +215,8 @@ class Server:
 
     def _completion(self, frame: bytes) -> None:
         transfer_id, ok, error = decode_completion(frame)
+        if self.residency is not None:
+            self.residency.done(transfer_id, ok)  # its slot may be pinned from shared memory now
         if not ok:
             log.error("transfer %d failed: %s", transfer_id, error)
         self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
@@ -300,6 +312,8 @@ class Server:
                     log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
                     self._send_ok(identity, request_id, proto.Done())
                     self._stopping = True
+            case proto.Report():
+                apply_report(self, identity, request, now)
             case proto.LoadState():
                 if self._admin(identity, request_id, session, "load_state"):
                     self._load_state_now(identity, request_id, Path(request.path))
@@ -325,7 +339,7 @@ class Server:
         self._send_ok(identity, request_id, proto.LoadStateReply(str(path)))
 
     def _hello(self, identity: bytes, request_id: int, hello: proto.Hello, now: float) -> None:
-        if hello.version != proto.PROTOCOL_VERSION:
+        if not proto.OLDEST_CLIENT_PROTOCOL <= hello.version <= proto.PROTOCOL_VERSION:
             self._send_error(
                 identity,
                 request_id,
@@ -364,7 +378,10 @@ class Server:
             "client %s (tenant %s, %s, uid %d, pid %d) connected",
             hello.client, tenant, role, session.uid, session.pid,
         )  # fmt: skip
-        self._send_ok(identity, request_id, self.hello_reply(identity))
+        fast = {}
+        if self.residency is not None and hello.version >= 3 and isolation == "shared":
+            fast = self.residency.add_client(identity, session.uid, self.manager.max_pinned(identity))
+        self._send_ok(identity, request_id, self.hello_reply(identity, hello.version, fast))
 
     def _credentials(self, identity: bytes, hello: proto.Hello, peer: Peer | None) -> tuple[str, str]:
         """The tenant and role of a new session: its key's over tcp://, its OS user's over ipc://."""
@@ -382,7 +399,9 @@ class Server:
         )
         return ipc_identity(peer, hello.tenant, self.config.tenants, self.config.auth_ipc_admin, token_ok)
 
-    def hello_reply(self, identity: bytes | None = None) -> proto.HelloReply:
+    def hello_reply(
+        self, identity: bytes | None = None, version: int = proto.PROTOCOL_VERSION, fast: Any = None
+    ) -> proto.HelloReply:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
         if self.device is not None:
@@ -392,8 +411,10 @@ class Server:
                 tiers[tier]["max_pinned"] = (
                     cap  # what this client may pin at once ([clients] max_pinned_share)
                 )
+        for tier, handle in (fast or {}).items():
+            tiers[tier]["fast"] = handle  # its pin row and the tier's residency table
         return proto.HelloReply(
-            protocol=proto.PROTOCOL_VERSION,
+            protocol=version,
             daemon=DAEMON_VERSION,
             model=manifest.model,
             num_layers=manifest.num_layers,
@@ -421,6 +442,11 @@ class Server:
                         session.name, session.pid,
                     )  # fmt: skip
                     self._forget(identity)
+        if self.residency is not None:
+            self.residency.tick()
+            for identity in self.residency.misbehaving:
+                self._forget(identity)  # its pin row broke the rules: as a silent client's leases
+            self.residency.misbehaving.clear()
         self._execute(self.manager.tick(now), now)
         for identity in [i for i in self.sessions if not self.manager.knows(i)]:
             session = self.sessions.pop(identity)
@@ -430,6 +456,8 @@ class Server:
         session = self.sessions.pop(identity, None)
         if session is not None:
             log.info("client %s (pid %d) left", session.name, session.pid)
+        if self.residency is not None:
+            self.residency.drop_client(identity)  # before the core frees the slots its row pinned
         for key in [k for k in self._started if k[0] == identity]:
             del self._started[key]
         self._execute(self.manager.client_gone(identity), self.clock())
@@ -453,7 +481,8 @@ class Server:
     def _execute(self, commands: list, now: float) -> None:
         for command in commands:
             if isinstance(command, StartTransfer):
-                self.engine.submit(command)
+                if self.residency is None or self.residency.start(command, now):
+                    self.engine.submit(command)
             elif isinstance(command, Reply):
                 started = self._started.pop((command.client, command.request_id), now)
                 waited = now - started

@@ -55,6 +55,8 @@ def daemon_stats(server: Server) -> dict[str, Any]:
     }
     stats["acquires"] = dict(server.acquires)
     stats["messages"] = dict(server.messages)
+    if server.residency is not None:
+        stats["fast_path"] = server.residency.stats()
     stats["sessions"] = session_rows(server)
     stats["isolation"] = {
         "private_replies_held": server.timing.held_back,

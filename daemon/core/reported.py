@@ -1,0 +1,69 @@
+"""Hits a client served itself from shared memory, reported afterwards: the same accounting as
+an acquire answered at once, so the policies, the predictors and the counters see one access
+stream whichever path a hit took (and replay, which knows no fast path, agrees).
+
+A report can come late: another client's miss may have reassigned a slot the core thought
+free while the client still held it pinned in its own row (the service's write gate made the
+transfer wait, so the client read the right bytes). Such a key is counted as accessed but not
+as a hit, and not pinned: the core no longer holds it where the client says. So is a report
+past what one client may pin (``[clients] max_pinned_share``): reports cannot pin more than
+acquires could.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+from expertd.daemon.core.events import ClientId, Command, Predict
+
+if TYPE_CHECKING:
+    from expertd.daemon.core.manager import CacheManager
+
+
+def reported_hit(
+    manager: CacheManager,
+    client: ClientId,
+    layer: int,
+    experts: Sequence[int],
+    tier: str,
+    slots: Sequence[int],
+    now: float,
+    generation: Hashable = None,
+) -> tuple[int | None, int, list[Command]]:
+    """Account a fast-path hit as `CacheManager.acquire`'s hit path would have: ``(lease id or
+    None, keys that were hits, the deferred prediction work)``. The lease pins what it names
+    until `CacheManager.release_many`; None: nothing checked out (a stale or invalid report)."""
+    geometry = manager.geometry
+    target = manager.tiers.get(tier)
+    if (
+        target is None
+        or not 0 <= layer < geometry.num_layers
+        or not experts
+        or len(experts) != len(slots)
+        or len(set(experts)) != len(experts)
+        or not all(0 <= e < geometry.num_experts for e in experts)
+    ):
+        return None, 0, []
+    state = manager._touch(client, now)
+    keys = [layer * geometry.num_experts + expert for expert in experts]
+    slot_of, filling = target.slot_of, target.filling
+    held, cap = state.pins.get(tier, 0), manager.config.pin_cap(target.num_slots)
+    if held + len(keys) > cap or not all(
+        slot_of.get(k) == s and s not in filling for k, s in zip(keys, slots, strict=True)
+    ):
+        manager.t += len(keys)
+        manager.layer_accesses[tier][layer] += len(keys)
+        manager.reported_stale += 1
+        return None, 0, []
+    state.pins[tier] = held + len(keys)
+    if layer <= state.last_layer:  # as `CacheManager.acquire`: a new forward pass
+        state.forward = next(manager._forwards)
+    state.last_layer = layer
+    t0 = manager.t
+    manager.t += len(keys)
+    reply = manager._grant_ready(client, state, 0, tier, layer, keys, list(slots), t0)
+    out: list[Command] = []
+    if manager.prefetcher is not None:
+        out.append(Predict(client, generation, layer, tuple(experts)))
+    return reply.lease_id, len(keys), out

@@ -1,0 +1,57 @@
+"""Reports of hits served from shared memory: the daemon accounts them as the acquires they
+were, in the order the client saw them (`expertd.daemon.core.reported`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from expertd.daemon.protocol import Report
+
+if TYPE_CHECKING:
+    from expertd.daemon.service.server import Server
+
+log = logging.getLogger("expertd")
+
+
+def apply_report(server: Server, identity: Any, report: Report, now: float) -> None:
+    """Each event in order: a hit becomes a lease in the core, a release ends it."""
+    residency = server.residency
+    if residency is None or identity not in residency.clients:
+        return  # not a fast client (any more): nothing it says is taken
+    residency.counters["reports"] += 1
+    if report.seq != residency.seq[identity] + 1:
+        residency.counters["report_gaps"] += 1
+        log.warning("client report %d after %d: some went missing", report.seq, residency.seq[identity])
+    residency.seq[identity] = report.seq
+    leases = residency.leases[identity]
+    manager = server.manager
+    counters = server._tenant_counters(identity)
+    released = False
+    for event in report.events:
+        fast_id = event[0]
+        if len(event) == 1:
+            lease_id = leases.pop(fast_id, None)
+            if lease_id is not None:
+                manager.release_many(identity, [lease_id], now)
+                released = True
+            continue
+        _, layer, tier, experts, slots, generation = event
+        if tier not in residency.tables or fast_id in leases:
+            residency.counters["stale_hits"] += 1
+            continue
+        lease_id, hits, commands = manager.reported_hit(
+            identity, layer, experts, tier, slots, now, generation
+        )
+        server.acquires["count"] += 1
+        counters.acquires += 1
+        counters.accesses += len(experts)
+        counters.hits += hits
+        if lease_id is None:
+            residency.counters["stale_hits"] += 1
+        else:
+            leases[fast_id] = lease_id
+        for predict in commands:
+            server._execute(manager.predict(predict), now)
+    if released:
+        server._execute(manager.settle(), now)
