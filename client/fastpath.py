@@ -176,7 +176,7 @@ class FastPath:
             return Report(self.seq, events)
 
     def slot_generation(self, tier: str, slot: int) -> int:
-        """How often the daemon published or retired ``slot``: unchanged while it is pinned."""
+        """How often the daemon published new bytes in ``slot``: unchanged while it is pinned."""
         return int(self.tiers[tier].slot_gen[slot])
 
     def close(self) -> None:

@@ -3,6 +3,11 @@ bytes, every access accounted, pins that hold writes back, and the faults around
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,7 @@ from daemon_util import DaemonProcess
 
 from expertd.client import ExpertClient
 from expertd.client.lease import FastLease
+from expertd.daemon.protocol.residency import H_GENERATION
 from expertd.daemon.store.pack import pack_synthetic
 from expertd.daemon.store.reader import StoreReader
 
@@ -64,3 +70,142 @@ def test_a_client_without_the_fast_path_takes_the_socket(daemon):
         client.acquire(0, [1], "device").release()
         lease = client.acquire(0, [1], "device")
         assert not isinstance(lease, FastLease) and lease.hits == 1
+
+
+def fill(client: ExpertClient, layer: int, experts: list[int]) -> None:
+    """Make ``experts`` of ``layer`` resident in the device tier (through the socket), unpinned."""
+    client.release(client.acquire(layer, experts, "device"))
+
+
+def device_slot_generation(client: ExpertClient, slot: int) -> int:
+    assert client._fast is not None
+    return client._fast.slot_generation("device", slot)
+
+
+def test_a_slot_pinned_from_shared_memory_is_not_overwritten_until_unpinned(daemon, store):
+    """The core does not know of the pin (the report waits out a long linger): the write into
+    the slot that the core chose waits for the unpin."""
+    with (
+        ExpertClient(daemon.address, release_linger_s=60) as holder,
+        ExpertClient(daemon.address, fast_path=False) as other,
+    ):
+        fill(holder, 0, [0])
+        pinned = holder.acquire(0, [0], "device")
+        assert isinstance(pinned, FastLease)
+        (slot,) = pinned.slots
+        generation = device_slot_generation(holder, slot)
+        waiting = other.acquire_async(3, [0, 1, 2, 3, 4, 5], "device")  # all 6 slots: one is pinned
+        time.sleep(0.5)
+        assert not waiting.done(), "a write into a pinned slot started"
+        assert_bytes(pinned, store)
+        assert device_slot_generation(holder, slot) == generation
+        pinned.release()
+        lease = waiting.result(timeout=10)
+        assert_bytes(lease, store)
+        assert slot in lease.slots
+        lease.release()
+        assert other.stats()["fast_path"]["deferred"] >= 1
+
+
+CHILD = """
+import sys, time
+from expertd.client import ExpertClient
+from expertd.client.lease import FastLease
+from expertd.daemon.protocol.residency import H_GENERATION
+client = ExpertClient(sys.argv[1], release_linger_s=60)  # the daemon hears of no hit before it dies
+client.release(client.acquire(0, [0], "device"))
+lease = client.acquire(0, [0], "device")
+assert isinstance(lease, FastLease)
+print(lease.slots[0], flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_clients_pins_are_reclaimed(daemon, store):
+    child = subprocess.Popen([sys.executable, "-c", CHILD, daemon.address], stdout=subprocess.PIPE, text=True)
+    try:
+        slot = int(child.stdout.readline())
+        with ExpertClient(daemon.address, fast_path=False) as other:
+            waiting = other.acquire_async(3, [0, 1, 2, 3, 4, 5], "device")
+            time.sleep(0.3)
+            assert not waiting.done()
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            lease = waiting.result(timeout=10)  # the daemon saw the process go (pid polling)
+            assert slot in lease.slots
+            assert_bytes(lease, store)
+            lease.release()
+            stats = other.stats()
+        assert stats["fast_path"]["clients"] == 1 and stats["fast_path"]["deferred"] >= 1  # `other`'s
+        time.sleep(0.3)  # `other` said bye: no pin file is left
+        assert not [p for p in daemon.shm_files() if "-pins-" in p.name]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_after_a_daemon_restart_the_old_table_is_void_and_the_client_hellos_again(daemon, store):
+    with ExpertClient(daemon.address) as client:
+        fill(client, 1, [3])
+        assert isinstance(client.acquire(1, [3], "device"), FastLease)
+        old = client._fast
+        daemon.kill()
+        daemon.start()  # a new daemon at the same address: it voids the dead one's tables
+        assert old is not None and old.tiers["device"].header[H_GENERATION] == 0
+        lease = client.acquire(1, [3], "device")  # not from the void table: through the socket
+        assert not isinstance(lease, FastLease) and client._fast is not old
+        assert_bytes(lease, store)
+        lease.release()
+        again = client.acquire(1, [3], "device")
+        assert isinstance(again, FastLease)
+        assert_bytes(again, store)
+
+
+def test_a_stopped_daemon_voids_its_tables(daemon):
+    client = ExpertClient(daemon.address)
+    fast = client._fast
+    assert fast is not None and fast.tiers["host"].header[H_GENERATION] != 0
+    daemon.terminate()
+    assert fast.tiers["host"].header[H_GENERATION] == 0
+    assert fast.pin(0, [0], "host", None) is None and fast.void
+    client.closed = True  # nobody to say bye to
+
+
+def test_garbage_in_a_clients_own_pin_row_costs_only_its_session(daemon, store):
+    with ExpertClient(daemon.address) as liar, ExpertClient(daemon.address, fast_path=False) as honest:
+        fill(liar, 0, [0, 1, 2])
+        assert liar._fast is not None
+        row = liar._fast.tiers["device"].row
+        for slot in range(len(row)):
+            row[slot] = 0xFFFF  # pins every slot, more than it may
+        for layer in (1, 2, 3):  # every write needs a slot the liar claims
+            lease = honest.acquire(layer, [0, 1, 2, 3, 4, 5], "device")
+            assert_bytes(lease, store)
+            lease.release()
+        time.sleep(0.3)  # its session ends at the daemon's next tick
+        stats = honest.stats()
+    assert stats["fast_path"]["revoked"] == 1 and stats["clients"] == 1
+
+
+def test_a_truncated_pin_file_costs_only_its_session(daemon, store):
+    with ExpertClient(daemon.address) as liar, ExpertClient(daemon.address, fast_path=False) as honest:
+        fill(liar, 0, [0])
+        assert liar._fast is not None
+        os.truncate(liar._fast.path, 0)  # its own file: a daemon that mapped it would SIGBUS
+        lease = honest.acquire(2, [0, 1, 2, 3, 4, 5], "device")
+        assert_bytes(lease, store)
+        lease.release()
+        assert honest.stats()["fast_path"]["revoked"] == 1
+
+
+def test_a_pin_held_past_the_lease_timeout_loses_the_session(daemon, store):
+    """A row that pins few slots but never lets go: the write waits the lease timeout, no longer."""
+    with ExpertClient(daemon.address) as holder, ExpertClient(daemon.address, fast_path=False) as other:
+        fill(holder, 0, [0])
+        pinned = holder.acquire(0, [0], "device")
+        assert isinstance(pinned, FastLease)
+        start = time.monotonic()
+        lease = other.acquire_async(3, [0, 1, 2, 3, 4, 5], "device").result(timeout=15)
+        assert time.monotonic() - start >= 2.0  # --lease-timeout-s
+        assert_bytes(lease, store)
+        assert other.stats()["fast_path"]["revoked"] == 1

@@ -5,17 +5,17 @@ stream whichever path a hit took (and replay, which knows no fast path, agrees).
 A report can come late: another client's miss may have reassigned a slot the core thought
 free while the client still held it pinned in its own row (the service's write gate made the
 transfer wait, so the client read the right bytes). Such a key is counted as accessed but not
-as a hit, and not pinned: the core no longer holds it where the client says. So is a report
-past what one client may pin (``[clients] max_pinned_share``): reports cannot pin more than
-acquires could.
+as a hit (`_stale`). How much one client's reports may pin is bounded by the service, which
+reads the client's pin row (`expertd.daemon.service.residency`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from expertd.daemon.core.events import ClientId, Command, Predict
+from expertd.daemon.core.manager_config import LeaseRecord
 
 if TYPE_CHECKING:
     from expertd.daemon.core.manager import CacheManager
@@ -48,15 +48,9 @@ def reported_hit(
     state = manager._touch(client, now)
     keys = [layer * geometry.num_experts + expert for expert in experts]
     slot_of, filling = target.slot_of, target.filling
-    held, cap = state.pins.get(tier, 0), manager.config.pin_cap(target.num_slots)
-    if held + len(keys) > cap or not all(
-        slot_of.get(k) == s and s not in filling for k, s in zip(keys, slots, strict=True)
-    ):
-        manager.t += len(keys)
-        manager.layer_accesses[tier][layer] += len(keys)
-        manager.reported_stale += 1
-        return None, 0, []
-    state.pins[tier] = held + len(keys)
+    if not all(slot_of.get(k) == s and s not in filling for k, s in zip(keys, slots, strict=True)):
+        return _stale(manager, state, client, layer, keys, tier, slots), 0, []
+    state.pins[tier] = state.pins.get(tier, 0) + len(keys)
     if layer <= state.last_layer:  # as `CacheManager.acquire`: a new forward pass
         state.forward = next(manager._forwards)
     state.last_layer = layer
@@ -67,3 +61,34 @@ def reported_hit(
     if manager.prefetcher is not None:
         out.append(Predict(client, generation, layer, tuple(experts)))
     return reply.lease_id, len(keys), out
+
+
+def _stale(
+    manager: CacheManager,
+    state: Any,
+    client: ClientId,
+    layer: int,
+    keys: list[int],
+    tier: str,
+    slots: Sequence[int],
+) -> int | None:
+    """A report the core's residency moved past: counted as accesses, no policy update; the
+    slots that still hold a ready key are pinned all the same (the client holds them in its row,
+    and victims chosen among them would only wait for its unpin), the others are not."""
+    target = manager.tiers[tier]
+    manager.t += len(keys)
+    manager.layer_accesses[tier][layer] += len(keys)
+    manager.reported_stale += 1
+    pinned = [
+        s for s in dict.fromkeys(slots)
+        if 0 <= s < target.num_slots and target.key_of[s] is not None and s not in target.filling
+    ]  # fmt: skip
+    if not pinned:
+        return None
+    for slot in pinned:
+        target.pin(slot)
+    lease_id = next(manager._ids)
+    manager._leases[lease_id] = LeaseRecord(client, tier, pinned)
+    state.leases.add(lease_id)
+    state.pins[tier] = state.pins.get(tier, 0) + len(pinned)
+    return lease_id

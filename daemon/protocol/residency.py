@@ -9,7 +9,7 @@ Table, in native-endian words:
 
     header   u64[8]   magic, generation, heartbeat_ns, num_slots, num_keys, 0, 0, 0
     key_of   i64[S]   the key a slot holds, -1: none a client may pin
-    slot_gen u64[S]   bumped on every publish and retire of the slot
+    slot_gen u64[S]   bumped each time the slot is published (new bytes in it)
     slot_of  i32[K]   the slot a key is published in, -1: none
 
 ``generation`` is random per daemon start and 0 once the table is void (the daemon

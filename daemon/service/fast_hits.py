@@ -25,32 +25,37 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
         log.warning("client report %d after %d: some went missing", report.seq, residency.seq[identity])
     residency.seq[identity] = report.seq
     leases = residency.leases[identity]
+    pinned = residency.pinned[identity]
+    caps = residency.caps[identity]
     manager = server.manager
     counters = server._tenant_counters(identity)
     released = False
     for event in report.events:
         fast_id = event[0]
         if len(event) == 1:
-            lease_id = leases.pop(fast_id, None)
-            if lease_id is not None:
-                manager.release_many(identity, [lease_id], now)
-                released = True
+            held = leases.pop(fast_id, None)
+            if held is not None:
+                lease_id, tier, count = held
+                pinned[tier] -= count
+                if lease_id is not None:
+                    manager.release_many(identity, [lease_id], now)
+                    released = True
             continue
         _, layer, tier, experts, slots, generation = event
-        if tier not in residency.tables or fast_id in leases:
-            residency.counters["stale_hits"] += 1
+        if tier not in residency.tables or fast_id in leases or pinned[tier] + len(slots) > caps.get(tier, 0):
+            residency.counters["refused_hits"] += 1  # more than its row may pin: not taken
             continue
         lease_id, hits, commands = manager.reported_hit(
             identity, layer, experts, tier, slots, now, generation
         )
+        leases[fast_id] = (lease_id, tier, len(slots))
+        pinned[tier] += len(slots)
         server.acquires["count"] += 1
         counters.acquires += 1
         counters.accesses += len(experts)
         counters.hits += hits
-        if lease_id is None:
+        if hits < len(experts):
             residency.counters["stale_hits"] += 1
-        else:
-            leases[fast_id] = lease_id
         for predict in commands:
             server._execute(manager.predict(predict), now)
     if released:

@@ -100,7 +100,6 @@ class ResidencyTable:
         self.key_of[slot] = -1
         if key >= 0 and self.slot_of[key] == slot:
             self.slot_of[key] = -1
-        self.slot_gen[slot] += 1
         self.state[slot] = RETIRING
 
     def handle(self) -> dict[str, Any]:
@@ -162,10 +161,13 @@ class Residency:
         self._writes: dict[int, tuple[str, int, int]] = {}  # transfer id -> (tier, slot, key)
         self.deferred: list[StartTransfer] = []
         self.misbehaving: list[Any] = []  # clients to drop (the server forgets them)
-        self.leases: dict[Any, dict[int, int]] = {}  # client -> its fast id -> the core's lease id
+        # client -> its fast id -> (the core's lease id, tier, slots); and slots so held, per tier
+        self.leases: dict[Any, dict[int, tuple[int | None, str, int]]] = {}
+        self.pinned: dict[Any, dict[str, int]] = {}
         self.seq: dict[Any, int] = {}  # client -> the last report's sequence number
         self._files = 0
         self.counters = {"deferred": 0, "revoked": 0, "reports": 0, "report_gaps": 0, "stale_hits": 0}
+        self.counters["refused_hits"] = 0
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class Residency:
         self.clients[client] = PinFile(path, fd, offsets, sizes)
         self.caps[client] = max_pinned
         self.leases[client], self.seq[client] = {}, 0
+        self.pinned[client] = dict.fromkeys(self.tables, 0)
         return {
             tier: {
                 "table": table.handle(),
@@ -207,6 +210,7 @@ class Residency:
         pins = self.clients.pop(client, None)
         self.caps.pop(client, None)
         self.leases.pop(client, None)
+        self.pinned.pop(client, None)
         self.seq.pop(client, None)
         if pins is not None:
             pins.close()
