@@ -17,7 +17,6 @@ path is on there only (`SUPPORTED`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import mmap
 import os
@@ -40,8 +39,10 @@ from expertd.daemon.protocol.residency import (
     PIN_MAX,
     STALE_HEARTBEAT_NS,
     TABLE_MAGIC,
+    lock_pins,
     pin_row_bytes,
     table_offsets,
+    unlock_pins,
 )
 
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
@@ -120,36 +121,46 @@ class FastPath:
             return None
         if time.monotonic_ns() - header[H_HEARTBEAT_NS] > STALE_HEARTBEAT_NS:
             return None  # the daemon has not ticked lately: ask it
-        num_experts = self.num_experts
         if not 0 <= layer < self.num_layers or not experts:
             return None
-        base = layer * num_experts
-        slot_of, key_of, row = fast.slot_of, fast.key_of, fast.row
+        base = layer * self.num_experts
         with self.lock:
             if fast.pinned + len(experts) > fast.max_pinned:
                 return None
-            fcntl.lockf(self.fd, fcntl.LOCK_EX)  # the fence of the ordering argument
+            lock_pins(self.fd)  # the fence of the ordering argument
             try:
-                slots = []
-                for expert in experts:
-                    if not 0 <= expert < num_experts:
-                        return None
-                    key = base + expert
-                    slot = slot_of[key]
-                    if slot < 0 or key_of[slot] != key or row[slot] >= PIN_MAX:
-                        return None
-                    slots.append(slot)
-                if len(set(slots)) != len(slots):
-                    return None  # duplicate experts: the daemon says what is wrong
-                for slot in slots:
-                    row[slot] += 1
+                slots = self.check(fast, base, experts)
+                if slots is None:
+                    return None
+                self.store(fast, slots)
             finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN)
-            fast.pinned += len(slots)
+                unlock_pins(self.fd)
             fast_id = next(self._ids)
             self._queue([fast_id, layer, tier, list(experts), slots, generation])
             self.hits += 1
         return fast_id, tuple(slots)
+
+    def check(self, fast: FastTier, base: int, experts: list[int]) -> list[int] | None:
+        """With the pin file locked: the slots of keys ``base + e``, if each is published; else None."""
+        num_experts, slot_of, key_of, row = self.num_experts, fast.slot_of, fast.key_of, fast.row
+        slots = []
+        for expert in experts:
+            if not 0 <= expert < num_experts:
+                return None
+            key = base + expert
+            slot = slot_of[key]
+            if slot < 0 or key_of[slot] != key or row[slot] >= PIN_MAX:
+                return None
+            slots.append(slot)
+        return slots if len(set(slots)) == len(slots) else None  # duplicates: the daemon says why
+
+    @staticmethod
+    def store(fast: FastTier, slots: list[int]) -> None:
+        """With the pin file locked: count the pins (the daemon reads them under the same lock)."""
+        row = fast.row
+        for slot in slots:
+            row[slot] += 1
+        fast.pinned += len(slots)
 
     def unpin(self, fast_id: int, tier: str, slots: tuple[int, ...]) -> None:
         """Let the slots go (no lock: a late-seen unpin only holds a write back longer)."""

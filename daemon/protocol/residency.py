@@ -23,6 +23,9 @@ The ordering argument (why a pinned slot is never overwritten) is in
 
 from __future__ import annotations
 
+import fcntl
+import struct
+
 TABLE_MAGIC = 0x3154534552505845  # b"EXPRST1" little-endian, and a version
 HEADER_WORDS = 8
 HEADER_BYTES = HEADER_WORDS * 8
@@ -44,3 +47,35 @@ def table_offsets(num_slots: int, num_keys: int) -> tuple[int, int, int, int]:
 def pin_row_bytes(num_slots: int) -> int:
     """One tier's pin row, padded to 8 bytes so the next row stays aligned."""
     return -(-num_slots * PIN_BYTES // 8) * 8
+
+
+# The pin file's lock: an open-file-description lock over the whole file (Linux 3.15+). Unlike a
+# classic POSIX record lock it belongs to the open file, not the process: it is not dropped when
+# some other descriptor of the file closes, and two opens in one process exclude each other
+# (the tests drive both sides in one process). It goes when its last descriptor closes, so a
+# killed client never leaves it held.
+def _flock(kind: int) -> bytes:
+    return struct.pack("hhqqi4x", kind, 0, 0, 0, 0)  # struct flock: type, whence, start, len 0 (all), pid 0
+
+
+_EXCLUSIVE, _SHARED, _UNLOCK = _flock(fcntl.F_WRLCK), _flock(fcntl.F_RDLCK), _flock(fcntl.F_UNLCK)
+
+
+def lock_pins(fd: int) -> None:
+    """The client: hold its pin file exclusively (waits while the daemon reads it)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _EXCLUSIVE)
+
+
+def try_lock_pins_shared(fd: int) -> bool:
+    """The daemon: hold a client's pin file to read it; False while the client holds it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _SHARED)
+    except BlockingIOError:
+        return False
+    except PermissionError:  # EACCES: what some systems answer instead of EAGAIN
+        return False
+    return True
+
+
+def unlock_pins(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _UNLOCK)

@@ -7,16 +7,16 @@ engine, and that transfer starts only once no client's pin row holds the slot. T
 stays the only evictor; a client only ever stops a write from starting.
 
 Why a pinned slot is never overwritten (the ordering argument). Each client ``c`` has a pin
-file with a POSIX record lock ``L_c``. The client pins (`expertd.client.fastpath`) with
-``L_c`` held exclusively: it reads the table, and only if ``key_of[s] == k`` for every slot
-it wants does it store ``pin_c[s] += 1``, then unlocks. The daemon, before a transfer into
-``s``: (1) stores ``key_of[s] = -1`` (retire), then (2) for every client takes ``L_c``
-shared, reads ``pin_c`` with ``pread`` and unlocks. The lock orders the two critical sections:
-if the client's came first, its pin store happens-before the daemon's read (the kernel's
-unlock is a release, its lock an acquire), so the daemon sees the pin and defers the write;
-if the daemon's came first, its retire store (before its lock in program order)
-happens-before the client's table read, so the client sees ``-1`` and takes the socket path.
-There is no third order. Unpinning needs no lock: a late-seen unpin only defers a write.
+file with a lock ``L_c`` (an open-file-description lock: `expertd.daemon.protocol.residency`).
+The client pins (`expertd.client.fastpath`) with ``L_c`` held exclusively: it reads the table,
+and only if ``key_of[s] == k`` for every slot it wants does it store ``pin_c[s] += 1``, then
+unlocks. The daemon, before a transfer into ``s``: (1) stores ``key_of[s] = -1`` (retire), then
+(2) for every client takes ``L_c`` shared, reads ``pin_c`` with ``pread`` and unlocks. The lock
+orders the two critical sections: if the client's came first, its pin store happens-before the
+daemon's read (the kernel's unlock is a release, its lock an acquire), so the daemon sees the
+pin and defers the write; if the daemon's came first, its retire store (before its lock in
+program order) happens-before the client's table read, so the client sees ``-1`` and takes the
+socket path. There is no third order. Unpinning needs no lock: a late-seen unpin only defers a write.
 Publishing needs no lock on x86-64 (TSO: the slot's bytes, written before the engine's
 completion message, are visible before ``key_of[s]``, stores are not reordered); the client
 turns the path off on other architectures (`expertd.client.fastpath.SUPPORTED`).
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -55,6 +54,8 @@ from expertd.daemon.protocol.residency import (
     TABLE_MAGIC,
     pin_row_bytes,
     table_offsets,
+    try_lock_pins_shared,
+    unlock_pins,
 )
 from expertd.daemon.service.slabs import PAGE_BYTES, SHM_DIR, _ShmSlab, pid_alive
 
@@ -120,12 +121,8 @@ class PinFile:
 
     def rows(self) -> dict[str, np.ndarray] | None:
         """Every tier's row, read under the client's lock; None while the client holds it."""
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                return None
-            raise
+        if not try_lock_pins_shared(self.fd):
+            return None
         try:
             out = {}
             for tier, offset in self.offsets.items():
@@ -136,7 +133,7 @@ class PinFile:
                 out[tier] = np.frombuffer(data, dtype=np.uint16)
             return out
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            unlock_pins(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
