@@ -45,7 +45,6 @@ from expertd.daemon.protocol import (
     Hint,
     LeaseReply,
     LoadState,
-    Op,
     Ping,
     ProtocolError,
     Release,
@@ -123,6 +122,7 @@ class ExpertClient(Multiplexer):
         self.admin_token = admin_token
         self._fast_wanted = fast_path and SUPPORTED
         self._fast: FastPath | None = None
+        self._report_lock = threading.Lock()  # taking a report and sending it are one step
         try:
             self._hello()
         except BaseException:
@@ -342,11 +342,18 @@ class ExpertClient(Multiplexer):
     def _send(self, request: Request, *, reply: bool) -> int:
         """Every message goes after the hits served before it: the daemon sees them in order."""
         fast = self._fast
-        if fast is not None and fast.events and request.op is not Op.REPORT:
-            self._flush_report(fast)
-        return super()._send(request, reply=reply)
+        if fast is None:
+            return super()._send(request, reply=reply)
+        with self._report_lock:  # a report taken by another thread goes out before this message
+            if fast.events:
+                self._send_report(fast)
+            return super()._send(request, reply=reply)
 
     def _flush_report(self, fast: FastPath) -> None:
+        with self._report_lock:
+            self._send_report(fast)
+
+    def _send_report(self, fast: FastPath) -> None:
         report = fast.take_report()
         if report is not None:
             super()._send(report, reply=False)
