@@ -482,7 +482,8 @@ class CacheManager:
         state = self._clients.get(lease.client)
         if state is not None:
             state.leases.discard(lease_id)
-            state.pins[lease.tier] -= len(lease.slots)
+            if lease.counted:
+                state.pins[lease.tier] -= len(lease.slots)
 
     def _abandon(self, pending: Pending) -> None:
         """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""

@@ -65,6 +65,7 @@ class LeaseRecord:
     client: ClientId
     tier: str
     slots: list[int]
+    counted: bool = True  # counts against the client's pin cap (a reported fast-path hit does not)
 
 
 @dataclasses.dataclass

@@ -5,8 +5,12 @@ stream whichever path a hit took (and replay, which knows no fast path, agrees).
 A report can come late: another client's miss may have reassigned a slot the core thought
 free while the client still held it pinned in its own row (the service's write gate made the
 transfer wait, so the client read the right bytes). Such a key is counted as accessed but not
-as a hit (`_stale`). How much one client's reports may pin is bounded by the service, which
-reads the client's pin row (`expertd.daemon.service.residency`).
+as a hit (`_stale`).
+
+A reported lease pins its slots like any lease but does not count against the client's cap
+(``[clients] max_pinned_share``) for acquires: the client's view of what it holds runs one
+report ahead of the core's, and its fast-path pins are bounded on their own (its row and its
+reports, each at most the cap: `expertd.daemon.service.residency`, `...service.fast_hits`).
 """
 
 from __future__ import annotations
@@ -50,13 +54,13 @@ def reported_hit(
     slot_of, filling = target.slot_of, target.filling
     if not all(slot_of.get(k) == s and s not in filling for k, s in zip(keys, slots, strict=True)):
         return _stale(manager, state, client, layer, keys, tier, slots), 0, []
-    state.pins[tier] = state.pins.get(tier, 0) + len(keys)
     if layer <= state.last_layer:  # as `CacheManager.acquire`: a new forward pass
         state.forward = next(manager._forwards)
     state.last_layer = layer
     t0 = manager.t
     manager.t += len(keys)
     reply = manager._grant_ready(client, state, 0, tier, layer, keys, list(slots), t0)
+    manager._leases[reply.lease_id].counted = False
     out: list[Command] = []
     if manager.prefetcher is not None:
         out.append(Predict(client, generation, layer, tuple(experts)))
@@ -88,7 +92,6 @@ def _stale(
     for slot in pinned:
         target.pin(slot)
     lease_id = next(manager._ids)
-    manager._leases[lease_id] = LeaseRecord(client, tier, pinned)
+    manager._leases[lease_id] = LeaseRecord(client, tier, pinned, counted=False)
     state.leases.add(lease_id)
-    state.pins[tier] = state.pins.get(tier, 0) + len(pinned)
     return lease_id
