@@ -209,3 +209,13 @@ def test_a_pin_held_past_the_lease_timeout_loses_the_session(daemon, store):
         assert time.monotonic() - start >= 2.0  # --lease-timeout-s
         assert_bytes(lease, store)
         assert other.stats()["fast_path"]["revoked"] == 1
+
+
+def test_fast_path_campaign_short_form(store, short_dir):
+    """bench/faults.py's fast-path section, CI-sized: kills, a restart, every view checked."""
+    import fast_campaign
+
+    r = fast_campaign.run(store, short_dir, clients=3, seconds=6.0, kills=2, seed=1)
+    assert r["acquires"] > 0 and r["fast"] > 0 and r["checked_views"] > 0, r
+    assert r["wrong_bytes"] == 0 and r["daemon_alive"] and r["internal_errors"] == 0, r
+    assert r["leaked_leases"] == 0 and r["leaked_pin_files"] == 0 and r["fast_path_clients_left"] == 0, r
