@@ -14,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from expertd.daemon.core.cache_core import ISOLATION_MODES, CacheCore, Isolation
 from expertd.daemon.core.defaults import resolve as resolve_default
-from expertd.daemon.core.events import DEVICE, H2D, HOST, LOAD, ErrorReply, Predict, Reply, StartTransfer
-from expertd.daemon.core.manager import CacheManager, ManagerConfig
+from expertd.daemon.core.events import DEVICE, H2D, HOST, LOAD, Command, ErrorReply, Reply, StartTransfer
+from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry, PolicyError
 from expertd.policies.registry import make_policy, parse_spec, policy_class
@@ -30,6 +32,8 @@ from expertd.traces.timing import TimingModel
 from expertd.traces.trace import Trace
 
 BOUND_POLICY = "belady"
+REPLAY_CLIENT = "replay"  # the one client of a replay without tenants
+PRIVATE_SEED = 0  # private tenants' drawn waits: reproducible in replay
 
 
 class ReplayError(ValueError):
@@ -59,6 +63,10 @@ class ReplayRow:
     bound_ratio: float | None = None
     error: str | None = None  # the policy cannot run at this capacity (the row has no results)
     prefetch: dict | None = None  # timed mode with a predictor: its precision, recall, waste
+    tenants: dict | None = None  # timed mode with tenants: each one's acquires, accesses, hits
+    # ... and private tenants' replies timed to the grid: "drawn" (its own cache would have
+    # missed what the shared one hit) and "real" (it missed for real)
+    private_replies: dict | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -135,6 +143,8 @@ def replay_timed(
     bound_loads: int | None = None,
     predictor_state: Mapping[str, Any] | None = None,
     hints: Callable[[int], Iterable[tuple[int, Sequence[int]]]] | None = None,
+    tenants: Mapping[str, Isolation] | None = None,
+    observe: Callable[[str, Reply], None] | None = None,
 ) -> ReplayRow:
     """Timed mode: the cache manager, a virtual clock and the links of ``timing``.
 
@@ -144,6 +154,10 @@ def replay_timed(
     hints right after row ``row``'s acquire (as a client does once it has the layer's
     hidden state). Recorded traces carry no hidden states, so only a simulation can supply
     them (bench/hint_sensitivity.py).
+    ``tenants``: name -> isolation; the trace's requests are dealt to them in turn (request
+    r to the (r mod n)-th), one client each, as a daemon with those ``[tenants]`` would
+    serve them (`CacheCore`); None: one shared client. ``observe(client, reply)``: every
+    reply, in the order the acquires were answered.
     """
     prefetch = prefetch or PrefetchConfig()
     geometry = geometry_of(trace)
@@ -162,13 +176,18 @@ def replay_timed(
             geometry, host_slots=slots, host_policy=policy, load_depth=1,
             lease_timeout_s=math.inf, expert_bytes=timing.expert_bytes, prefetch=prefetch,
         )  # fmt: skip
+    _check_tenants(tenants, timing)
     started = time.perf_counter()
-    manager = CacheManager(config)
-    if predictor_state is not None and manager.prefetcher is not None:
-        manager.prefetcher.load_state(predictor_state)
+    clock = [0.0]  # the virtual time of the event being handled
+    core = CacheCore(config, tenants, clock=lambda: clock[0], rng=random.Random(PRIVATE_SEED))
+    clients = list(tenants) if tenants else [REPLAY_CLIENT]
+    for client in clients:
+        core.connect(client, client if tenants else "default", 0.0)
+    if predictor_state is not None and config.prefetch.predictor:
+        core.partitions.load_predictor_state(predictor_state)
     if timing.has_device and timing.host_slots is None:
-        manager.preload(HOST, range(num_keys))  # warm host: RAM holds every expert
-    cache = manager.tiers[tier].policy
+        core.partitions.shared.preload(HOST, range(num_keys))  # warm host: RAM holds every expert
+    cache = core.tiers[tier].policy
     if cache.offline:
         cache.prepare(keys)
 
@@ -177,7 +196,7 @@ def replay_timed(
     replies: list[Reply] = []
     seq = 0
 
-    def run(commands: list, at: float) -> None:
+    def run(commands: Iterable[Command], at: float) -> None:
         nonlocal seq
         for command in commands:
             if isinstance(command, StartTransfer):
@@ -185,39 +204,55 @@ def replay_timed(
                 heapq.heappush(events, (at + duration[command.link], seq, command.transfer_id))
             elif isinstance(command, Reply):
                 replies.append(command)
-            elif isinstance(command, Predict):
-                run(manager.predict(command), at)
             elif isinstance(command, ErrorReply):
                 raise ReplayError(f"replay acquire failed: {command.code}: {command.message}")
+
+    def finish_next() -> float:
+        """The next transfer finishes or held reply leaves, whichever comes first: its time."""
+        due = core.next_due()
+        if events and (due is None or events[0][0] <= due):
+            at, _, transfer_id = heapq.heappop(events)
+            clock[0] = at
+            run(core.transfer_done(transfer_id, True, "", at), at)
+            return at
+        assert due is not None
+        clock[0] = due
+        for reply, release in core.due(due):
+            replies.append(reply)
+            core.sent(release, due)
+        return due
 
     layers = trace.layer.tolist()
     experts = trace.experts.tolist()
     requests = trace.request.tolist()
     now = stall = 0.0
-    lease: list[int] = []
+    leases: dict[str, list[int]] = {client: [] for client in clients}
     for row, (layer, row_experts, request) in enumerate(zip(layers, experts, requests, strict=True)):
         while events and events[0][0] <= now:
-            finish, _, transfer_id = heapq.heappop(events)
-            run(manager.transfer_done(transfer_id, True), finish)
+            finish_next()
+        clock[0] = now
+        client = clients[request % len(clients)]
         if row and request != requests[row - 1]:
-            manager.end_generation("replay", requests[row - 1])
-        run(manager.acquire("replay", row, layer, row_experts, tier, now, lease, request), now)
+            previous = requests[row - 1]
+            core.end_generation(clients[previous % len(clients)], previous)
+        run(core.acquire(client, row, layer, row_experts, tier, now, leases[client], request), now)
         if hints is not None:
             for hint_layer, hint_experts in hints(row):
-                run(manager.hint("replay", hint_layer, hint_experts, now, generation=request), now)
+                run(core.hint(client, hint_layer, hint_experts, now, generation=request), now)
         ready = now
         while not replies:
-            if not events:
+            if not events and core.next_due() is None:
                 raise ReplayError(f"row {row}: acquire cannot complete (capacity {slots} too small?)")
-            ready, _, transfer_id = heapq.heappop(events)
-            run(manager.transfer_done(transfer_id, True), ready)
+            ready = finish_next()
         reply = replies.pop()
-        lease = [reply.lease_id]
+        if observe is not None:
+            observe(client, reply)
+        leases[client] = [reply.lease_id]
         stall += ready - now
         now = ready + timing.layer_s
     seconds = time.perf_counter() - started
 
-    stats = manager.stats()
+    stats = core.stats()
     tokens = int(forward_ids(trace)[-1]) + 1 if len(trace) else 0
     per_link = {link: info["bytes"] for link, info in stats["links"].items()}
     counters = stats["tiers"][tier]
@@ -236,12 +271,45 @@ def replay_timed(
         bytes_moved=sum(per_link.values()),
         bytes_per_link=per_link,
         prefetch=_prefetch_summary(stats, tier),
+        tenants=core.tenant_stats() if tenants else None,
+        private_replies={k: n for k, (n, _) in core.timing.grid_points.items()} if tenants else None,
     )
     if bound_loads is not None:
         bound = timed_bound(trace, timing, bound_loads)
         row_out.bound_s_per_token = bound / tokens
         row_out.bound_ratio = now / bound if bound else math.inf
     return row_out
+
+
+def _check_tenants(tenants: Mapping[str, Isolation] | None, timing: TimingModel) -> None:
+    for name, policy in (tenants or {}).items():
+        if policy.isolation not in ISOLATION_MODES:
+            raise ReplayError(f"tenant {name}: isolation {policy.isolation!r} is none of {ISOLATION_MODES}")
+        if not 0 < policy.share <= 1:
+            raise ReplayError(f"tenant {name}: share {policy.share} must be in (0, 1]")
+    partitioned = any(p.isolation == "partitioned" for p in (tenants or {}).values())
+    if partitioned and timing.has_device and timing.host_slots is None:
+        raise ReplayError("partitioned tenants need a host tier of a given size (--host-capacity)")
+
+
+def parse_tenants(spec: str) -> dict[str, Isolation]:
+    """``"a,b:partitioned:0.5,c:private"`` -> name -> isolation (shared, share 1 unless given)."""
+    out: dict[str, Isolation] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, rest = item.partition(":")
+        mode, _, share = rest.partition(":")
+        if not name or name in out:
+            raise ReplayError(f"tenant {item!r}: a name of its own, please (NAME[:MODE[:SHARE]])")
+        try:
+            value = float(share) if share else 1.0
+        except ValueError:
+            raise ReplayError(f"tenant {item!r}: share {share!r} is not a number") from None
+        out[name] = Isolation(mode or "shared", value)
+    if not out:
+        raise ReplayError(f"--tenants {spec!r} names no tenant")
+    return out
 
 
 def _prefetch_summary(stats: dict, tier: str) -> dict | None:
@@ -289,12 +357,17 @@ def sweep(
     prefetch: PrefetchConfig | None = None,
     progress: Callable[[str], None] | None = None,
     predictor_state: Mapping[str, Any] | None = None,
+    tenants: Mapping[str, Isolation] | None = None,
 ) -> list[ReplayRow]:
     """Every policy at every capacity (slots), each row with its Belady bound.
+
+    ``tenants`` (timed mode only): the trace's requests dealt to these tenants (`replay_timed`).
 
     ``default`` names expertd's default configuration (`expertd.daemon.core.defaults`): its
     device policy with its own prefetch settings; ``prefetch`` applies to the others.
     """
+    if tenants and timing is None:
+        raise ReplayError("tenants need --timed: isolation is a matter of time and of shared slots")
     for spec in policies:
         policy_class(parse_spec(resolve_default(spec)[0])[0])  # fail early on unknown names
     keys = trace.keys()
@@ -312,7 +385,7 @@ def sweep(
                     loads = bound.accesses - bound.hits
                     row = replay_timed(
                         trace, policy, slots, timing, prefetch=own_prefetch or prefetch, bound_loads=loads,
-                        predictor_state=predictor_state,
+                        predictor_state=predictor_state, tenants=tenants,
                     )  # fmt: skip
                 row.policy = spec
             except PolicyError as exc:  # e.g. lru-per-layer with fewer slots than layers

@@ -103,6 +103,14 @@ def register(subparsers) -> None:
         help="start every run's predictor from these statistics (a warm start; see --save-state)",
     )
     timed.add_argument(
+        "--tenants",
+        default=None,
+        metavar="NAME[:MODE[:SHARE]],...",
+        help="deal the trace's requests to these tenants in turn, one client each, isolated as "
+        "[tenants] in the daemon's config (MODE shared, partitioned or private; e.g. "
+        "a,b:partitioned:0.5,c:private:0.25); the rows then count each tenant's hits",
+    )
+    timed.add_argument(
         "--host-capacity",
         default=None,
         help="host tier size (fraction or slots); default: RAM holds every expert, warm",
@@ -158,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
     from expertd.policies.base import Geometry, PolicyError
     from expertd.policies.registry import available
-    from expertd.traces.replay import ReplayError, parse_capacity, sweep
+    from expertd.traces.replay import ReplayError, parse_capacity, parse_tenants, sweep
     from expertd.traces.timing import build_timing
 
     trace = load_for_replay(args.trace, args.phase, args.max_tokens)
@@ -201,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
             )
             if not args.timed:
                 raise CliError("--predictor needs --timed (prefetching is a matter of time)")
+        tenants = None
+        if args.tenants is not None:
+            if not args.timed:
+                raise CliError("--tenants needs --timed (isolation is a matter of time)")
+            tenants = parse_tenants(args.tenants)
         predictor_state = None
         if args.load_state is not None:
             from expertd.daemon.core.prefetch_state import StateError, read_state
@@ -226,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
             prefetch=prefetch,
             progress=lambda _: bar.update(),
             predictor_state=predictor_state,
+            tenants=tenants,
         )
         bar.close()
         if args.save_state is not None:
@@ -234,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(describe_trace(trace))
     print(format_table(rows, timed=timing is not None))
+    if tenants:
+        print(format_tenants(rows))
     if args.json:
         args.json.write_text(json.dumps([dict(row.as_dict(), trace=meta.model) for row in rows], indent=1))
     if args.plot:
@@ -292,6 +308,18 @@ def format_table(rows, *, timed: bool) -> str:
                 f" prefetches used {p['prefetches_used']} wasted {p['prefetches_wasted']}]"
             )
         lines.append(line)
+    return "\n".join(lines)
+
+
+def format_tenants(rows) -> str:
+    """Each tenant's hit rate per row (replay --tenants)."""
+    lines = []
+    for row in rows:
+        if row.tenants:
+            parts = [
+                f"{name} {c['hits']}/{c['accesses']} ({c['hit_rate']:.3f})" for name, c in row.tenants.items()
+            ]
+            lines.append(f"{row.capacity:>8.1%} {row.policy:<16} tenants: " + ", ".join(parts))
     return "\n".join(lines)
 
 

@@ -212,7 +212,7 @@ class HeldReplies:
 
     def __init__(self, guard_s: float = HOLD_GUARD_S) -> None:
         self.guard_s = guard_s
-        self._heap: list[tuple[float, int, Any, bytes, str]] = []
+        self._heap: list[tuple[float, int, Any, Any, str]] = []  # (due, seq, client, reply, kind)
         self._seq = itertools.count()
         # Release kind -> how late the last replies of that kind left: the two kinds must match
         self.late_s: dict[str, deque[float]] = {
@@ -222,7 +222,7 @@ class HeldReplies:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def hold(self, release: Release, identity: Any, payload: bytes) -> None:
+    def hold(self, release: Release, identity: Any, payload: Any) -> None:
         heapq.heappush(self._heap, (release.at, next(self._seq), identity, payload, release.kind))
 
     def next_due(self) -> float | None:
@@ -249,7 +249,7 @@ class HeldReplies:
         until_guard = self._heap[0][0] - self.guard_s - now
         return None if until_guard <= 0 else min(longest_s, until_guard)
 
-    def due(self, now: float) -> list[tuple[Any, bytes, Release]]:
+    def due(self, now: float) -> list[tuple[Any, Any, Release]]:
         """The replies due by ``now``, removed, in due order: (identity, payload, release) each."""
         out = []
         while self._heap and self._heap[0][0] <= now:

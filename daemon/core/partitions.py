@@ -1,23 +1,24 @@
 """Partitioned tenants: their own slots of each tier, so no residency is shared with anyone.
 
-`Partitions` gives the server the cache manager's interface while keeping one
-`CacheManager` per partitioned tenant, each over its own contiguous range of every
-slab's slots, plus one for all other (shared and private) tenants over the rest. The
-managers stay pure and unaware of each other; this adapter routes each client's events
-to its tenant's manager and translates what crosses the boundary: slot numbers (local
-to a manager, global in the slabs) and transfer ids (per manager, one id space for the
-engine). Partitioning costs what isolation costs: each tenant's copies are its own,
-and a partition's slots sit idle when its tenant does.
+`Partitions` keeps one `CacheManager` per partitioned tenant, each over its own
+contiguous range of every slab's slots, plus one for all other (shared and private)
+tenants over the rest. The managers stay pure and unaware of each other; `CacheCore`
+sends each client's events to its tenant's manager (`route`), and this class translates
+what crosses the boundary (`out`): slot numbers (local to a manager, global in the slabs)
+and transfer ids (per manager, one id space for the engine). Events that concern every
+manager (time, transfers, settling, stats) it spreads itself. Partitioning costs what
+isolation costs: each tenant's copies are its own, and a partition's slots sit idle when
+its tenant does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from expertd.daemon.core.events import TIER_OF_LINK, ClientId, Command, Predict, Reply, StartTransfer
+from expertd.daemon.core.events import TIER_OF_LINK, ClientId, Command, Reply, StartTransfer
 from expertd.daemon.core.manager import CacheManager, ManagerConfig
 
 SHARED_POOL = ""  # the partition of every tenant that has none of its own
@@ -25,19 +26,6 @@ SHARED_POOL = ""  # the partition of every tenant that has none of its own
 
 class PartitionError(ValueError):
     """Partition shares that do not fit the tiers."""
-
-
-def _routed(name: str, translate: bool = True) -> Callable[..., Any]:
-    """`CacheManager` method ``name`` of the client's partition (its commands translated)."""
-
-    def method(self: Partitions, client: ClientId, *args: Any, **kw: Any) -> Any:
-        partition, manager = self._route(client)
-        out = getattr(manager, name)(client, *args, **kw)
-        return self._out(partition, out) if translate else out
-
-    method.__name__ = name
-    method.__doc__ = getattr(CacheManager, name).__doc__
-    return method
 
 
 class Partitions:
@@ -89,11 +77,12 @@ class Partitions:
     def partitioned(self) -> bool:
         return len(self._managers) > 1
 
-    def _route(self, client: ClientId) -> tuple[str, CacheManager]:
+    def route(self, client: ClientId) -> tuple[str, CacheManager]:
+        """The client's partition and its manager (whose commands go through `out`)."""
         partition = self._partition_of.get(client, SHARED_POOL)
         return partition, self._managers[partition]
 
-    def _out(self, partition: str, commands: list[Command]) -> list[Command]:
+    def out(self, partition: str, commands: list[Command]) -> list[Command]:
         """Commands with global slot numbers and engine-wide transfer ids."""
         if not self.partitioned:
             return commands
@@ -112,16 +101,7 @@ class Partitions:
             out.append(command)
         return out
 
-    # --- the manager's interface, routed ----------------------------------------------------
-
-    # Events of one client go to its partition's manager; commands come back translated.
-    acquire = _routed("acquire")
-    hint = _routed("hint")
-    release_many = _routed("release_many", translate=False)
-    end_generation = _routed("end_generation", translate=False)
-    heartbeat = _routed("heartbeat", translate=False)
-    knows = _routed("knows", translate=False)
-    reported_hit = _routed("reported_hit", translate=False)  # the shared pool only: see the server
+    # --- events every manager sees, or whose manager only this class knows ------------------
 
     def set_tenant(self, client: ClientId, tenant: str, now: float, partition: str | None = None) -> None:
         partition = partition if partition in self._managers else SHARED_POOL
@@ -131,32 +111,25 @@ class Partitions:
     def settle(self, client: ClientId | None = None) -> list[Command]:
         out: list[Command] = []
         for partition, manager in self._managers.items():
-            out += self._out(partition, manager.settle())
+            out += self.out(partition, manager.settle())
         return out
 
-    def predict(self, command: Predict) -> list[Command]:
-        partition, manager = self._route(command.client)
-        return self._out(partition, manager.predict(command))
-
     def client_gone(self, client: ClientId) -> list[Command]:
-        partition, manager = self._route(client)
+        partition, manager = self.route(client)
         self._partition_of.pop(client, None)
-        return self._out(partition, manager.client_gone(client))
+        return self.out(partition, manager.client_gone(client))
 
     def tick(self, now: float) -> list[Command]:
         out: list[Command] = []
         for partition, manager in self._managers.items():
-            out += self._out(partition, manager.tick(now))
+            out += self.out(partition, manager.tick(now))
         return out
 
     def transfer_done(self, transfer_id: int, ok: bool, error: str = "") -> list[Command]:
         if not self.partitioned:
             return self.shared.transfer_done(transfer_id, ok, error)
         partition, local_id = self._transfers.pop(transfer_id)
-        return self._out(partition, self._managers[partition].transfer_done(local_id, ok, error))
-
-    def max_pinned(self, client: ClientId) -> dict[str, int]:
-        return self._route(client)[1].max_pinned(client)
+        return self.out(partition, self._managers[partition].transfer_done(local_id, ok, error))
 
     def client_summary(self) -> dict[ClientId, tuple[int, int]]:
         out: dict[ClientId, tuple[int, int]] = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from expertd.daemon.core import defaults
+from expertd.daemon.core.cache_core import ISOLATION_MODES, Isolation
 from expertd.daemon.protocol.local import default_address
 from expertd.daemon.protocol.socket_trust import resolve_group, resolve_user
 
@@ -345,15 +346,10 @@ class ServeConfig:
         return self
 
 
-ISOLATION_MODES = ("shared", "partitioned", "private")
-
-
 @dataclasses.dataclass(frozen=True)
-class TenantPolicy:
-    """How one tenant is isolated from the others ([tenants.NAME] in the config)."""
+class TenantPolicy(Isolation):
+    """How one tenant is isolated from the others, and who it is ([tenants.NAME] in the config)."""
 
-    isolation: str = "shared"
-    share: float = 1.0  # partitioned: its fraction of each tier; private: the cache it is timed as having
     uids: frozenset[int] = frozenset()  # ipc://: clients running as these users are this tenant
     gids: frozenset[int] = frozenset()  # ...or with one of these groups
 

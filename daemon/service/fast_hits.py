@@ -27,9 +27,8 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
     leases = residency.leases[identity]
     pinned = residency.pinned[identity]
     caps = residency.caps[identity]
-    manager = server.manager
-    counters = server._tenant_counters(identity)
-    released = False
+    core = server.core
+    assert core is not None
     for event in report.events:
         fast_id = event[0]
         if len(event) == 1:
@@ -38,25 +37,15 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
                 lease_id, tier, count = held
                 pinned[tier] -= count
                 if lease_id is not None:
-                    manager.release_many(identity, [lease_id], now)
-                    released = True
+                    server._execute(core.release(identity, [lease_id], now)[1])
             continue
         _, layer, tier, experts, slots, generation = event
         if tier not in residency.tables or fast_id in leases or pinned[tier] + len(slots) > caps.get(tier, 0):
             residency.counters["refused_hits"] += 1  # more than its row may pin: not taken
             continue
-        lease_id, hits, commands = manager.reported_hit(
-            identity, layer, experts, tier, slots, now, generation
-        )
+        lease_id, commands = core.reported_hit(identity, layer, experts, tier, slots, now, generation)
         leases[fast_id] = (lease_id, tier, len(slots))
         pinned[tier] += len(slots)
-        server.acquires["count"] += 1
-        counters.acquires += 1
-        counters.accesses += len(experts)
-        counters.hits += hits
-        if hits < len(experts):
+        if lease_id is None:
             residency.counters["stale_hits"] += 1
-        for predict in commands:
-            server._execute(manager.predict(predict), now)
-    if released:
-        server._execute(manager.settle(), now)
+        server._execute(commands)

@@ -16,16 +16,17 @@ import logging
 import select
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from expertd.daemon import protocol as proto
-from expertd.daemon.core.events import DEVICE, HOST, ErrorReply, Predict, Reply, StartTransfer
-from expertd.daemon.core.isolation import HeldReplies
+from expertd.daemon.core.cache_core import CacheCore
+from expertd.daemon.core.events import DEVICE, HOST, Command, ErrorReply, Reply, StartTransfer
 from expertd.daemon.service.auth import parse_user_id
-from expertd.daemon.service.config import ServeConfig, TenantPolicy
+from expertd.daemon.service.config import ServeConfig
 from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
@@ -36,7 +37,6 @@ from expertd.daemon.service.residency import Residency
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
     Session,
-    TenantCounters,
     daemon_stats,
     status_line,
     tenant_stats,
@@ -46,7 +46,6 @@ from expertd.daemon.service.systemd import Notifier
 
 log = logging.getLogger("expertd")
 
-SHARED = TenantPolicy()
 STATUS_EVERY_S = 5.0
 PEER_CHECK_S = 0.5  # how often ipc:// clients' processes are checked for having exited
 DEFERRED_POLL_S = 0.001  # how often a write held back by a shared-memory pin looks again
@@ -63,14 +62,11 @@ class Server:
         self._stopping = False
         self._closers: list[Any] = []  # undone in reverse at close()
         self.sessions: dict[bytes, Session] = {}
-        self._started: dict[tuple[bytes, int], float] = {}  # acquire start times
-        self.acquires = {"count": 0, "waited": 0, "stall_s": 0.0, "max_stall_s": 0.0, "errors": 0}
-        self.tenants: dict[str, TenantCounters] = {}
+        self.core: CacheCore | None = None  # tenants, counters, reply order: built at start
         self._user_of: dict[bytes, str] = {}  # CURVE: sender identity -> its key's tenant/role
         self._last_frame: Any = None  # ipc://: the message being handled, for its peer credentials
         self._peers_checked_at = 0.0
         self.admin_token: str | None = None
-        self.held = HeldReplies()  # private tenants' replies, held back
         self.messages = {"received": 0, "rejected": 0}
         self.metrics: Any = None  # the Prometheus endpoint, with [metrics] port
         self.residency: Residency | None = None  # shared-memory hits (`service.residency`), if on
@@ -91,10 +87,10 @@ class Server:
     def _start(self) -> None:
         parts = Parts(self._closers)
         try:
-            start_parts(self.config, parts)
+            start_parts(self.config, parts, self.clock)
         finally:  # what did start is closed by `close`, the socket files removed
             self.listener = parts.listener
-        assert parts.reader and parts.manifest and parts.host and parts.manager and parts.timing
+        assert parts.reader and parts.manifest and parts.host and parts.core
         assert parts.listener and parts.engine
         self.reader, self.manifest, self.host, self.device = (
             parts.reader,
@@ -102,16 +98,27 @@ class Server:
             parts.host,
             parts.device,
         )
-        self.manager, self.timing, self.engine, self.metrics = (
-            parts.manager,
-            parts.timing,
-            parts.engine,
-            parts.metrics,
-        )
+        self.core, self.engine, self.metrics = parts.core, parts.engine, parts.metrics
         self.router, self.curve = parts.listener.router, parts.listener.curve
         self._router_fd = self.router.getsockopt(zmq.FD)
         self.admin_token = parts.listener.admin_token
         self.residency = parts.residency
+
+    # The core's parts, as stats and tests read them.
+    @property
+    def manager(self):
+        assert self.core is not None
+        return self.core.partitions
+
+    @property
+    def timing(self):
+        assert self.core is not None
+        return self.core.timing
+
+    @property
+    def acquires(self) -> dict[str, Any]:
+        assert self.core is not None
+        return self.core.acquires
 
     def _load_predictor_state(self, path: Path) -> None:
         load_predictor_state(self.manager, path, self.manifest.model)
@@ -129,10 +136,12 @@ class Server:
         if _in_main_thread():
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         secret = self.engine.secret
+        core = self.core
+        assert core is not None
         last_tick = last_status = self.clock()
         try:
             while not self._stopping:
-                wait_s = self.held.wait_s(self.clock(), TICK_S)
+                wait_s = core.wait_s(self.clock(), TICK_S)
                 if wait_s is not None and self.residency is not None and self.residency.deferred:
                     wait_s = min(wait_s, DEFERRED_POLL_S)  # a held-back write waits for a client's unpin
                 if wait_s is None:  # a held-back reply is due: it leaves on time, before any new work
@@ -219,7 +228,7 @@ class Server:
             self.residency.done(transfer_id, ok)  # its slot may be pinned from shared memory now
         if not ok:
             log.error("transfer %d failed: %s", transfer_id, error)
-        self._execute(self.manager.transfer_done(transfer_id, ok, error), self.clock())
+        self._execute(self.core.transfer_done(transfer_id, ok, error, self.clock()))
 
     def _request(self, frames: list[bytes], now: float) -> None:
         self.messages["received"] += 1
@@ -253,8 +262,8 @@ class Server:
                 )
             return
         session.requests += 1
-        manager = self.manager
-        manager.heartbeat(identity, now)
+        core = self.core
+        core.heartbeat(identity, now)
         match request:
             case proto.Acquire():
                 if self._stopping:
@@ -262,44 +271,29 @@ class Server:
                         identity, request_id, proto.ErrorCode.SHUTTING_DOWN, "the daemon is stopping"
                     )
                     return
-                self.acquires["count"] += 1
-                tenant = self.tenant_policy(session.tenant)
-                if tenant.isolation == "private" and request.tier in self.manager.tiers:
-                    self.timing.before_acquire(
-                        (identity, request_id), session.tenant, tenant.share, request.tier, request.layer,
-                        request.experts, now,
-                    )  # fmt: skip
-                commands = manager.acquire(
-                    identity, request_id, request.layer, request.experts, request.tier, now, request.release,
-                    request.generation,
+                self._execute(
+                    core.acquire(
+                        identity, request_id, request.layer, request.experts, request.tier, now,
+                        request.release, request.generation,
+                    )
                 )  # fmt: skip
-                if self._answered_at_once(commands, identity, request_id):
-                    self._send_lease(commands[0])  # the hit path
-                    for predict in commands[1:]:  # the reply is out: now the prediction work
-                        self._execute(manager.predict(predict), now)
-                else:
-                    self._started[(identity, request_id)] = now
-                    self._execute(commands, now)
             case proto.Release():
-                unknown = manager.release_many(identity, request.leases, now)
+                unknown, freed = core.release(identity, request.leases, now)
                 if unknown:
                     text = f"no lease {', '.join(map(str, unknown))} (the others were released)"
                     self._send_error(identity, request_id, proto.ErrorCode.UNKNOWN_LEASE, text)
                 else:
                     self._send_ok(identity, request_id, proto.Done())
-                self._execute(manager.settle(), now)
+                self._execute(freed)
             case proto.Hint():
-                commands = manager.hint(
-                    identity,
-                    request.layer,
-                    request.experts,
-                    now,
-                    generation=request.generation,
-                    scores=request.scores,
-                )
-                self._execute(commands, now)
+                self._execute(
+                    core.hint(
+                        identity, request.layer, request.experts, now,
+                        generation=request.generation, scores=request.scores,
+                    )
+                )  # fmt: skip
             case proto.End():
-                manager.end_generation(identity, request.generation)
+                core.end_generation(identity, request.generation)
             case proto.Stats():
                 stats = self.stats() if session.role == "admin" else self.tenant_stats(session.tenant)
                 self._send_ok(identity, request_id, proto.StatsReply(stats))
@@ -372,15 +366,18 @@ class Server:
         if peer is not None:  # the kernel's word, not the hello's
             session.pid, session.uid, session.started = peer.pid, peer.uid, process_start(peer.pid)
         self.sessions[identity] = session
-        isolation = self.tenant_policy(tenant).isolation
-        self.manager.set_tenant(identity, tenant, now, tenant if isolation == "partitioned" else None)
+        self.core.connect(identity, tenant, now)
         log.info(
             "client %s (tenant %s, %s, uid %d, pid %d) connected",
             hello.client, tenant, role, session.uid, session.pid,
         )  # fmt: skip
         fast = {}
-        if self.residency is not None and hello.version >= 3 and isolation == "shared":
-            fast = self.residency.add_client(identity, session.uid, self.manager.max_pinned(identity))
+        if (
+            self.residency is not None
+            and hello.version >= 3
+            and self.core.isolation(tenant).isolation == "shared"
+        ):
+            fast = self.residency.add_client(identity, session.uid, self.core.max_pinned(identity))
         self._send_ok(identity, request_id, self.hello_reply(identity, hello.version, fast))
 
     def _credentials(self, identity: bytes, hello: proto.Hello, peer: Peer | None) -> tuple[str, str]:
@@ -407,7 +404,7 @@ class Server:
         if self.device is not None:
             tiers[DEVICE] = self.device.handle()
         if identity is not None:
-            for tier, cap in self.manager.max_pinned(identity).items():
+            for tier, cap in self.core.max_pinned(identity).items():
                 tiers[tier]["max_pinned"] = (
                     cap  # what this client may pin at once ([clients] max_pinned_share)
                 )
@@ -447,8 +444,8 @@ class Server:
             for identity in self.residency.misbehaving:
                 self._forget(identity)  # its pin row broke the rules: as a silent client's leases
             self.residency.misbehaving.clear()
-        self._execute(self.manager.tick(now), now)
-        for identity in [i for i in self.sessions if not self.manager.knows(i)]:
+        self._execute(self.core.tick(now))
+        for identity in [i for i in self.sessions if not self.core.knows(i)]:
             session = self.sessions.pop(identity)
             log.warning("client %s (pid %d) fell silent: its leases were released", session.name, session.pid)
 
@@ -458,88 +455,34 @@ class Server:
             log.info("client %s (pid %d) left", session.name, session.pid)
         if self.residency is not None:
             self.residency.drop_client(identity)  # before the core frees the slots its row pinned
-        for key in [k for k in self._started if k[0] == identity]:
-            del self._started[key]
-        self._execute(self.manager.client_gone(identity), self.clock())
+        self._execute(self.core.client_gone(identity, self.clock()))
 
     # --- commands -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _answered_at_once(commands: list, identity: Any, request_id: int) -> bool:
-        """The hit path: the acquire's own reply, then at most the prediction work it put off
-        (a reply for someone else, freed by a piggy-backed release, goes the long way)."""
-        if not commands:
-            return False
-        first = commands[0]
-        return (
-            type(first) is Reply
-            and first.client == identity
-            and first.request_id == request_id
-            and all(type(c) is Predict for c in commands[1:])
-        )
-
-    def _execute(self, commands: list, now: float) -> None:
+    def _execute(self, commands: Iterable[Command]) -> None:
+        """Carry out what the core says, in order (see `CacheCore`: the work behind each command
+        is done as the next is asked for, so a hit's reply leaves before its prediction work)."""
         for command in commands:
             if isinstance(command, StartTransfer):
-                if self.residency is None or self.residency.start(command, now):
+                if self.residency is None or self.residency.start(command, self.clock()):
                     self.engine.submit(command)
             elif isinstance(command, Reply):
-                started = self._started.pop((command.client, command.request_id), now)
-                waited = now - started
-                counters = self._tenant_counters(command.client)
-                session = self.sessions.get(command.client)
-                self.timing.miss_answered(
-                    command.tier, len(command.slots) - command.hits, waited, session and session.tenant
-                )
-                if command.hits < len(command.slots):
-                    self.acquires["waited"] += 1
-                    self.acquires["stall_s"] += waited
-                    self.acquires["max_stall_s"] = max(self.acquires["max_stall_s"], waited)
-                    counters.waited += 1
-                    counters.stall_s += waited
                 self._send_lease(command)
-            elif isinstance(command, Predict):
-                self._execute(self.manager.predict(command), now)
             elif isinstance(command, ErrorReply):
-                self._started.pop((command.client, command.request_id), None)
-                self.timing.forget((command.client, command.request_id))
-                self.acquires["errors"] += 1
                 self._send_error(command.client, command.request_id, command.code, command.message)
 
-    def _tenant_counters(self, identity: Any) -> TenantCounters:
-        session = self.sessions.get(identity)
-        tenant = session.tenant if session is not None else "?"
-        counters = self.tenants.get(tenant)
-        if counters is None:
-            counters = self.tenants[tenant] = TenantCounters()
-        return counters
-
     def _send_lease(self, reply: Reply) -> None:
-        counters = self._tenant_counters(reply.client)
-        counters.acquires += 1
-        counters.accesses += len(reply.slots)
-        counters.hits += reply.hits
         body = proto.LeaseReply(reply.lease_id, reply.tier, reply.slots, reply.hits)
-        payload = proto.encode_reply(reply.request_id, body)
-        misses = len(reply.slots) - reply.hits
-        release = self.timing.release_at((reply.client, reply.request_id), self.clock(), misses)
-        if release is not None and release.at > self.clock():
-            # A private tenant: not faster than its own cache would have been (daemon/core/isolation.py).
-            self.timing.held_back += 1
-            self.timing.held_back_s += release.at - self.clock()
-            self.held.hold(release, reply.client, payload)
-            return
-        self._send(reply.client, payload)
+        self._send(reply.client, proto.encode_reply(reply.request_id, body))
 
     def _send_held(self) -> None:
         """Wait until the next held-back reply is due; send every reply due by then."""
-        self.held.wait_for_next(self.clock)
-        for identity, payload, release in self.held.due(self.clock()):
-            self._send(identity, payload)
-            self.held.sent(release, self.clock())
-
-    def tenant_policy(self, tenant: str) -> TenantPolicy:
-        return self.config.tenants.get(tenant, SHARED)
+        core = self.core
+        assert core is not None
+        core.held.wait_for_next(self.clock)
+        for reply, release in core.due(self.clock()):
+            self._send_lease(reply)
+            core.sent(release, self.clock())
 
     def _send(self, identity: Any, payload: bytes) -> None:
         try:
@@ -575,10 +518,9 @@ class Server:
         """Answer waiting acquires, stop the workers, free the slabs and the socket file."""
         self.notifier.stopping()
         router = getattr(self, "router", None)
-        if router is not None:
-            for client, request_id in list(self._started):
+        if router is not None and self.core is not None:
+            for client, request_id in self.core.waiting():
                 self._send_error(client, request_id, proto.ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
-            self._started.clear()
         for closer in reversed(self._closers):
             try:
                 if isinstance(closer, zmq.Context):

@@ -7,6 +7,8 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
+from expertd.daemon.core.cache_core import TenantCounters
+
 if TYPE_CHECKING:
     from expertd.daemon.service.server import Server
 
@@ -23,18 +25,6 @@ class Session:
     requests: int = 0
     uid: int = -1  # ipc://: the peer's user as the kernel says (-1: tcp://, unknown)
     started: int | None = None  # ipc://: the peer process's start time, to tell it died
-
-
-@dataclasses.dataclass
-class TenantCounters:
-    """What one tenant's acquires met: the stats it may see (not other tenants' routing)."""
-
-    acquires: int = 0
-    accesses: int = 0
-    hits: int = 0
-    waited: int = 0
-    stall_s: float = 0.0
-    errors: int = 0
 
 
 def daemon_stats(server: Server) -> dict[str, Any]:
@@ -58,21 +48,8 @@ def daemon_stats(server: Server) -> dict[str, Any]:
     if server.residency is not None:
         stats["fast_path"] = server.residency.stats()
     stats["sessions"] = session_rows(server)
-    stats["isolation"] = {
-        "private_replies_held": server.timing.held_back,
-        "private_held_s": server.timing.held_back_s,
-        # Held-back hits (waits drawn from real misses) and real misses must look alike:
-        # as often past the grid's first point, as late after their due time.
-        "grid_points": {
-            k: {"replies": n, "past_first": late} for k, (n, late) in server.timing.grid_points.items()
-        },
-        "late_us": server.held.late_us(),
-        "miss_s": dict(server.timing.miss_s),
-    }
-    stats["tenants"] = {
-        name: dict(dataclasses.asdict(c), hit_rate=c.hits / c.accesses if c.accesses else 0.0)
-        for name, c in server.tenants.items()
-    }
+    stats["isolation"] = server.core.isolation_stats()
+    stats["tenants"] = server.core.tenant_stats()
     return stats
 
 
@@ -95,7 +72,7 @@ def session_rows(server: Server) -> list[dict[str, Any]]:
 
 def tenant_stats(server: Server, tenant: str) -> dict[str, Any]:
     """What a non-admin client may see: its own tenant's counters and sessions, nothing shared."""
-    counters = server.tenants.get(tenant, TenantCounters())
+    counters = server.core.counters.get(tenant, TenantCounters())
     return {
         "tenant": tenant,
         **dataclasses.asdict(counters),

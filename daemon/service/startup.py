@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from expertd.daemon.core.cache_core import CacheCore
 from expertd.daemon.core.events import DEVICE, HOST
-from expertd.daemon.core.isolation import PrivateTiming
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.partitions import PartitionError, Partitions
 from expertd.daemon.core.prefetch import PrefetchConfig
@@ -43,8 +45,7 @@ class Parts:
     manifest: StoreManifest | None = None
     host: HostSlab | None = None
     device: CpuDeviceSlab | CudaDeviceSlab | None = None
-    manager: Partitions | None = None
-    timing: PrivateTiming | None = None
+    core: CacheCore | None = None
     context: zmq.Context | None = None
     listener: Listener | None = None
     engine: TransferEngine | None = None
@@ -101,7 +102,7 @@ def fast_path_allowed(cfg: ServeConfig) -> bool:
     return cfg.address.startswith("ipc://") and all(t.isolation == "shared" for t in cfg.tenants.values())
 
 
-def start_parts(cfg: ServeConfig, parts: Parts) -> None:
+def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = time.monotonic) -> None:
     """Open the store, allocate the slabs, build the manager, bind the sockets, start the workers.
 
     Fills ``parts`` as it goes and appends everything opened to ``parts.closers``, so that
@@ -162,7 +163,6 @@ def start_parts(cfg: ServeConfig, parts: Parts) -> None:
         prefetch = prefetch_settings(cfg)
     except ValueError as exc:
         raise StartupError(f"[prefetch]: {exc}") from None
-    shares = {t: p.share for t, p in cfg.tenants.items() if p.isolation == "partitioned"}
     manager_config = ManagerConfig(
         Geometry(manifest.num_layers, manifest.num_experts),
         host_slots=host_slots,
@@ -181,21 +181,16 @@ def start_parts(cfg: ServeConfig, parts: Parts) -> None:
         prefetch=prefetch,
     )
     try:
-        parts.manager = Partitions(manager_config, shares)
+        parts.core = CacheCore(manager_config, cfg.tenants, clock=clock)
     except PartitionError as exc:
         raise StartupError(f"[tenants]: {exc}") from None
     if cfg.prefetch_state is not None:
         from expertd.daemon.core.prefetch_state import StateError
 
         try:
-            load_predictor_state(parts.manager, cfg.prefetch_state, manifest.model)
+            load_predictor_state(parts.core.partitions, cfg.prefetch_state, manifest.model)
         except StateError as exc:
             raise StartupError(f"[prefetch] state: {exc}") from None
-    parts.timing = PrivateTiming(
-        Geometry(manifest.num_layers, manifest.num_experts),
-        {HOST: host_slots, DEVICE: device.num_slots if device else 0},
-        {HOST: cfg.policy_host, DEVICE: cfg.policy_device},
-    )
     context = parts.context = zmq.Context()
     closers.append(context)
     listener = parts.listener = listen(context, cfg.address, cfg, closers, TICK_S)
