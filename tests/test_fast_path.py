@@ -219,3 +219,23 @@ def test_fast_path_campaign_short_form(store, short_dir):
     assert r["acquires"] > 0 and r["fast"] > 0 and r["checked_views"] > 0, r
     assert r["wrong_bytes"] == 0 and r["daemon_alive"] and r["internal_errors"] == 0, r
     assert r["leaked_leases"] == 0 and r["leaked_pin_files"] == 0 and r["fast_path_clients_left"] == 0, r
+
+
+@pytest.mark.parametrize("isolation", ["partitioned", "private"])
+def test_no_shared_memory_hits_where_a_tenant_is_isolated(store, short_dir, isolation):
+    """The residency table would show every client what an isolated tenant has resident, and a
+    hit answered without the daemon could not be timed: the daemon offers neither (security.md)."""
+    config = short_dir / "expertd.toml"
+    config.write_text(f'[tenants.secret]\nisolation = "{isolation}"\nshare = 0.5\n')
+    daemon = DaemonProcess(
+        store, short_dir, "--config", str(config), "--host-size", "32 slots", "--device", "cpu",
+        "--device-size", "8 slots",
+    )  # fmt: skip
+    try:
+        with ExpertClient(daemon.address) as client:
+            assert client._fast is None and not any("fast" in h for h in client.info["tiers"].values())
+            client.acquire(0, [1], "device").release()
+            assert not isinstance(client.acquire(0, [1], "device"), FastLease)
+        assert not [p for p in daemon.shm_files() if "-table-" in p.name or "-pins-" in p.name]
+    finally:
+        daemon.kill()

@@ -61,6 +61,7 @@ from expertd.daemon.service.slabs import PAGE_BYTES, SHM_DIR, _ShmSlab, pid_aliv
 
 log = logging.getLogger("expertd")
 
+SLOW_UNPIN_S = 1.0  # a write held back this long by one client's pins is logged
 CLEAR, PUBLISHED, RETIRING = 0, 1, 2  # a slot's state: nobody may pin it / may / not yet known unpinned
 
 
@@ -118,6 +119,7 @@ class PinFile:
     def __init__(self, path: Path, fd: int, offsets: dict[str, int], sizes: dict[str, int]) -> None:
         self.path, self.fd, self.offsets, self.sizes = path, fd, offsets, sizes
         self.blocking_since: float | None = None  # when it first kept a write waiting
+        self.warned = False
 
     def rows(self) -> dict[str, np.ndarray] | None:
         """Every tier's row, read under the client's lock; None while the client holds it."""
@@ -298,6 +300,16 @@ class Residency:
     def _blocking(self, client: Any, pins: PinFile, now: float) -> None:
         if pins.blocking_since is None:
             pins.blocking_since = now
+            pins.warned = False
+        elif not pins.warned and now - pins.blocking_since > SLOW_UNPIN_S:
+            pins.warned = True
+            slots = {TIER_OF_LINK[c.link]: c.dst_slot for c in self.deferred}
+            log.warning(
+                "pin file %s has kept writes into %s waiting %.1f s",
+                pins.path.name,
+                slots,
+                now - pins.blocking_since,
+            )
         elif now - pins.blocking_since > self.lease_timeout_s:
             log.warning("pin file %s kept a write waiting past the lease timeout: dropped", pins.path.name)
             self._expel(client)
