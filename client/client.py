@@ -361,10 +361,18 @@ class ExpertClient(Multiplexer):
     def _fast_acquire(
         self, fast: FastPath, layer: int, experts: Iterable[int], tier: str
     ) -> FastLease | None:
-        """An acquire served from shared memory, or None: it takes the socket."""
+        """An acquire served from shared memory, or None: it takes the socket.
+
+        Never while an acquire of this client is in flight: the daemon could give that one a
+        slot pinned here after it was sent (its report would come too late to stop it), and
+        this client might then wait for a write that its own pin holds back.
+        """
         experts = [int(e) for e in experts]
         session = self._session
-        pinned = fast.pin(int(layer), experts, tier, self.generation)
+        with self._report_lock:  # no message goes out between the check and the pin's event
+            if self._waiting or self._abandoned:
+                return None
+            pinned = fast.pin(int(layer), experts, tier, self.generation)
         if pinned is None:
             if fast.void:
                 self._stale = True  # the daemon that made the table is gone: hello before the next call

@@ -239,3 +239,16 @@ def test_no_shared_memory_hits_where_a_tenant_is_isolated(store, short_dir, isol
         assert not [p for p in daemon.shm_files() if "-table-" in p.name or "-pins-" in p.name]
     finally:
         daemon.kill()
+
+
+def test_no_shared_memory_hit_while_an_acquire_of_the_client_is_in_flight(daemon):
+    """The daemon could give the in-flight acquire a slot pinned after it was sent, and the
+    client would wait for a write its own pin holds back: so that hit takes the socket."""
+    with ExpertClient(daemon.address) as client:
+        fill(client, 0, [0])
+        in_flight = client.acquire_async(2, [4, 5], "device")  # a miss
+        lease = client.acquire(0, [0], "device")
+        assert not isinstance(lease, FastLease)
+        lease.release()
+        in_flight.result(timeout=10).release()
+        assert isinstance(client.acquire(0, [0], "device"), FastLease)

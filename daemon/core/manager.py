@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from expertd.daemon.core.events import (
@@ -93,6 +93,9 @@ class CacheManager:
         self.layer_hits = {name: [0] * layers for name in self.tiers}
         self.prefetch_cancelled = 0
         self.reported_stale = 0  # fast-path hits reported after their slot was reassigned
+        # The shell's word on whether a slot is held where the core cannot see (a client's
+        # shared-memory pin not reported yet): a prefetch never evicts such a slot. None: no such pins.
+        self.held_outside: Callable[[str, int], bool] | None = None
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
         if self.prefetcher is not None:
             for table in self.tiers.values():
@@ -596,6 +599,8 @@ class CacheManager:
         if transfer.prefetch and self.prefetcher is not None:  # predicted or hinted
             may_evict, key = self.prefetcher.may_evict(), transfer.key
             guard = lambda victim: may_evict(victim, key)  # noqa: E731 - never evict a key used sooner
+        if transfer.prefetch and self.held_outside is not None:
+            guard = _spare_held(guard, self.held_outside, tier)
         protected = self.prefetcher.protected if self.prefetcher is not None else ()
         dst_slot = tier.reserve(transfer.key, transfer.t, guard, protected)
         if dst_slot is None:
@@ -636,3 +641,14 @@ class CacheManager:
         elif tier == DEVICE and self._wants_device.get(key, (None,))[0] == Priority.PREDICTED:
             del self._wants_device[key]
             self._cancel_prefetch(HOST, key)
+
+
+def _spare_held(
+    guard: Callable[[int], bool] | None, held: Callable[[str, int], bool], tier: SlotTable
+) -> Callable[[int], bool]:
+    """``guard``, and never a victim whose slot ``held`` says a client holds outside the core."""
+
+    def check(victim: int) -> bool:
+        return (guard is None or guard(victim)) and not held(tier.name, tier.slot_of[victim])
+
+    return check

@@ -253,6 +253,15 @@ class Residency:
         self.deferred = waiting
         return out
 
+    def held(self, tier: str, slot: int) -> bool:
+        """Does a client's row pin ``slot`` now (or is a row locked, so it may)? The core asks
+        before a prefetch evicts: a pin it has not heard of yet must not hold back a write that
+        the pinning client may itself be waiting for."""
+        if not self.clients or self.tables[tier].state[slot] != PUBLISHED:
+            return False
+        held = self._held({tier: [slot]}, time.monotonic())
+        return held is None or bool(held[tier])
+
     def done(self, transfer_id: int, ok: bool) -> None:
         """A transfer finished: its slot holds its key (publish), or nothing (a failure)."""
         write = self._writes.pop(transfer_id, None)

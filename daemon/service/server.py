@@ -103,6 +103,8 @@ class Server:
         self._router_fd = self.router.getsockopt(zmq.FD)
         self.admin_token = parts.listener.admin_token
         self.residency = parts.residency
+        if self.residency is not None:  # only with every tenant shared: the shared pool is the one manager
+            self.core.partitions.shared.held_outside = self.residency.held
 
     # The core's parts, as stats and tests read them.
     @property
