@@ -68,6 +68,7 @@ RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
 BUSY_WINDOW_S = 1.0  # after a release, the background thread ticks each linger this long
 PING_AFTER_IDLE = 0.5  # ping once idle for this share of the daemon's heartbeat_s
 BYE_LINGER_MS = 200  # how long the closed socket keeps trying to deliver bye
+REPORT_RETRY_S = 0.0005  # a report the daemon's full queue refused is tried again this soon
 
 
 class ExpertClient(Multiplexer):
@@ -354,9 +355,35 @@ class ExpertClient(Multiplexer):
             self._send_report(fast)
 
     def _send_report(self, fast: FastPath) -> None:
+        """Send the hits so far, waiting while the daemon's queue is full: a report is never
+        dropped (the daemon must see every access), so clients serving hits faster than the
+        daemon can account for them are slowed to its pace here."""
         report = fast.take_report()
-        if report is not None:
-            super()._send(report, reply=False)
+        if report is None:
+            return
+        frame = encode_request(next(self._ids), report)
+        deadline = time.monotonic() + self.timeout_s
+        while not self.closed:
+            with self._cond:
+                self._want += 1  # a thread polling for replies gives the socket way
+            got = self._sock_lock.acquire(timeout=POLL_SLICE_S)
+            with self._cond:
+                self._want -= 1
+            if got:
+                try:
+                    self._sock.send(frame, zmq.NOBLOCK)
+                    self._last_send = time.monotonic()
+                    return
+                except zmq.Again:
+                    pass  # the daemon is behind: its queue is full
+                finally:
+                    self._sock_lock.release()
+                    self._wake_sleepers()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(REPORT_RETRY_S)
+        fast.requeue(report)
+        raise DaemonUnavailable(f"expertd at {self.address} took no report within {self.timeout_s:g} s")
 
     def _fast_acquire(
         self, fast: FastPath, layer: int, experts: Iterable[int], tier: str

@@ -186,6 +186,12 @@ class FastPath:
             self.seq += 1
             return Report(self.seq, events)
 
+    def requeue(self, report: Report) -> None:
+        """A report that could not be sent goes back in front of what came since."""
+        with self.lock:
+            self.events[:0] = report.events
+            self.seq -= 1
+
     def slot_generation(self, tier: str, slot: int) -> int:
         """How often the daemon published new bytes in ``slot``: unchanged while it is pinned."""
         return int(self.tiers[tier].slot_gen[slot])

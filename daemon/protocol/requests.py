@@ -297,7 +297,7 @@ def _events(op: str, name: str, value: object) -> list[list[Any]]:
             if len(experts) != len(slots) or not experts:
                 raise ProtocolError(f"{op}: {where} needs as many slots as experts, at least one")
             _optional(_lease)(op, f"{where} generation", event[5])
-    return value  # type: ignore[return-value]
+    return value
 
 
 _ENVELOPE = frozenset({"op", "id"})
