@@ -3,7 +3,8 @@
     .venv/bin/python bench/offload_overhead.py [--tokens 16] [--runs 5] [--layers 4]
 
 Two models, each timed in one run against its own unmodified twin (interleaved, median of
-``--runs``), with a real daemon whose device tier (a CPU stand-in) holds every expert:
+``--runs``, each run in a rotated order), with a real daemon whose device tier (a CPU
+stand-in) holds every expert:
 
 1. a tiny Qwen3-MoE (`expertd.client.hf_tiny`, ``--layers`` MoE layers, 32 experts, top-4):
    ``model.generate`` of ``--tokens`` tokens unmodified, then through `expertd.client.hf.offload`
@@ -84,8 +85,10 @@ def hf_case(args: argparse.Namespace, work: Path) -> dict:
                 for name, model in models.items():  # warm: every expert resident, every view made
                     assert torch.equal(model.generate(prompt, **generate), want), name
                 times: dict[str, list[float]] = {name: [] for name in models}
-                for _ in range(args.runs):  # interleaved: the machine is shared
-                    for name, model in models.items():
+                for run in range(
+                    args.runs
+                ):  # interleaved, each run in a rotated order: the machine is shared
+                    for name, model in rotated(models, run):
                         times[name].append(
                             median_ms(lambda m=model: m.generate(prompt, **generate), 1, args.tokens)
                         )
@@ -125,14 +128,21 @@ def moe_case(args: argparse.Namespace, work: Path) -> dict:
                 for stack in stacks.values():
                     decode(stack)  # warm
                 times: dict[str, list[float]] = {name: [] for name in stacks}
-                for _ in range(args.runs):
-                    for name, stack in stacks.items():
+                for run in range(args.runs):
+                    for name, stack in rotated(stacks, run):
                         times[name].append(median_ms(lambda s=stack: decode(s), 1, args.tokens))
             hits = fast._fast.hits if fast._fast is not None else 0
     finally:
         daemon.terminate()
     return summarize("Mixtral-shaped MoEBlock stack", {k: statistics.median(v) for k, v in times.items()},
                      manifest.num_layers, extra={"fast_hits": hits, "tokens": args.tokens})  # fmt: skip
+
+
+def rotated(items: dict, run: int) -> list:
+    """``items``' pairs starting at the ``run``-th: no variant always goes first."""
+    pairs = list(items.items())
+    start = run % len(pairs)
+    return pairs[start:] + pairs[:start]
 
 
 def make_stack(config: MoEConfig, layers: int, source) -> list[MoEBlock]:
