@@ -355,14 +355,17 @@ class ExpertClient(Multiplexer):
             self._send_report(fast)
 
     def _send_report(self, fast: FastPath) -> None:
-        """Send the hits so far, waiting while the daemon's queue is full: a report is never
-        dropped (the daemon must see every access), so clients serving hits faster than the
-        daemon can account for them are slowed to its pace here."""
+        """Send the hits so far, waiting while the daemon has more than a few of this client's
+        reports still to apply, or its queue is full: a report is never dropped (the daemon must
+        see every access), so clients serving hits faster than the daemon can account for them
+        are slowed to its pace here, and its view never lags by more than a few reports."""
         report = fast.take_report()
         if report is None:
             return
         frame = encode_request(next(self._ids), report)
         deadline = time.monotonic() + self.timeout_s
+        while fast.behind(report.seq) and time.monotonic() < deadline and not self.closed:
+            time.sleep(REPORT_RETRY_S)  # the daemon has not applied the last few yet: its pace
         while not self.closed:
             with self._cond:
                 self._want += 1  # a thread polling for replies gives the socket way

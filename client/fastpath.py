@@ -36,7 +36,9 @@ from expertd.daemon.protocol.residency import (
     H_MAGIC,
     H_SLOTS,
     HEADER_BYTES,
+    MAX_UNAPPLIED_REPORTS,
     PIN_MAX,
+    PINS_HEADER_BYTES,
     STALE_HEARTBEAT_NS,
     TABLE_MAGIC,
     lock_pins,
@@ -92,6 +94,7 @@ class FastPath:
             size = os.fstat(self.fd).st_size
             self._pins_map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             pins = memoryview(self._pins_map)
+            self.applied = pins[:PINS_HEADER_BYTES].cast("Q")  # the daemon's: its last report applied
             self.tiers = {
                 tier: FastTier(h, num_layers * num_experts, pins, int(tiers[tier].get("max_pinned", 0)))
                 for tier, h in handles.items()
@@ -186,6 +189,10 @@ class FastPath:
             self.seq += 1
             return Report(self.seq, events)
 
+    def behind(self, seq: int) -> bool:
+        """Would report ``seq`` run more than `MAX_UNAPPLIED_REPORTS` ahead of the daemon?"""
+        return seq - self.applied[0] > MAX_UNAPPLIED_REPORTS
+
     def requeue(self, report: Report) -> None:
         """A report that could not be sent goes back in front of what came since."""
         with self.lock:
@@ -201,6 +208,7 @@ class FastPath:
         for fast in self.tiers.values():
             for view in (fast.row, fast.header, fast.key_of, fast.slot_gen, fast.slot_of):
                 view.release()
+        self.applied.release()
         self.tiers = {}
         self.void = True
         with contextlib.suppress(BufferError):  # a view still alive keeps it mapped

@@ -14,8 +14,10 @@ Table, in native-endian words:
 
 ``generation`` is random per daemon start and 0 once the table is void (the daemon
 stopped, or a new daemon found the old table); ``heartbeat_ns`` is the daemon's
-``CLOCK_MONOTONIC`` at its last tick. A pin row is ``u16[S]``: how many of the client's
-leases hold each slot.
+``CLOCK_MONOTONIC`` at its last tick. A pin file starts with one u64 the daemon writes (the
+sequence number of the client's last report it has applied: the client waits rather than run
+more than `MAX_UNAPPLIED_REPORTS` ahead), then one row per tier: ``u16[S]``, how many of the
+client's leases hold each slot.
 
 The ordering argument (why a pinned slot is never overwritten) is in
 `expertd.daemon.service.residency`; the client's half is `expertd.client.fastpath`.
@@ -31,6 +33,8 @@ HEADER_WORDS = 8
 HEADER_BYTES = HEADER_WORDS * 8
 H_MAGIC, H_GENERATION, H_HEARTBEAT_NS, H_SLOTS, H_KEYS = range(5)
 PIN_BYTES = 2  # u16 per slot
+PINS_HEADER_BYTES = 8  # u64: the last report the daemon applied
+MAX_UNAPPLIED_REPORTS = 4  # a client sends no report while this many wait in the daemon's queue
 PIN_MAX = 2**16 - 1
 STALE_HEARTBEAT_NS = 1_000_000_000  # a table whose daemon has not ticked this long is not used
 

@@ -3,6 +3,7 @@ were, in the order the client saw them (`expertd.daemon.core.reported`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
         residency.counters["report_gaps"] += 1
         log.warning("client report %d after %d: some went missing", report.seq, residency.seq[identity])
     residency.seq[identity] = report.seq
+    with contextlib.suppress(OSError):  # a pin file its owner broke: the next row read drops it
+        residency.clients[identity].applied(report.seq)  # first: the client may send the next one now
     leases = residency.leases[identity]
     pinned = residency.pinned[identity]
     caps = residency.caps[identity]

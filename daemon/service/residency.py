@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import secrets
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from expertd.daemon.protocol.residency import (
     H_MAGIC,
     H_SLOTS,
     HEADER_WORDS,
+    PINS_HEADER_BYTES,
     TABLE_MAGIC,
     pin_row_bytes,
     table_offsets,
@@ -137,6 +139,10 @@ class PinFile:
         finally:
             unlock_pins(self.fd)
 
+    def applied(self, seq: int) -> None:
+        """Tell the client its report ``seq`` is in (it holds back reports past a few ahead)."""
+        os.pwrite(self.fd, struct.pack("=Q", seq), 0)
+
     def close(self) -> None:
         os.close(self.fd)
         self.path.unlink(missing_ok=True)
@@ -177,7 +183,7 @@ class Residency:
             return {}  # tcp://, or a user whose file this daemon could neither chown nor read
         self._files += 1
         path = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-pins-{self._files}"
-        offsets, sizes, end = {}, {}, 0
+        offsets, sizes, end = {}, {}, PINS_HEADER_BYTES
         for tier, table in self.tables.items():
             offsets[tier], sizes[tier] = end, table.state.size
             end += pin_row_bytes(table.state.size)
