@@ -4,17 +4,17 @@ Like layer-distance, the expected wait of key (j, x) while layer l is being comp
 ``d + L * (1 / p - 1)`` steps: ``d`` until layer j is next computed, and ``p``, the
 probability that x is chosen then (if each later computation chose it with the same
 ``p``, the wait would be geometric). Here ``p`` comes from a routing predictor for
-*every* resident key, not a per-key frequency: the request's working set, temporal
+*every* resident key, not a per-key frequency: the generation's working set, temporal
 reuse and the current token's cross-layer evidence (the `combined` predictor) all move
 it. Ties go to the least recently used key.
 
 Where the estimates come from (`EvictionPolicy.bind_estimator`):
 
 - bound by the cache manager to its `Prefetcher`: the expected waits of the tenants'
-  active requests (the soonest use of each key wins), from the same per-tenant
+  active generations (the soonest use of each key wins), from the same per-tenant
   predictors that plan prefetches;
 - unbound (plain hit-rate replay, or a manager without prefetching): the policy feeds
-  its own predictor (``predictor``, one stream, no request boundaries) from the
+  its own predictor (``predictor``, one stream, no generation boundaries) from the
   accesses it sees, a step at a time. While the current layer's step is still going
   (fewer keys used than top-k), that layer's unused keys may be needed now (``d = 0``)
   and its used ones wait a full cycle (``d = L``).
@@ -32,7 +32,7 @@ from expertd.policies.predict.predictor import Predictor, make_predictor
 from expertd.policies.registry import register
 from expertd.policies.steps import StepClock
 
-_STREAM = "stream"  # the request id of the unbound policy's own predictor
+_STREAM = "stream"  # the generation of the unbound policy's own predictor
 
 
 @dataclasses.dataclass(frozen=True)

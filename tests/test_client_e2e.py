@@ -23,15 +23,6 @@ DEVICE_SLOTS = 16  # far fewer: every token evicts
 TOKENS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls: OpenMP's second thread only adds barrier waits (milliseconds on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("e2e") / "store"

@@ -275,10 +275,10 @@ def test_combined_beats_each_part_alone_on_granite():
 
 
 def test_per_request_state_is_bounded_and_drops_the_least_recently_used():
-    from expertd.policies.predict.predictor import RecentRequests
+    from expertd.policies.predict.predictor import RecentGenerations
 
     made = []
-    recent: RecentRequests[int] = RecentRequests(2)
+    recent: RecentGenerations[int] = RecentGenerations(2)
     for request in ("a", "b", "a", "c"):  # "b" is then the least recently used
         recent.touch(request, lambda r=request: made.append(r) or len(made))
     assert list(recent) == ["a", "c"] and made == ["a", "b", "c"]
@@ -287,12 +287,12 @@ def test_per_request_state_is_bounded_and_drops_the_least_recently_used():
 
 @pytest.mark.parametrize("name", ["cross-layer", "combined", "activation-matrix"])
 def test_a_predictor_keeps_state_for_a_bounded_number_of_requests(name, monkeypatch):
-    from expertd.policies.predict.predictor import RecentRequests
+    from expertd.policies.predict.predictor import RecentGenerations
 
-    monkeypatch.setattr(type(make_predictor(name, Geometry(2, 4))), "MAX_REQUESTS", 3)
+    monkeypatch.setattr(type(make_predictor(name, Geometry(2, 4))), "MAX_GENERATIONS", 3)
     predictor = make_predictor(name, Geometry(2, 4))
     for request in range(10):
         predictor.observe(request, 0, [request % 4])
-    kept = [v for k, v in vars(predictor).items() if isinstance(v, RecentRequests) and k != "_hints"]
+    kept = [v for k, v in vars(predictor).items() if isinstance(v, RecentGenerations) and k != "_hints"]
     assert [len(v) for v in kept] == [3]  # the 3 most recent of 10
     assert list(kept[0]) == [7, 8, 9]

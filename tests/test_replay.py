@@ -12,6 +12,7 @@ import torch
 
 from expertd import traces
 from expertd.daemon.cli.main import main
+from expertd.daemon.core.cache_core import Isolation
 from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry
 from expertd.policies.registry import available, make_policy
@@ -165,6 +166,14 @@ def test_replay_command_writes_the_json_rows(tmp_path, capsys):
             ["granite-3.0-1b-a400m", "--timed", "--profile", "pcie4", "--h2d-gbps", "-1"],
             "h2d bandwidth",
         ),
+        (["granite-3.0-1b-a400m", "--tenants", "a,b"], "--tenants needs --timed"),
+        (["granite-3.0-1b-a400m", "--timed", "--tenants", "a:secret"], "isolation 'secret' is not one of"),
+        (["granite-3.0-1b-a400m", "--timed", "--tenants", "a:private:0"], "share 0.0 must be a fraction"),
+        (["granite-3.0-1b-a400m", "--timed", "--tenants", "a,a"], "a name of its own"),
+        (
+            ["granite-3.0-1b-a400m", "--timed", "--tenants", "a,b:partitioned:0.5"],
+            "partitioned tenants need a host tier of a given size",
+        ),
     ],
 )
 def test_replay_errors_are_one_line_and_exit_2(args, message, capsys):
@@ -228,3 +237,51 @@ def test_live_replay_of_the_default_runs_what_serve_runs_without_flags(tmp_path,
     assert row["prefetch"]["planned"] > 0
     code = main(["replay", *args, "--policy", "default", "--predictor", "temporal"])
     assert code == 2 and "brings its own prefetch settings" in capsys.readouterr().err
+
+
+def test_one_shared_tenant_replays_exactly_as_no_tenants(granite):
+    timing = build_timing(model=granite.meta.model, num_layers=granite.meta.num_layers, profile="pcie4")
+    alone = replay_timed(granite, "lru", 96, timing)
+    tenant = replay_timed(granite, "lru", 96, timing, tenants={"solo": Isolation()})
+    assert (
+        tenant.tenants["solo"]["hits"] == alone.hits and tenant.tenants["solo"]["accesses"] == alone.accesses
+    )
+    same = {k: v for k, v in alone.as_dict().items() if k != "seconds"}
+    assert {k: v for k, v in tenant.as_dict().items() if k in same} == same
+
+
+def test_replay_command_counts_each_tenants_hits(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    args = [
+        "granite-3.0-1b-a400m",
+        "--timed",
+        "--policy",
+        "lru",
+        "--capacity",
+        "0.5",
+        "--host-capacity",
+        "0.75",
+    ]
+    code = main(["replay", *args, "--tenants", "a,b:partitioned:0.5,c:private:0.5", "--json", str(out)])
+    assert code == 0
+    assert "tenants: a " in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert set(row["tenants"]) == {"a", "b", "c"}
+    assert sum(t["hits"] for t in row["tenants"].values()) == row["hits"]
+    assert set(row["private_replies"]) == {"drawn", "real"}
+
+
+def test_live_replay_gives_its_daemons_every_prefetch_setting_timed_replay_uses():
+    import argparse
+    import tomllib
+
+    from expertd.daemon.cli.replay_cli import prefetch_toml
+    from expertd.daemon.service.config import ServeConfig
+    from expertd.daemon.service.startup import prefetch_settings
+
+    args = argparse.Namespace(
+        prefetch_depth=3, prefetch_min_prob=0.4, prefetch_budget=5, prefetch_width=3, prefetch_share=0.5
+    )
+    timed = PrefetchConfig.from_settings(args, predictor="temporal")
+    served = prefetch_settings(ServeConfig.from_mapping(tomllib.loads(prefetch_toml(timed))))
+    assert served == timed

@@ -21,9 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from expertd.daemon.core.cache_core import ISOLATION_MODES, CacheCore, Isolation
+from expertd.daemon.core.cache_core import CacheCore, Isolation
+from expertd.daemon.core.defaults import DEFAULT_NAME
 from expertd.daemon.core.defaults import resolve as resolve_default
-from expertd.daemon.core.events import DEVICE, H2D, HOST, LOAD, Command, ErrorReply, Reply, StartTransfer
+from expertd.daemon.core.events import (
+    AUTO,
+    DEVICE,
+    H2D,
+    HOST,
+    LOAD,
+    Command,
+    ErrorReply,
+    Reply,
+    StartTransfer,
+)
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.prefetch import PrefetchConfig
 from expertd.policies.base import Geometry, PolicyError
@@ -38,6 +49,11 @@ PRIVATE_SEED = 0  # private tenants' drawn waits: reproducible in replay
 
 class ReplayError(ValueError):
     """A replay cannot run as asked (capacity, policy or timing out of range)."""
+
+
+class RowUnavailable(ReplayError):
+    """One row cannot run here (e.g. a peer that computes on the CPU, on a profile without host
+    compute): the row says why, the others run."""
 
 
 @dataclasses.dataclass
@@ -67,6 +83,11 @@ class ReplayRow:
     # ... and private tenants' replies timed to the grid: "drawn" (its own cache would have
     # missed what the shared one hit) and "real" (it missed for real)
     private_replies: dict | None = None
+    # timed mode with host compute (a profile with host_gbps): where the experts were computed
+    seconds_per_token: float | None = None  # = time_s_per_token
+    host_computed: int | None = None  # expert passes computed on the host
+    copied: int | None = None  # experts copied host -> device
+    copy_bound_ratio: float | None = None  # against the copy-only bound (bound_ratio: the hybrid oracle)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -143,6 +164,8 @@ def replay_timed(
     bound_loads: int | None = None,
     predictor_state: Mapping[str, Any] | None = None,
     hints: Callable[[int], Iterable[tuple[int, Sequence[int]]]] | None = None,
+    placement: bool = False,
+    round_trips: bool = True,
     tenants: Mapping[str, Isolation] | None = None,
     observe: Callable[[str, Reply], None] | None = None,
 ) -> ReplayRow:
@@ -154,6 +177,10 @@ def replay_timed(
     hints right after row ``row``'s acquire (as a client does once it has the layer's
     hidden state). Recorded traces carry no hidden states, so only a simulation can supply
     them (bench/hint_sensitivity.py).
+    ``placement``: acquire ``auto``, the manager placing each expert with ``timing``'s cost model;
+    host-placed experts compute on the host while the device computes the rest of the layer.
+    ``round_trips``: each acquire pays ``timing``'s client/daemon round trip (an in-process
+    system, such as the peers in `expertd.traces.peers`, pays none).
     ``tenants``: name -> isolation; the trace's requests are dealt to them in turn (request
     r to the (r mod n)-th), one client each, as a daemon with those ``[tenants]`` would
     serve them (`CacheCore`); None: one shared client. ``observe(client, reply)``: every
@@ -164,12 +191,15 @@ def replay_timed(
     keys = trace.keys()
     num_keys = geometry.num_keys
     tier = DEVICE if timing.has_device else HOST
+    if placement and not timing.has_host_compute:
+        raise ReplayError("placing experts on the host needs a profile with host compute and a device")
     if timing.has_device:
         host_slots = timing.host_slots or num_keys
         config = ManagerConfig(
             geometry, host_slots=host_slots, device_slots=slots, host_policy=host_policy,
             device_policy=policy, load_depth=1, h2d_depth=1, lease_timeout_s=math.inf,
             expert_bytes=timing.expert_bytes, prefetch=prefetch,
+            **({"placement": timing.placement()} if placement else {}),
         )  # fmt: skip
     else:
         config = ManagerConfig(
@@ -226,6 +256,9 @@ def replay_timed(
     experts = trace.experts.tolist()
     requests = trace.request.tolist()
     now = stall = 0.0
+    host_computed = 0
+    asked = AUTO if placement else tier
+    hit_s, socket_s = (timing.acquire_hit_s, timing.acquire_socket_s) if round_trips else (0.0, 0.0)
     leases: dict[str, list[int]] = {client: [] for client in clients}
     for row, (layer, row_experts, request) in enumerate(zip(layers, experts, requests, strict=True)):
         while events and events[0][0] <= now:
@@ -235,7 +268,7 @@ def replay_timed(
         if row and request != requests[row - 1]:
             previous = requests[row - 1]
             core.end_generation(clients[previous % len(clients)], previous)
-        run(core.acquire(client, row, layer, row_experts, tier, now, leases[client], request), now)
+        run(core.acquire(client, row, layer, row_experts, asked, now, leases[client], request), now)
         if hints is not None:
             for hint_layer, hint_experts in hints(row):
                 run(core.hint(client, hint_layer, hint_experts, now, generation=request), now)
@@ -249,7 +282,10 @@ def replay_timed(
             observe(client, reply)
         leases[client] = [reply.lease_id]
         stall += ready - now
-        now = ready + timing.layer_s
+        on_host = reply.host_computed if placement else 0  # without a device, layer_s is the host's
+        host_computed += on_host
+        trip = hit_s if reply.hits == len(row_experts) and ready == now else socket_s
+        now = ready + trip + timing.layer_end_s(on_host)
     seconds = time.perf_counter() - started
 
     stats = core.stats()
@@ -274,19 +310,29 @@ def replay_timed(
         tenants=core.tenant_stats() if tenants else None,
         private_replies={k: n for k, (n, _) in core.timing.grid_points.items()} if tenants else None,
     )
+    if timing.has_device:
+        row_out.seconds_per_token = row_out.time_s_per_token
+        row_out.host_computed = host_computed
+        row_out.copied = stats["links"][H2D]["started"]
     if bound_loads is not None:
-        bound = timed_bound(trace, timing, bound_loads)
-        row_out.bound_s_per_token = bound / tokens
-        row_out.bound_ratio = now / bound if bound else math.inf
+        set_bound(row_out, trace, timing, bound_loads, now)
     return row_out
 
 
+def set_bound(row: ReplayRow, trace: Trace, timing: TimingModel, bound_loads: int, total_s: float) -> None:
+    """``row``'s bound: the hybrid oracle where the host computes, else the copy-only bound."""
+    from expertd.traces.peers import hybrid_oracle_s
+
+    tokens = row.tokens or 1
+    bound = copy_bound = timed_bound(trace, timing, bound_loads)
+    if timing.has_host_compute:
+        bound = hybrid_oracle_s(trace, timing, row.slots)
+        row.copy_bound_ratio = total_s / copy_bound if copy_bound else math.inf
+    row.bound_s_per_token = bound / tokens
+    row.bound_ratio = total_s / bound if bound else math.inf
+
+
 def _check_tenants(tenants: Mapping[str, Isolation] | None, timing: TimingModel) -> None:
-    for name, policy in (tenants or {}).items():
-        if policy.isolation not in ISOLATION_MODES:
-            raise ReplayError(f"tenant {name}: isolation {policy.isolation!r} is none of {ISOLATION_MODES}")
-        if not 0 < policy.share <= 1:
-            raise ReplayError(f"tenant {name}: share {policy.share} must be in (0, 1]")
     partitioned = any(p.isolation == "partitioned" for p in (tenants or {}).values())
     if partitioned and timing.has_device and timing.host_slots is None:
         raise ReplayError("partitioned tenants need a host tier of a given size (--host-capacity)")
@@ -301,12 +347,13 @@ def parse_tenants(spec: str) -> dict[str, Isolation]:
         name, _, rest = item.partition(":")
         mode, _, share = rest.partition(":")
         if not name or name in out:
-            raise ReplayError(f"tenant {item!r}: a name of its own, please (NAME[:MODE[:SHARE]])")
+            raise ReplayError(
+                f"--tenants {item!r}: each tenant needs a name of its own (NAME[:MODE[:SHARE]])"
+            )
         try:
-            value = float(share) if share else 1.0
-        except ValueError:
-            raise ReplayError(f"tenant {item!r}: share {share!r} is not a number") from None
-        out[name] = Isolation(mode or "shared", value)
+            out[name] = Isolation(mode or "shared", float(share) if share else 1.0)
+        except ValueError as exc:  # a share that is no number, a mode that is none
+            raise ReplayError(f"--tenants {item!r}: {exc}") from None
     if not out:
         raise ReplayError(f"--tenants {spec!r} names no tenant")
     return out
@@ -364,12 +411,17 @@ def sweep(
     ``tenants`` (timed mode only): the trace's requests dealt to these tenants (`replay_timed`).
 
     ``default`` names expertd's default configuration (`expertd.daemon.core.defaults`): its
-    device policy with its own prefetch settings; ``prefetch`` applies to the others.
+    device policy with its own prefetch settings; ``prefetch`` applies to the others. Timed
+    on a profile with host compute, ``default`` acquires ``auto`` (the manager places each
+    expert). The names in `expertd.traces.peers.PEERS` (timed only) are other systems' rows.
     """
+    from expertd.traces.peers import PEERS, run_peer
+
     if tenants and timing is None:
         raise ReplayError("tenants need --timed: isolation is a matter of time and of shared slots")
     for spec in policies:
-        policy_class(parse_spec(resolve_default(spec)[0])[0])  # fail early on unknown names
+        if spec not in PEERS:
+            policy_class(parse_spec(resolve_default(spec)[0])[0])  # fail early on unknown names
     keys = trace.keys()
     rows: list[ReplayRow] = []
     for slots in capacities:
@@ -378,17 +430,22 @@ def sweep(
             if progress:
                 progress(f"{spec} at {slots} slots")
             try:
-                policy, own_prefetch = resolve_default(spec)
-                if timing is None:
+                hybrid = spec == DEFAULT_NAME and timing is not None and timing.has_host_compute
+                policy, own_prefetch = resolve_default(spec, hybrid)
+                loads = bound.accesses - bound.hits
+                if spec in PEERS:
+                    if timing is None:
+                        raise RowUnavailable(f"{spec} is another system's row: it needs --timed")
+                    row = run_peer(spec, trace, slots, timing, loads)
+                elif timing is None:
                     row = bound if spec == BOUND_POLICY else replay_hits(trace, policy, slots, keys)
                 else:
-                    loads = bound.accesses - bound.hits
                     row = replay_timed(
                         trace, policy, slots, timing, prefetch=own_prefetch or prefetch, bound_loads=loads,
-                        predictor_state=predictor_state, tenants=tenants,
+                        predictor_state=predictor_state, tenants=tenants, placement=hybrid,
                     )  # fmt: skip
                 row.policy = spec
-            except PolicyError as exc:  # e.g. lru-per-layer with fewer slots than layers
+            except (PolicyError, RowUnavailable) as exc:  # e.g. lru-per-layer with fewer slots than layers
                 fraction = slots / geometry_of(trace).num_keys
                 row = ReplayRow(spec, fraction, slots, len(keys), 0, 0.0, 0.0, error=str(exc))
             row.bound_hit_rate = bound.hit_rate

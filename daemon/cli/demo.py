@@ -9,9 +9,12 @@ shipped real routing trace (the synthetic-store demo).
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from expertd.daemon.cli.main import CliError
+from expertd.daemon.cli.main import EXIT_FAILED, CliError
 from expertd.daemon.core import defaults
 
 
@@ -53,3 +56,21 @@ def run(args: argparse.Namespace) -> int:
     from expertd.daemon.cli import demo_hf
 
     return demo_hf.run(args)
+
+
+@contextlib.contextmanager
+def demo_session(daemon: Any) -> Iterator[Any]:
+    """A client of the demo's private ``daemon`` (a `traces.live.PrivateDaemon`); after the body the
+    daemon is shut down through it and must exit cleanly (a `CliError` otherwise, as for a
+    failure to start or connect)."""
+    try:
+        with daemon.connect(name="expertd-demo") as client:
+            yield client
+            client.shutdown()
+        code = daemon.proc.wait(30)
+    except RuntimeError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    finally:
+        daemon.stop()
+    if code != 0:
+        raise CliError(f"the daemon exited with {code}; see {daemon.log_path}", EXIT_FAILED)

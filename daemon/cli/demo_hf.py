@@ -72,6 +72,7 @@ def _demo(args: argparse.Namespace, workdir: Path, torch: Any, transformers: Any
     from expertd.client.hf import offload
     from expertd.client.hf_layers import find_moe_layers
     from expertd.client.hf_tiny import byte_prompt, tiny_model
+    from expertd.daemon.cli.demo import demo_session
     from expertd.daemon.store.pack_hf import pack_hf
     from expertd.traces.format import read_trace
     from expertd.traces.live import PrivateDaemon
@@ -115,29 +116,20 @@ def _demo(args: argparse.Namespace, workdir: Path, torch: Any, transformers: Any
         memory_s = time.perf_counter() - t0
     del reference
     daemon = PrivateDaemon(store, workdir / "daemon", flags)
-    try:
-        with daemon.connect(name="expertd-demo") as client:
-            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-            hint = not args.no_hint
-            offloaded = offload(model, client, hint=hint)
-            _say(
-                f"4. from_pretrained + offload(model, client{', hint=True' if hint else ''}): "
-                f"{offloaded.freed_bytes / 2**20:.1f} MiB of expert weights left the process"
-            )
-            with torch.no_grad(), record(model, workdir / "demo.etrace") as recorder:
-                t0 = time.perf_counter()
-                got = model.generate(prompt, max_new_tokens=args.tokens, **GENERATE)
-                seconds = time.perf_counter() - t0
-            status = client.stats()
-            offloaded.close()
-            client.shutdown()
-        code = daemon.proc.wait(30)
-    except RuntimeError as exc:
-        raise CliError(str(exc), EXIT_FAILED) from None
-    finally:
-        daemon.stop()
-    if code != 0:
-        raise CliError(f"the daemon exited with {code}; see {daemon.log_path}", EXIT_FAILED)
+    with demo_session(daemon) as client:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        hint = not args.no_hint
+        offloaded = offload(model, client, hint=hint)
+        _say(
+            f"4. from_pretrained + offload(model, client{', hint=True' if hint else ''}): "
+            f"{offloaded.freed_bytes / 2**20:.1f} MiB of expert weights left the process"
+        )
+        with torch.no_grad(), record(model, workdir / "demo.etrace") as recorder:
+            t0 = time.perf_counter()
+            got = model.generate(prompt, max_new_tokens=args.tokens, **GENERATE)
+            seconds = time.perf_counter() - t0
+        status = client.stats()
+        offloaded.close()
     same = bool(torch.equal(got, want))
     new = got[0, prompt.shape[1] :].tolist()
     _say(f'5. generated {len(new)} tokens after "{args.prompt}" (greedy, no token twice), through expertd:')

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from expertd.daemon.cli.main import EXIT_FAILED, CliError
+from expertd.daemon.cli.main import CliError
 
 
 def _say(text: str) -> None:
@@ -23,6 +23,7 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from expertd.daemon.cli.demo import demo_session
     from expertd.daemon.cli.replay_cli import load_for_replay
     from expertd.daemon.store.pack import pack_synthetic
     from expertd.traces.live import ClientSource, PrivateDaemon, drive, preset_for
@@ -61,18 +62,9 @@ def run(args: argparse.Namespace) -> int:
         "--predictor", "none",  # demand loads only: prefetches land on the daemon's clock, not replay's
     ]  # fmt: skip
     daemon = PrivateDaemon(store, workdir, flags)
-    try:
-        with daemon.connect(name="expertd-demo") as client:
-            run = drive(trace, ClientSource(client), progress=True)
-            status = client.stats()
-            client.shutdown()
-        code = daemon.proc.wait(30)
-    except RuntimeError as exc:
-        raise CliError(str(exc), EXIT_FAILED) from None
-    finally:
-        daemon.stop()
-    if code != 0:
-        raise CliError(f"the daemon exited with {code}; see {daemon.log_path}", EXIT_FAILED)
+    with demo_session(daemon) as client:
+        run = drive(trace, ClientSource(client), progress=True)
+        status = client.stats()
     # The simulator drives the daemon's own cache manager: one client, the same acquires.
     timing = TimingModel(expert_bytes=manifest.raw_bytes, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=0.0)
     predicted = replay_timed(trace, args.policy, device_slots, timing)

@@ -74,6 +74,16 @@ def register(subparsers) -> None:
     timed.add_argument("--nvme-gbps", type=float, default=None, help="store->host bandwidth, GB/s")
     timed.add_argument("--layer-ms", type=float, default=None, help="compute time of one layer, ms")
     timed.add_argument(
+        "--host-gbps", type=float, default=None, help="a batch-1 expert pass on the host CPU, GB/s"
+    )
+    timed.add_argument("--acquire-us", type=float, default=None, help="one acquire's round trip, us")
+    timed.add_argument(
+        "--acquire-hit-us",
+        type=float,
+        default=None,
+        help="the round trip of an acquire whose experts are all on the device, us (default: --acquire-us)",
+    )
+    timed.add_argument(
         "--predictor",
         default=None,
         help="prefetch with this predictor (default: none; `--policy default` brings its own)",
@@ -193,20 +203,16 @@ def run(args: argparse.Namespace) -> int:
                 host_slots=host_slots,
                 recorded_expert_bytes=_int_or_none(meta.extra.get("expert_bytes")),
                 top_k=meta.top_k,
+                host_gbps=args.host_gbps,
+                acquire_us=args.acquire_us,
+                acquire_hit_us=args.acquire_hit_us,
             )
         prefetch = None
         geometry = Geometry(meta.num_layers, meta.num_experts)
         if args.predictor:
             from expertd.daemon.core.prefetch import PrefetchConfig
 
-            prefetch = PrefetchConfig(
-                args.predictor,
-                depth=args.prefetch_depth,
-                min_prob=args.prefetch_min_prob,
-                budget=args.prefetch_budget,
-                width=args.prefetch_width,
-                share=args.prefetch_share,
-            )
+            prefetch = PrefetchConfig.from_settings(args, predictor=args.predictor)
             if not args.timed:
                 raise CliError("--predictor needs --timed (prefetching is a matter of time)")
         tenants = None
@@ -284,6 +290,9 @@ def format_table(rows, *, timed: bool) -> str:
     if timed:
         header += f" {'stall ms/tok':>12} {'ms/tok':>9} {'tok/s':>8} {'GB moved':>9}"
         header += f" {'bound ms':>9} {'ratio':>6}"
+    hybrid = timed and any(row.host_computed is not None for row in rows)
+    if hybrid:
+        header += f" {'on host':>9} {'copied':>8}"
     header += f" {'seconds':>8}"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -300,6 +309,9 @@ def format_table(rows, *, timed: bool) -> str:
                 f" {row.tokens_per_s:>8.2f} {row.bytes_moved / 1e9:>9.2f}"
                 f" {row.bound_s_per_token * 1e3:>9.2f} {row.bound_ratio:>6.2f}"
             )
+        if hybrid:
+            on_host, copied = row.host_computed, row.copied
+            line += f" {'-' if on_host is None else on_host:>9} {'-' if copied is None else copied:>8}"
         line += f" {row.seconds:>8.2f}"
         if row.prefetch:
             p = row.prefetch
@@ -358,6 +370,7 @@ def plot_rows(rows, out: Path, *, title: str, timed: bool) -> None:
 def run_live(args: argparse.Namespace, trace) -> int:
     """`replay --live`: a real daemon per policy and capacity; measured stalls and tokens/s."""
     from expertd.daemon.core.defaults import DEFAULT_NAME
+    from expertd.daemon.core.prefetch import PrefetchConfig
     from expertd.policies.base import PolicyError
     from expertd.policies.registry import available
     from expertd.traces.live import live_sweep
@@ -367,12 +380,9 @@ def run_live(args: argparse.Namespace, trace) -> int:
     num_keys = meta.num_layers * meta.num_experts
     policies = [p.strip() for p in args.policy.split(",") if p.strip()] if args.policy else ["lru"]
     config = ""
-    if args.predictor:
-        config = (
-            f"[prefetch]\npredictor = {args.predictor!r}\ndepth = {args.prefetch_depth}\n"
-            f"min_prob = {args.prefetch_min_prob}\nbudget = {args.prefetch_budget}\n"
-        )
     try:
+        if args.predictor:  # the same settings as --timed replays with
+            config = prefetch_toml(PrefetchConfig.from_settings(args, predictor=args.predictor))
         capacities = [parse_capacity(c, num_keys)[0] for c in args.capacity.split(",") if c.strip()]
         unknown = [p for p in policies if p.split("(")[0] not in available() and p != DEFAULT_NAME]
         if config and DEFAULT_NAME in policies:
@@ -401,6 +411,12 @@ def run_live(args: argparse.Namespace, trace) -> int:
     if args.json:
         args.json.write_text(json.dumps([dict(row, trace=meta.model) for row in rows], indent=1))
     return 0
+
+
+def prefetch_toml(prefetch) -> str:
+    """The ``[prefetch]`` table of a daemon config that prefetches as ``prefetch`` says."""
+    keys = ("predictor", "depth", "min_prob", "budget", "width", "share", "window")
+    return "[prefetch]\n" + "".join(f"{key} = {getattr(prefetch, key)!r}\n" for key in keys)
 
 
 def _int_or_none(value: object) -> int | None:

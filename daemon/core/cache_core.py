@@ -42,6 +42,12 @@ class Isolation:
     isolation: str = "shared"
     share: float = 1.0  # partitioned: its fraction of each tier; private: the cache it is timed as having
 
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation {self.isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
+        if not 0 < self.share <= 1:
+            raise ValueError(f"share {self.share!r} must be a fraction in (0, 1]")
+
 
 SHARED = Isolation()
 

@@ -35,15 +35,21 @@ PREFETCH: dict[str, Any] = {
 }
 
 
-def prefetch_config() -> PrefetchConfig:
-    """The default prefetch settings as the cache manager takes them."""
+#: With host compute (auto acquires, placement on) a miss no longer waits for the link: the
+#: host computes it while the link copies what is predicted, so prefetches may take the
+#: whole link (issue 15, docs/benchmarks.md "Hybrid execution").
+HYBRID_PREFETCH: dict[str, Any] = {**PREFETCH, "share": 1.0}
+
+
+def prefetch_config(hybrid: bool = False) -> PrefetchConfig:
+    """The default prefetch settings as the cache manager takes them (``hybrid``: placement on)."""
     from expertd.daemon.core.prefetch import PrefetchConfig
 
-    return PrefetchConfig(**PREFETCH)
+    return PrefetchConfig(**(HYBRID_PREFETCH if hybrid else PREFETCH))
 
 
-def resolve(policy: str) -> tuple[str, PrefetchConfig | None]:
+def resolve(policy: str, hybrid: bool = False) -> tuple[str, PrefetchConfig | None]:
     """``policy`` as a (device policy, prefetch settings) pair: ``default`` expands, others stand."""
     if policy == DEFAULT_NAME:
-        return DEVICE_POLICY, prefetch_config()
+        return DEVICE_POLICY, prefetch_config(hybrid)
     return policy, None

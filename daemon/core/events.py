@@ -10,6 +10,7 @@ from enum import IntEnum
 DEVICE = "device"
 HOST = "host"
 TIERS = (DEVICE, HOST)
+AUTO = "auto"  # an acquire's tier: the manager places each expert (device slot or host slot)
 LOAD = "load"  # store -> host slot
 H2D = "h2d"  # host slot -> device slot
 LINKS = (LOAD, H2D)
@@ -41,14 +42,29 @@ class StartTransfer:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-    """An acquire is answered: ``slots[i]`` holds the i-th expert asked for until release."""
+    """An acquire is answered: ``slots[i]`` holds the i-th expert asked for until release.
+
+    ``placements[i]``: the tier of ``slots[i]`` (`DEVICE` or `HOST`), where the client computes
+    that expert; for a device or host acquire every entry is ``tier``. ``tier``: the tier asked
+    for (`AUTO` for an auto acquire, whatever its placements).
+    """
 
     client: ClientId
     request_id: int
     lease_id: int
     tier: str
     slots: tuple[int, ...]
-    hits: int  # experts that were ready when the acquire was admitted
+    hits: int  # experts that were ready on the device (their tier) when the acquire was admitted
+    placements: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.placements:  # a one-tier reply
+            object.__setattr__(self, "placements", (self.tier,) * len(self.slots))
+
+    @property
+    def host_computed(self) -> int:
+        """Experts the client computes from host slots."""
+        return sum(1 for p in self.placements if p == HOST)
 
 
 @dataclasses.dataclass(frozen=True)

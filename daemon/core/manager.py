@@ -21,17 +21,17 @@ acquires still wait for; the others wait, in order, without holding anything.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from expertd.daemon.core.events import (
+    AUTO,
     DEVICE,
     H2D,
     HOST,
-    LINK_INTO,
-    LINKS,
     LOAD,
     TIER_OF_LINK,
     ClientId,
@@ -40,22 +40,22 @@ from expertd.daemon.core.events import (
     Predict,
     Priority,
     Reply,
-    StartTransfer,
+    StartTransfer,  # noqa: F401 - callers take the manager's commands from here
 )
-from expertd.daemon.core.manager_check import check_acquire
+from expertd.daemon.core.manager_check import check_acquire, check_tokens
 from expertd.daemon.core.manager_config import ClientState, LeaseRecord, ManagerConfig, Pending
 from expertd.daemon.core.manager_stats import manager_stats
-from expertd.daemon.core.prefetch import Prefetcher, PrefetchPlan
+from expertd.daemon.core.manager_transfers import TransferScheduling
+from expertd.daemon.core.placement import AutoPlan, plan_auto
+from expertd.daemon.core.prefetch import Prefetcher
 from expertd.daemon.core.reported import reported_hit
-from expertd.daemon.core.slots import REJECTED, SlotTable
-from expertd.daemon.core.transfers import Transfer, Transfers
+from expertd.daemon.core.slots import SlotTable
+from expertd.daemon.core.transfers import Transfers
 from expertd.daemon.protocol.errors import ErrorCode
 from expertd.policies.registry import make_policy
 
-DROPPED = object()  # _start: the transfer was dropped, not started
 
-
-class CacheManager:
+class CacheManager(TransferScheduling):
     """Residency, leases and transfers of every tier; see the module docstring."""
 
     def __init__(self, config: ManagerConfig) -> None:
@@ -96,6 +96,7 @@ class CacheManager:
         # The shell's word on whether a slot is held where the core cannot see (a client's
         # shared-memory pin not reported yet): a prefetch never evicts such a slot. None: no such pins.
         self.held_outside: Callable[[str, int], bool] | None = None
+        self.placed = {DEVICE: 0, HOST: 0, "background": 0}  # auto acquires' experts, by placement
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
         if self.prefetcher is not None:
             for table in self.tiers.values():
@@ -116,18 +117,29 @@ class CacheManager:
         now: float,
         release: Iterable[int] = (),
         generation: Hashable = None,
+        *,
+        tokens: int | Sequence[int] = 1,
     ) -> list[Command]:
         """Pin ``experts`` of ``layer`` in ``tier``; reply once all are ready.
 
         ``generation``: which of the client's generations this is (predictors keep history
         per generation); None: the client's acquires are one stream.
 
+        ``tier`` `AUTO`: the manager places each expert (`expertd.daemon.core.placement`):
+        the reply's ``placements`` say which are computed from device slots and which from
+        host slots; ``tokens``: how many tokens this pass routes to each expert, one count for
+        all or one per expert in ``experts`` order (a prefill batch is dear on a CPU).
+        Without a device tier every expert is placed on the host.
+
         ``release``: leases to release first; ones this client does not hold (any more)
         are ignored -- an expired lease is already released.
         """
         state = self._touch(client, now)
         release = list(release)
-        error = check_acquire(self, client, request_id, layer, experts, tier)
+        auto = tier == AUTO and self.config.placement.enabled and DEVICE in self.tiers
+        if tier == AUTO:
+            tier = DEVICE if DEVICE in self.tiers else HOST
+        error = check_acquire(self, client, request_id, layer, experts, tier) or check_tokens(tokens, experts)
         if error:
             return [ErrorReply(client, request_id, *error)]
         out: list[Command] = []
@@ -159,23 +171,72 @@ class CacheManager:
             slot_of, filling = target.slot_of, target.filling
             slots = [slot_of.get(key, -1) for key in keys]
             if -1 not in slots and filling.isdisjoint(slots):
-                out.append(self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0))
+                reply = self._grant_ready(client, state, request_id, tier, layer, keys, slots, t0)
+                if auto:
+                    reply = dataclasses.replace(reply, tier=AUTO)
+                    self.placed[DEVICE] += len(keys)
+                out.append(reply)
                 if self.prefetcher is not None:  # after the reply has gone out: see `Predict`
                     out.append(Predict(client, generation, layer, tuple(experts)))
                 return out
         plan = None
         if self.prefetcher is not None:  # a miss: what it evicts depends on what it teaches
             plan = self.prefetcher.on_acquire(state.tenant, (client, generation), layer, experts)
-        pending = Pending(client, request_id, tier, keys, t0, state.forward, now)
-        self._pending[(client, request_id)] = pending
-        state.pending.add(request_id)
-        self._admission[tier].append(pending)
+        if auto:
+            placed = plan_auto(self, keys, tokens)
+            out.extend(self._place(client, state, request_id, layer, keys, t0, placed, now))
+        else:
+            pending = Pending(client, request_id, tier, keys, t0, state.forward, now)
+            self._pending[(client, request_id)] = pending
+            state.pending.add(request_id)
+            self._admission[tier].append(pending)
         out.extend(self._admit_all())
         if plan is not None:
             out.extend(self._prefetch(plan))
         else:
             out.extend(self._dispatch())
         return out
+
+    def _place(
+        self,
+        client: ClientId,
+        state: ClientState,
+        request_id: int,
+        layer: int,
+        keys: list[int],
+        t0: int,
+        placed: AutoPlan,
+        now: float,
+    ) -> list[Command]:
+        """An auto acquire's miss: pin its host-placed slots, queue its background copies,
+        and admit its device part (or reply at once when nothing is left for the device)."""
+        host = self.tiers[HOST]
+        times = {key: t for t, key in enumerate(keys, t0)}
+        state.pins[DEVICE] -= len(placed.host)
+        state.pins[HOST] = state.pins.get(HOST, 0) + len(placed.host)
+        for key, slot in placed.host.items():
+            t = times[key]
+            self.tiers[DEVICE].policy.on_miss(key, t)  # a device miss that bypasses the device
+            host.policy.on_hit(key, t)
+            host.used(slot)
+            host.pin(slot)
+            self.layer_accesses[DEVICE][layer] += 1
+            self.layer_accesses[HOST][layer] += 1
+            self.layer_hits[HOST][layer] += 1
+        for key in placed.background:
+            self._ensure(key, DEVICE, Priority.PREDICTED, times[key], background=True)
+        self.placed[HOST] += len(placed.host)
+        self.placed[DEVICE] += len(placed.device)
+        self.placed["background"] += len(placed.background)
+        pending = Pending(client, request_id, DEVICE, placed.device, t0, state.forward, now)
+        pending.asked, pending.host = keys, placed.host
+        pending.times = [times[key] for key in placed.device]
+        self._pending[(client, request_id)] = pending
+        state.pending.add(request_id)
+        if not placed.device:
+            return [self._grant(pending)]
+        self._admission[DEVICE].append(pending)
+        return []
 
     def predict(self, command: Predict) -> list[Command]:
         """The prediction work a hit put off until its reply was out: learn, then prefetch."""
@@ -434,7 +495,7 @@ class CacheManager:
         num_experts = self.geometry.num_experts
         tier.policy.on_step(pending.forward, pending.keys[0] // num_experts)
         for i, key in enumerate(pending.keys):
-            t = pending.t0 + i
+            t = pending.times[i] if pending.times is not None else pending.t0 + i
             layer = key // num_experts
             accesses[layer] += 1
             slot = tier.slot_of.get(key)
@@ -473,20 +534,30 @@ class CacheManager:
         state.pending.discard(pending.request_id)
         lease_id = next(self._ids)
         slots = [pending.pinned[key] for key in pending.keys]
-        self._leases[lease_id] = LeaseRecord(pending.client, pending.tier, slots)
+        self._leases[lease_id] = LeaseRecord(pending.client, pending.tier, slots, list(pending.host.values()))
         state.leases.add(lease_id)
-        return Reply(pending.client, pending.request_id, lease_id, pending.tier, tuple(slots), pending.hits)
+        client, request_id, hits = pending.client, pending.request_id, pending.hits
+        if pending.asked is None:
+            return Reply(client, request_id, lease_id, pending.tier, tuple(slots), hits)
+        host, asked = pending.host, pending.asked
+        slots_asked = tuple(host[key] if key in host else pending.pinned[key] for key in asked)
+        placements = tuple(HOST if key in host else DEVICE for key in asked)
+        return Reply(client, request_id, lease_id, AUTO, slots_asked, hits, placements)
 
     def _release(self, lease_id: int) -> None:
         lease = self._leases.pop(lease_id)
         tier = self.tiers[lease.tier]
         for slot in lease.slots:
             tier.unpin(slot)
+        for slot in lease.host_slots:
+            self.tiers[HOST].unpin(slot)
         state = self._clients.get(lease.client)
         if state is not None:
             state.leases.discard(lease_id)
             if lease.counted:
                 state.pins[lease.tier] -= len(lease.slots)
+            if lease.host_slots:
+                state.pins[HOST] -= len(lease.host_slots)
 
     def _abandon(self, pending: Pending) -> None:
         """Drop an unanswered acquire: unpin what it pinned, stop waiting, demote its loads."""
@@ -495,6 +566,10 @@ class CacheManager:
         if state is not None:
             state.pending.discard(pending.request_id)
             state.pins[pending.tier] -= len(pending.keys)
+            if pending.host:
+                state.pins[HOST] -= len(pending.host)
+        for slot in pending.host.values():
+            self.tiers[HOST].unpin(slot)
         if not pending.admitted:
             self._admission[pending.tier].remove(pending)
             return
@@ -515,140 +590,3 @@ class CacheManager:
         out = self._admit_all()
         out.extend(self._dispatch())
         return out
-
-    # --- transfers ------------------------------------------------------------------------
-
-    def _ensure(self, key: int, tier: str, priority: Priority, t: int, prob: float = 1.0) -> None:
-        """Make sure a transfer will bring ``key`` into ``tier`` at ``priority`` or better."""
-        transfer = self.transfers.of(tier, key)
-        if transfer is not None:
-            if priority < transfer.priority:
-                self.transfers.reprioritize(transfer, priority)
-            return
-        if tier == HOST or self.tiers[HOST].ready(key):
-            self.transfers.queue(LINK_INTO[tier], key, priority, t, prob)
-            return
-        # The device wants a key the host does not hold yet: load it, then copy it up.
-        want = self._wants_device.get(key)
-        if want is None or priority < want[0]:
-            self._wants_device[key] = (priority, t if want is None else want[1])
-        self._ensure(key, HOST, priority, t, prob)
-
-    def _demote(self, tier: str, key: int) -> None:
-        """No acquire waits for ``key`` any more: its transfers become mere prefetches."""
-        transfer = self.transfers.of(tier, key)
-        if transfer is not None:
-            self.transfers.reprioritize(transfer, Priority.PREDICTED)
-        if tier == DEVICE and key in self._wants_device:
-            self._wants_device[key] = (Priority.PREDICTED, self._wants_device[key][1])
-            host_transfer = self.transfers.of(HOST, key)
-            if host_transfer is not None and not self._waiters.get((HOST, key)):
-                self.transfers.reprioritize(host_transfer, Priority.PREDICTED)
-
-    def _dispatch(self) -> list[Command]:
-        """Start queued transfers while links have room and slots can be reserved."""
-        out: list[Command] = []
-        transfers = self.transfers
-        for link in LINKS:
-            while (transfer := transfers.head(link)) is not None:
-                if link == H2D and not self.tiers[HOST].ready(transfer.key):
-                    transfers.pop_head(link)
-                    transfers.drop(transfer)  # the host copy it needed was evicted: load it again first
-                    self._ensure(transfer.key, DEVICE, transfer.priority, transfer.t)
-                    continue
-                command = self._start(transfer)
-                if command is DROPPED:
-                    transfers.pop_head(link)
-                    continue
-                if command is None:
-                    # The head must wait for pins to drop; what admitted acquires wait
-                    # for may still start, wherever it sits in the queue.
-                    out.extend(self._start_committed(link))
-                    break
-                transfers.pop_head(link)
-                out.append(command)
-        return out
-
-    def _start_committed(self, link: str) -> list[Command]:
-        tier = TIER_OF_LINK[link]
-        out: list[Command] = []
-        for key in sorted(self._committed(tier)):
-            if not self.transfers.has_room(link):
-                break
-            transfer = self.transfers.of(tier, key)
-            if transfer is None:
-                continue  # a device key still loading into the host
-            if transfer.running or (link == H2D and not self.tiers[HOST].ready(key)):
-                continue
-            command = self._start(transfer)
-            if isinstance(command, StartTransfer):
-                out.append(command)
-        return out
-
-    def _start(self, transfer: Transfer) -> StartTransfer | None:
-        """Reserve the destination slot and start ``transfer``; None if it must wait."""
-        tier_name = TIER_OF_LINK[transfer.link]
-        tier = self.tiers[tier_name]
-        committed = self._committed(tier_name)
-        if transfer.key not in committed and tier.pinned_slots + len(committed) + 1 > tier.num_slots:
-            return None  # the unpinned slots are promised to admitted acquires
-        if transfer.prefetch and not self.transfers.share_allows(transfer.link):
-            self.transfers.deferred += 1
-            return None  # the link's prefetch share is spent: wait for demand transfers
-        guard = None
-        if transfer.prefetch and self.prefetcher is not None:  # predicted or hinted
-            may_evict, key = self.prefetcher.may_evict(), transfer.key
-            guard = lambda victim: may_evict(victim, key)  # noqa: E731 - never evict a key used sooner
-        if transfer.prefetch and self.held_outside is not None:
-            guard = _spare_held(guard, self.held_outside, tier)
-        protected = self.prefetcher.protected if self.prefetcher is not None else ()
-        dst_slot = tier.reserve(transfer.key, transfer.t, guard, protected)
-        if dst_slot is None:
-            return None
-        if dst_slot == REJECTED:
-            self.transfers.drop(transfer)
-            return DROPPED
-        src_slot = None
-        if transfer.link == H2D:
-            host = self.tiers[HOST]
-            src_slot = host.slot_of[transfer.key]
-            host.pin(src_slot)
-            host.policy.on_hit(transfer.key, transfer.t)
-        if transfer.prefetch:
-            tier.prefetched.add(dst_slot)
-        return self.transfers.start(transfer, src_slot, dst_slot)
-
-    def _prefetch(self, plan: PrefetchPlan) -> list[Command]:
-        """Cancel stale guesses still queued, queue the new ones, start what can start."""
-        tier = DEVICE if DEVICE in self.tiers else HOST
-        for key in plan.stale:
-            self._cancel_prefetch(tier, key)
-        slot_of = self.tiers[tier].slot_of
-        for key, prob in plan.wanted:
-            if key not in slot_of:
-                self._ensure(key, tier, Priority.PREDICTED, self.t, prob)
-        return self._dispatch()
-
-    def _cancel_prefetch(self, tier: str, key: int) -> None:
-        """A queued prediction for ``key`` lost its purpose: drop it (a running one finishes)."""
-        if self._waiters.get((tier, key)):
-            return
-        transfer = self.transfers.of(tier, key)
-        if transfer is not None:
-            if not transfer.running and transfer.priority == Priority.PREDICTED:
-                self.transfers.drop(transfer)
-                self.prefetch_cancelled += 1
-        elif tier == DEVICE and self._wants_device.get(key, (None,))[0] == Priority.PREDICTED:
-            del self._wants_device[key]
-            self._cancel_prefetch(HOST, key)
-
-
-def _spare_held(
-    guard: Callable[[int], bool] | None, held: Callable[[str, int], bool], tier: SlotTable
-) -> Callable[[int], bool]:
-    """``guard``, and never a victim whose slot ``held`` says a client holds outside the core."""
-
-    def check(victim: int) -> bool:
-        return (guard is None or guard(victim)) and not held(tier.name, tier.slot_of[victim])
-
-    return check

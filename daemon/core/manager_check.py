@@ -54,3 +54,17 @@ def check_acquire(
             f"more than {manager.config.max_pending_per_client} acquires pending",
         )
     return None
+
+
+MAX_TOKENS = 1 << 20  # tokens one pass may route to one expert
+
+
+def check_tokens(tokens: int | Sequence[int], experts: Sequence[int]) -> tuple[str, str] | None:
+    """The error an acquire's token counts (one for all, or one per expert) are refused with."""
+    counts = [tokens] if isinstance(tokens, int) else list(tokens)
+    if not isinstance(tokens, int) and len(counts) != len(experts):
+        return ErrorCode.BAD_REQUEST, f"{len(counts)} token counts for {len(experts)} experts"
+    for count in counts:
+        if type(count) is not int or not 1 <= count <= MAX_TOKENS:
+            return ErrorCode.BAD_REQUEST, f"token count {count!r} is not an integer in [1, {MAX_TOKENS}]"
+    return None

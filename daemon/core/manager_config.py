@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from expertd.daemon.core.events import ClientId
+from expertd.daemon.core.placement import PlacementConfig
 from expertd.daemon.core.prefetch import DEFAULT_TENANT, PrefetchConfig
 from expertd.policies.base import Geometry
 
@@ -28,6 +29,7 @@ class ManagerConfig:
     max_pinned_share: float = 1.0  # most of a tier one client may pin (leased or asked for; 1: no cap)...
     min_pinned: int = 1  # ...but never less than this (one layer's top-k)
     capacity_wait_s: float = float("inf")  # an acquire not admitted this long is refused, naming why
+    placement: PlacementConfig = PlacementConfig()  # how `auto` acquires place experts (host_gbps 0: device)
 
     def pin_cap(self, slots: int) -> int:
         """Slots of a tier of ``slots`` one client may pin at once, counting its waiting acquires."""
@@ -58,6 +60,11 @@ class Pending:
     pinned: dict[int, int] = dataclasses.field(default_factory=dict)  # key -> slot it pinned
     waiting: set[int] = dataclasses.field(default_factory=set)  # keys not ready yet
     hits: int = 0
+    # An auto acquire: every key asked for, in order, and the host slots pinned for those
+    # computed on the host (``keys`` holds only the device's).
+    asked: list[int] | None = None
+    host: dict[int, int] = dataclasses.field(default_factory=dict)
+    times: list[int] | None = None  # access time of each of ``keys`` (None: t0, t0 + 1, ...)
 
 
 @dataclasses.dataclass
@@ -65,6 +72,7 @@ class LeaseRecord:
     client: ClientId
     tier: str
     slots: list[int]
+    host_slots: list[int] = dataclasses.field(default_factory=list)  # an auto lease's host-placed slots
     counted: bool = True  # counts against the client's pin cap (a reported fast-path hit does not)
 
 

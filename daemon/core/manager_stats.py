@@ -49,6 +49,7 @@ def manager_stats(manager: CacheManager) -> dict[str, Any]:
         "tiers": tiers,
         "links": links,
         "prefetch": prefetch,
+        "placed": dict(manager.placed),
         "leases": len(manager._leases),
         "pending": len(manager._pending),
         "clients": len(manager._clients),

@@ -9,10 +9,10 @@ in all, soonest first) and the keys whose earlier guesses are now stale (no long
 guessed, or their layer came and chose otherwise), to cancel while still queued.
 
 It also estimates, for every key, the expected number of layer computations until
-its next use (`waits`): from each active request's predictor (the most recent
-``ACTIVE_REQUESTS`` requests of all tenants), ``d + L (1/p - 1)`` with ``p`` the
+its next use (`waits`): from each active generation's predictor (the most recent
+``ACTIVE_GENERATIONS`` generations of all tenants), ``d + L (1/p - 1)`` with ``p`` the
 probability of use at the key's layer's next computation, ``d`` the steps until then;
-the soonest over requests wins. A prediction-aware eviction policy reads it (the
+the soonest over generations wins. A prediction-aware eviction policy reads it (the
 manager binds it), and a prefetch never evicts a key expected to be used sooner than
 the one it brings (`may_evict`). Pure: no I/O, no clock.
 """
@@ -31,7 +31,7 @@ from expertd.policies.predict.predictor import Prediction, Predictor, check_pred
 from expertd.policies.predictive import expected_wait, next_computation
 
 DEFAULT_TENANT = "default"
-ACTIVE_REQUESTS = 8  # requests whose predictions shape `waits` (the most recent, any tenant)
+ACTIVE_GENERATIONS = 8  # generations whose predictions shape `waits` (the most recent, any tenant)
 WAIT_FLOOR = 1e-3  # the least probability `waits` believes
 
 
@@ -51,10 +51,10 @@ class PrefetchConfig:
     width: int = 4  # prefetches per layer at most
     share: float = 1.0  # of a link's transfers, at most, over any `window` of them
     window: int = 32
-    max_requests: int = 256  # per-request state kept per tenant (least recent dropped)
+    max_generations: int = 256  # per-generation state kept per tenant (least recent dropped)
 
     def __post_init__(self) -> None:
-        for name in ("depth", "budget", "width", "window", "max_requests"):
+        for name in ("depth", "budget", "width", "window", "max_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"prefetch {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_prob <= 1.0:
@@ -63,6 +63,21 @@ class PrefetchConfig:
             raise ValueError(f"prefetch share must be in [0, 1], got {self.share}")
         if self.predictor is not None:
             check_predictor(self.predictor)  # a bad name or parameter fails here, not at first use
+
+    @classmethod
+    def from_settings(cls, settings: object, **overrides: Any) -> PrefetchConfig:
+        """From the ``prefetch_<field>`` attributes of ``settings`` (the daemon's `ServeConfig`,
+        `expertd replay`'s arguments), then ``overrides``: the one place either is read. A field
+        neither gives keeps its default; predictor ``"none"`` is no prefetching."""
+        values = {
+            f.name: getattr(settings, f"prefetch_{f.name}")
+            for f in dataclasses.fields(cls)
+            if hasattr(settings, f"prefetch_{f.name}")
+        }
+        values.update(overrides)
+        if values.get("predictor") == "none":
+            values["predictor"] = None
+        return cls(**values)
 
 
 @dataclasses.dataclass
@@ -85,11 +100,11 @@ class Prefetcher:
         self.geometry = geometry
         self._base_state: Mapping[str, Any] | None = None
         self._predictors: dict[str, Predictor] = {}
-        self._requests: dict[str, OrderedDict[Hashable, None]] = {}
-        # Per (tenant, request): layer -> experts guessed (prob >= min_prob) for its next computation.
+        self._generations: dict[str, OrderedDict[Hashable, None]] = {}
+        # Per (tenant, generation): layer -> experts guessed (prob >= min_prob) for its next computation.
         self._guessed: dict[tuple[str, Hashable], dict[int, set[int]]] = {}
         self._prob: dict[int, float] = {}  # key -> probability of use soon, as last guessed
-        # (tenant, request) -> the layer it observed last, most recent last; and its waits.
+        # (tenant, generation) -> the layer it observed last, most recent last; and its waits.
         self._active: OrderedDict[tuple[str, Hashable], int] = OrderedDict()
         self._waits: dict[tuple[str, Hashable], np.ndarray] = {}
         self._merged: np.ndarray | None = None
@@ -118,10 +133,12 @@ class Prefetcher:
         """The learned statistics of ``tenant``'s predictor, for a later warm start."""
         return self.predictor(tenant).state()
 
-    def on_acquire(self, tenant: str, request: Hashable, layer: int, experts: Sequence[int]) -> PrefetchPlan:
+    def on_acquire(
+        self, tenant: str, generation: Hashable, layer: int, experts: Sequence[int]
+    ) -> PrefetchPlan:
         predictor = self.predictor(tenant)
-        self._touch(tenant, request)
-        guessed = self._guessed.setdefault((tenant, request), {})
+        self._touch(tenant, generation)
+        guessed = self._guessed.setdefault((tenant, generation), {})
         guess = guessed.pop(layer, None)
         stale: set[int] = set()
         self.counters["actual"] += len(experts)
@@ -133,36 +150,37 @@ class Prefetcher:
                 self._prob.pop(base + expert, None)
                 if expert not in experts:
                     stale.add(base + expert)  # the routing disagreed: a queued fetch is useless
-        predictor.observe(request, layer, experts)
-        self._observed(tenant, request, layer)
-        predictions = predictor.predict(request, layer, self.config.depth, self.config.min_prob)
+        predictor.observe(generation, layer, experts)
+        self._observed(tenant, generation, layer)
+        predictions = predictor.predict(generation, layer, self.config.depth, self.config.min_prob)
         return self._plan(layer, guessed, predictions, stale)
 
     def on_hint(
-        self, tenant: str, request: Hashable, layer: int, experts: Sequence[int], scores: Sequence[float]
+        self, tenant: str, generation: Hashable, layer: int, experts: Sequence[int], scores: Sequence[float]
     ) -> None:
-        self.predictor(tenant).hint(request, layer, experts, scores)
-        if (tenant, request) in self._waits:
-            del self._waits[(tenant, request)]
+        self.predictor(tenant).hint(generation, layer, experts, scores)
+        if (tenant, generation) in self._waits:
+            del self._waits[(tenant, generation)]
             self._merged = None
 
-    def forget(self, tenant: str, request: Hashable) -> None:
-        """A request ended (or its client left): its per-request state goes."""
-        self._guessed.pop((tenant, request), None)
-        if self._active.pop((tenant, request), None) is not None:
-            self._waits.pop((tenant, request), None)
+    def forget(self, tenant: str, generation: Hashable) -> None:
+        """A generation ended (or its client left): its per-generation state goes."""
+        self._guessed.pop((tenant, generation), None)
+        if self._active.pop((tenant, generation), None) is not None:
+            self._waits.pop((tenant, generation), None)
             self._merged = None
-        requests = self._requests.get(tenant)
-        if requests is not None:
-            requests.pop(request, None)
+        generations = self._generations.get(tenant)
+        if generations is not None:
+            generations.pop(generation, None)
         predictor = self._predictors.get(tenant)
         if predictor is not None:
-            predictor.forget(request)
+            predictor.forget(generation)
 
     def forget_client(self, tenant: str, client: Hashable) -> None:
-        """Every request of a client that left."""
-        for request in [r for r in self._requests.get(tenant, ()) if isinstance(r, tuple) and r[0] == client]:
-            self.forget(tenant, request)
+        """Every generation of a client that left."""
+        mine = [g for g in self._generations.get(tenant, ()) if isinstance(g, tuple) and g[0] == client]
+        for generation in mine:
+            self.forget(tenant, generation)
 
     @property
     def protected(self) -> Mapping[int, float]:
@@ -179,10 +197,10 @@ class Prefetcher:
         if merged is not None:
             return merged
         layers = self.geometry.num_layers
-        for (tenant, request), layer in self._active.items():
-            if (tenant, request) not in self._waits:
-                now, later = self._predictors[tenant].outlook(request, layer)  # [L, E] each
-                self._waits[(tenant, request)] = expected_wait(
+        for (tenant, generation), layer in self._active.items():
+            if (tenant, generation) not in self._waits:
+                now, later = self._predictors[tenant].outlook(generation, layer)  # [L, E] each
+                self._waits[(tenant, generation)] = expected_wait(
                     now.reshape(-1), later.reshape(-1), self._distance[layer], layers, WAIT_FLOOR
                 )
         arrays = list(self._waits.values())
@@ -210,24 +228,24 @@ class Prefetcher:
             "tenants": len(self._predictors),
         }
 
-    def _observed(self, tenant: str, request: Hashable, layer: int) -> None:
-        """``request`` observed ``layer``: its waits change, and it is the most recent request."""
+    def _observed(self, tenant: str, generation: Hashable, layer: int) -> None:
+        """``generation`` observed ``layer``: its waits change, and it is the most recent generation."""
         active = self._active
-        key = (tenant, request)
+        key = (tenant, generation)
         active[key] = layer
         active.move_to_end(key)
         self._waits.pop(key, None)
-        while len(active) > ACTIVE_REQUESTS:
+        while len(active) > ACTIVE_GENERATIONS:
             oldest, _ = active.popitem(last=False)
             self._waits.pop(oldest, None)
         self._merged = None
 
-    def _touch(self, tenant: str, request: Hashable) -> None:
-        requests = self._requests.setdefault(tenant, OrderedDict())
-        requests[request] = None
-        requests.move_to_end(request)
-        while len(requests) > self.config.max_requests:
-            oldest, _ = requests.popitem(last=False)
+    def _touch(self, tenant: str, generation: Hashable) -> None:
+        generations = self._generations.setdefault(tenant, OrderedDict())
+        generations[generation] = None
+        generations.move_to_end(generation)
+        while len(generations) > self.config.max_generations:
+            oldest, _ = generations.popitem(last=False)
             self.forget(tenant, oldest)
 
     def _plan(

@@ -79,14 +79,14 @@ def learn_state(
     geometry: Geometry,
     rows: Sequence[tuple[Hashable, int, Sequence[int]]],
 ) -> dict[str, Any]:
-    """The statistics ``predictor`` learns from routing ``rows`` of (request, layer, experts), in order."""
+    """The statistics ``predictor`` learns from routing ``rows`` of (generation, layer, experts), in order."""
     learner = make_predictor(predictor, geometry)
     previous: Hashable = None
-    for request, layer, experts in rows:
-        if previous is not None and request != previous:
-            learner.forget(previous)  # as the daemon does when a request ends
-        learner.observe(request, layer, experts)
-        previous = request
+    for generation, layer, experts in rows:
+        if previous is not None and generation != previous:
+            learner.forget(previous)  # as the daemon does when a generation ends
+        learner.observe(generation, layer, experts)
+        previous = generation
     if previous is not None:
         learner.forget(previous)
     return learner.state()

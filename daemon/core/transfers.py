@@ -28,6 +28,7 @@ class Transfer:
     seq: int
     t: int  # access time the policy sees at insert
     prob: float = 1.0  # for a prediction: how likely it is used (a prefetch evicts only less likely keys)
+    background: bool = False  # an auto acquire's copy of a host-computed expert: no prefetch share applies
     running: bool = False
     src_slot: int | None = None
     dst_slot: int | None = None
@@ -76,13 +77,19 @@ class Transfers:
     def queued(self, link: str) -> int:
         return sum(1 for t in self.by_id.values() if t.link == link and not t.running)
 
-    def queue(self, link: str, key: int, priority: Priority, t: int, prob: float = 1.0) -> None:
+    def queued_demand(self, link: str) -> int:
+        """Demand transfers of ``link`` queued and not started: what a new demand copy waits behind."""
+        return sum(1 for t in self.by_id.values() if t.link == link and not t.running and not t.prefetch)
+
+    def queue(
+        self, link: str, key: int, priority: Priority, t: int, prob: float = 1.0, background: bool = False
+    ) -> None:
         """Queue a transfer of ``key`` over ``link``; a prefetch finding the queue full is dropped."""
         if priority != Priority.DEMAND:
             if self._queued_prefetches[link] >= self.max_queued_prefetches:
                 return
             self._queued_prefetches[link] += 1
-        transfer = Transfer(next(self._ids), link, key, priority, next(self._seq), t, prob)
+        transfer = Transfer(next(self._ids), link, key, priority, next(self._seq), t, prob, background)
         self.by_id[transfer.transfer_id] = transfer
         self._of[(TIER_OF_LINK[link], key)] = transfer.transfer_id
         heapq.heappush(self._queues[link], (priority, transfer.seq, transfer.transfer_id))

@@ -55,15 +55,7 @@ class Parts:
 
 def prefetch_settings(cfg: ServeConfig) -> PrefetchConfig:
     """The [prefetch] keys as the cache manager takes them (ValueError names a bad one)."""
-    return PrefetchConfig(
-        None if cfg.prefetch_predictor == "none" else cfg.prefetch_predictor,
-        depth=cfg.prefetch_depth,
-        min_prob=cfg.prefetch_min_prob,
-        budget=cfg.prefetch_budget,
-        width=cfg.prefetch_width,
-        share=cfg.prefetch_share,
-        window=cfg.prefetch_window,
-    )
+    return PrefetchConfig.from_settings(cfg)
 
 
 def _top_k(manifest: Any) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from expertd.daemon.store.manifest import CheckpointError, TensorSpec, layout_tensors
+from expertd.daemon.store.manifest import CheckpointError, ModelExperts, layout_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -105,18 +105,12 @@ def _order_key(name: str) -> tuple[int, str]:
     return (_ORDER.index(base) if base in _ORDER else len(_ORDER), name)
 
 
-@dataclass
-class CheckpointPlan:
-    """The experts of one checkpoint: where each blob tensor comes from, and the blob layout."""
+@dataclass(frozen=True)
+class CheckpointPlan(ModelExperts):
+    """The experts of one checkpoint (naming: mixtral | experts | fused): where each blob tensor
+    comes from, and the blob layout."""
 
     directory: Path
-    model: str
-    architecture: str
-    naming: str  # mixtral | experts | fused
-    num_experts: int
-    checkpoint_layers: tuple[int, ...]
-    tensors: tuple[TensorSpec, ...]
-    raw_bytes: int
     skipped_layers: tuple[int, ...]
     # blob tensor name -> (checkpoint name template with {layer} and {expert}, rows): rows 0: a
     # tensor per expert; -1: a leading expert dimension; n > 0: expert e is rows [e*n, (e+1)*n)

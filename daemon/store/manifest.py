@@ -103,18 +103,30 @@ class ExpertEntry:
 
 
 @dataclass(frozen=True)
-class StoreManifest:
-    """Everything about a store except the weights themselves."""
+class ModelExperts:
+    """A model's routed experts as a store lays them out: declared once, for the store's manifest
+    and for the checkpoint scan that packs it (`checkpoint.CheckpointPlan`)."""
 
     model: str
     architecture: str
     naming: str  # how expert tensors were named in the source: mixtral, experts, fused, synthetic
-    dtype: str  # the dtype of most of the blob's bytes
-    num_layers: int  # MoE layers in the store
     num_experts: int  # routed experts per layer
     checkpoint_layers: tuple[int, ...]  # store layer i is checkpoint layer checkpoint_layers[i]
     tensors: tuple[TensorSpec, ...]
     raw_bytes: int  # one expert's raw blob
+
+    def described(self) -> dict[str, Any]:
+        """The descriptive fields a manifest copies from its source (the rest the writer knows)."""
+        names = ("model", "architecture", "naming", "checkpoint_layers")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True)
+class StoreManifest(ModelExperts):
+    """Everything about a store except the weights themselves."""
+
+    dtype: str  # the dtype of most of the blob's bytes
+    num_layers: int  # MoE layers in the store
     data_bytes: int  # the data file's length, a multiple of BLOB_ALIGN_BYTES
     experts: tuple[ExpertEntry, ...]  # layer-major: index = layer * num_experts + expert
     source: dict[str, Any] = field(default_factory=dict)

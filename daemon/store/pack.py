@@ -403,10 +403,7 @@ def pack_safetensors(
             check(plan)
         meta = {
             "expert_layout": expert_layout,
-            "model": plan.model,
-            "architecture": plan.architecture,
-            "naming": plan.naming,
-            "checkpoint_layers": plan.checkpoint_layers,
+            **plan.described(),
             "source": {
                 "kind": "safetensors",
                 **({"top_k": plan.top_k} if plan.top_k else {}),

@@ -1,8 +1,8 @@
-"""Request activation matrix (MoE-Infinity, arXiv 2401.14361): match this request to past ones.
+"""Activation matrices (MoE-Infinity's request-level matching, arXiv 2401.14361), one per generation.
 
-Each request builds an activation matrix, its layer x expert choice counts so far. A
-finished request's matrix joins the tenant's library (at most ``library`` matrices, the
-oldest replaced first; MoE-Infinity keeps up to 1,000). While a request runs, its matrix
+Each generation builds an activation matrix, its layer x expert choice counts so far. A
+finished generation's matrix joins the tenant's library (at most ``library`` matrices, the
+oldest replaced first; MoE-Infinity keeps up to 1,000). While a generation runs, its matrix
 is matched by cosine similarity against the library, and the best match's choice rates
 at the coming layers are the prediction, damped by layer distance:
 ``P(x at layer j) = rate_match[j, x] * (1 - (ahead - 1) / L)`` (MoE-Infinity prefetches
@@ -10,7 +10,7 @@ nearer layers first in the same way). With no match yet (an empty library, or no
 overlap), the library's mean rates stand in.
 
 Cosine similarity is kept incrementally: each observation adds the chosen experts'
-library entries to the request's dot products, so matching costs O(library) per step,
+library entries to the generation's dot products, so matching costs O(library) per step,
 not O(library x L x E). The library is the warm-start state (`state`).
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 
 from expertd.policies.base import PolicyError
 from expertd.policies.predict.predictor import (
+    Generation,
     ProbabilityPredictor,
-    RecentRequests,
-    Request,
+    RecentGenerations,
     RowParams,
     check_state,
     pack_array,
@@ -38,7 +38,7 @@ from expertd.policies.predict.predictor import (
 
 @dataclasses.dataclass(frozen=True)
 class ActivationParams(RowParams):
-    """``library``: past matrices kept; ``min_tokens``: a request's tokens before it is kept."""
+    """``library``: past matrices kept; ``min_tokens``: a generation's tokens before it is kept."""
 
     library: int = 1000
     min_tokens: int = 1
@@ -52,7 +52,7 @@ class ActivationParams(RowParams):
 
 
 class _Running:
-    """One request's matrix, its squared norm, and its dot product with each library entry."""
+    """One generation's matrix, its squared norm, and its dot product with each library entry."""
 
     __slots__ = ("counts", "dots", "norm2", "tokens", "last")
 
@@ -66,10 +66,10 @@ class _Running:
 
 @register_predictor("activation-matrix")
 class ActivationMatrix(ProbabilityPredictor):
-    """MoE-Infinity's request-level activation matching; see the module docstring."""
+    """MoE-Infinity's request-level activation matching, per generation; see the module docstring."""
 
     Params = ActivationParams
-    MAX_REQUESTS = 1024
+    MAX_GENERATIONS = 1024
 
     def __init__(self, geometry, params=None) -> None:
         super().__init__(geometry, params)
@@ -77,17 +77,17 @@ class ActivationMatrix(ProbabilityPredictor):
         self._shape = shape
         self.matrices = np.zeros((self.params.library, *shape), dtype=np.float32)  # [N, L, E]
         self.norms = np.zeros(self.params.library)  # [N]
-        self.tokens = np.ones(self.params.library)  # [N] tokens of each entry's request
+        self.tokens = np.ones(self.params.library)  # [N] tokens of each entry's generation
         self.size = 0  # library entries filled
-        self._next = 0  # the entry the next finished request replaces
+        self._next = 0  # the entry the next finished generation replaces
         self._sum = np.zeros(shape)  # [L, E] sum of the library's choice rates, for the fallback
-        self._running: RecentRequests[_Running] = RecentRequests(self.MAX_REQUESTS)
+        self._running: RecentGenerations[_Running] = RecentGenerations(self.MAX_GENERATIONS)
 
     def _new_running(self) -> _Running:
         return _Running(self._shape, self.params.library)
 
-    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        run = self._running.touch(request, self._new_running)
+    def learn(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
+        run = self._running.touch(generation, self._new_running)
         if layer <= run.last:
             run.tokens += 1
         run.last = layer
@@ -98,17 +98,17 @@ class ActivationMatrix(ProbabilityPredictor):
         if self.size:
             run.dots[: self.size] += self.matrices[: self.size, layer][:, chosen].sum(axis=1)
 
-    def match(self, request: Request) -> int | None:
-        """The library entry most similar to ``request``'s matrix so far, or None."""
-        run = self._running.get(request)
+    def match(self, generation: Generation) -> int | None:
+        """The library entry most similar to ``generation``'s matrix so far, or None."""
+        run = self._running.get(generation)
         if run is None or not self.size or run.norm2 <= 0.0:
             return None
         cosine = run.dots[: self.size] / (self.norms[: self.size] * np.sqrt(run.norm2))
         best = int(np.argmax(cosine))
         return best if cosine[best] > 0.0 else None
 
-    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
-        best = self.match(request)
+    def rows(self, generation: Generation, layer: int, n: int) -> np.ndarray:
+        best = self.match(generation)
         if best is not None:
             rates = self.next_rows(self.matrices[best], layer, n) / self.tokens[best]  # [n, E]
         elif self.size:
@@ -118,14 +118,14 @@ class ActivationMatrix(ProbabilityPredictor):
         ahead = np.arange(n, dtype=np.float64)[:, None]  # [n, 1]: steps ahead - 1
         return np.minimum(rates * (1.0 - ahead / self.geometry.num_layers), 1.0)
 
-    def forget(self, request: Request) -> None:
-        super().forget(request)
-        run = self._running.pop(request, None)
+    def forget(self, generation: Generation) -> None:
+        super().forget(generation)
+        run = self._running.pop(generation, None)
         if run is not None and run.tokens >= self.params.min_tokens:
             self.add(run.counts, run.tokens)
 
     def add(self, counts: np.ndarray, tokens: int) -> None:
-        """Put a finished request's matrix ``counts`` [L, E] of ``tokens`` tokens in the library."""
+        """Put a finished generation's matrix ``counts`` [L, E] of ``tokens`` tokens in the library."""
         entry = self._next
         if self.size == self.params.library:
             self._sum -= self.matrices[entry] / self.tokens[entry]
@@ -136,7 +136,7 @@ class ActivationMatrix(ProbabilityPredictor):
         self.size = max(self.size, entry + 1)
         self._next = (entry + 1) % self.params.library
         flat = self.matrices[entry].reshape(-1).astype(np.float64)
-        for run in self._running.values():  # the entry changed under the running requests
+        for run in self._running.values():  # the entry changed under the running generations
             run.dots[entry] = float(run.counts.reshape(-1) @ flat)
 
     def state(self) -> dict[str, Any]:

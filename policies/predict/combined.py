@@ -1,11 +1,11 @@
-"""Combined predictor: request frequency, temporal reuse and cross-layer evidence, pooled.
+"""Combined predictor: generation frequency, temporal reuse and cross-layer evidence, pooled.
 
 Three estimates of ``P(x chosen at layer j's next computation)``, as rows per layer:
 
-- **frequency**: this request's decayed choice counts at j, shrunk towards the tenant's
-  marginal rate: ``f = (c + prior * m) / (n + prior)`` (a request's working set is small);
+- **frequency**: this generation's decayed choice counts at j, shrunk towards the tenant's
+  marginal rate: ``f = (c + prior * m) / (n + prior)`` (a generation's working set is small);
 - **recency**: the tenant's learned reuse rates at j: ``r1[j]`` if x was chosen at j's
-  last computation in this request, else ``r0[j]`` (routing consistency);
+  last computation in this generation, else ``r0[j]`` (routing consistency);
 - **cross**: `CrossLayer`'s table from the layer just observed, for this token's layers
   within its reach (the *near* rows); the others carry no cross-layer evidence.
 
@@ -21,8 +21,8 @@ fit and each estimate's own likelihood beside the pool's. The activation-matrix 
 (MoE-Infinity) was a fourth candidate factor: fitted with the others it got no weight
 near and little far (a likelihood gain under 1% on Llama-4 only), so it is not pooled.
 
-Cost: what changes only when layer j is computed (the request's counts and reuse flags,
-the tenant's rates, seen at this request's next computation of j) is kept per request
+Cost: what changes only when layer j is computed (the generation's counts and reuse flags,
+the tenant's rates, seen at this generation's next computation of j) is kept per generation
 as two log rows of j (near and far weights); a prediction adds the cross-layer term.
 """
 
@@ -37,9 +37,9 @@ import numpy as np
 
 from expertd.policies.predict.cross_layer import CrossLayer
 from expertd.policies.predict.predictor import (
+    Generation,
     ProbabilityPredictor,
-    RecentRequests,
-    Request,
+    RecentGenerations,
     RowParams,
     check_state,
     pack_array,
@@ -60,7 +60,7 @@ class CombinedParams(RowParams):
     near_frequency: float = 0.10
     near_recency: float = 0.21
     w_cross: float = 1.0
-    decay: float = 0.98  # of the request's choice counts, per computation of the layer
+    decay: float = 0.98  # of the generation's choice counts, per computation of the layer
     prior: float = 2.0  # weight of the tenant's marginal in the frequency estimate
     reach: int = 3  # cross-layer distances
     marginal_decay: float = 0.995  # of the tenant's marginal rates, per computation of a layer
@@ -80,8 +80,8 @@ class CombinedParams(RowParams):
             raise ValueError(f"reach must be >= 1, got {self.reach!r}")
 
 
-class _Request:
-    """One request's counts, reuse flags, and the pool's log rows that depend only on them."""
+class _Generation:
+    """One generation's counts, reuse flags, and the pool's log rows that depend only on them."""
 
     __slots__ = ("counts", "seen", "chosen", "far", "near")
 
@@ -99,7 +99,7 @@ class Combined(ProbabilityPredictor):
     """Log-linear pool of frequency, recency and cross-layer estimates; see the module docstring."""
 
     Params = CombinedParams
-    MAX_REQUESTS = 1024
+    MAX_GENERATIONS = 1024
 
     def __init__(self, geometry, params=None) -> None:
         super().__init__(geometry, params)
@@ -110,19 +110,19 @@ class Combined(ProbabilityPredictor):
         # layer's last computation), and P(chosen | not chosen then).
         self._reuse = [0.5] * layers
         self._fresh = [1.0 / geometry.num_experts] * layers
-        self._requests: RecentRequests[_Request] = RecentRequests(self.MAX_REQUESTS)
+        self._generations: RecentGenerations[_Generation] = RecentGenerations(self.MAX_GENERATIONS)
         self._shape = (layers, geometry.num_experts)
 
     # --- learning -------------------------------------------------------------------------
 
-    def _new_request(self) -> _Request:
-        """A request's state before its first choice: the tenant's marginal as its prior."""
+    def _new_generation(self) -> _Generation:
+        """A generation's state before its first choice: the tenant's marginal as its prior."""
         log_prior = np.log(self.params.prior * self.cross.marginal)  # [L, E]
         p = self.params
-        return _Request(self._shape, p.w_frequency * log_prior, p.near_frequency * log_prior)
+        return _Generation(self._shape, p.w_frequency * log_prior, p.near_frequency * log_prior)
 
-    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        state = self._requests.touch(request, self._new_request)
+    def learn(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
+        state = self._generations.touch(generation, self._new_generation)
         chosen = list(experts)
         before = state.chosen[layer]
         if before:  # learn the tenant's reuse rates from this computation against the last
@@ -139,11 +139,11 @@ class Combined(ProbabilityPredictor):
         for e in chosen:
             counts[e] += 1.0
         state.seen[layer] = state.seen[layer] * self.params.decay + 1.0
-        self.cross.learn(request, layer, chosen)  # its own hints are never set: skip `observe`
+        self.cross.learn(generation, layer, chosen)  # its own hints are never set: skip `observe`
         self._refresh(state, layer, chosen)
 
-    def _refresh(self, state: _Request, layer: int, chosen: list[int]) -> None:
-        """Recompute the request's cached log rows of ``layer``, which just chose ``chosen``."""
+    def _refresh(self, state: _Generation, layer: int, chosen: list[int]) -> None:
+        """Recompute the generation's cached log rows of ``layer``, which just chose ``chosen``."""
         p = self.params
         log_f = state.counts[layer] + p.prior * self.cross.marginal[layer]  # [E], > 0: m is floored
         np.log(log_f, out=log_f)
@@ -158,13 +158,13 @@ class Combined(ProbabilityPredictor):
 
     # --- predicting -----------------------------------------------------------------------
 
-    def parts(self, request: Request, layer: int, n: int) -> dict[str, np.ndarray]:
+    def parts(self, generation: Generation, layer: int, n: int) -> dict[str, np.ndarray]:
         """Each estimate's rows [n, E] for the next ``n`` computations (for measurements)."""
         rows = self.next_rows
         marginal = rows(self.cross.marginal, layer, n)  # [n, E]
-        out = {"cross": self.cross.rows(request, layer, n), "marginal": marginal.copy()}
+        out = {"cross": self.cross.rows(generation, layer, n), "marginal": marginal.copy()}
         fresh = rows(np.array(self._fresh), layer, n)[:, None]  # [n, 1]
-        state = self._requests.get(request)
+        state = self._generations.get(generation)
         if state is None:
             out["frequency"] = marginal.copy()
             out["recency"] = np.broadcast_to(fresh, marginal.shape).copy()
@@ -179,41 +179,41 @@ class Combined(ProbabilityPredictor):
             out["recency"] = np.where(rows(last, layer, n), reuse, fresh)
         return out
 
-    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
-        state = self._requests.get(request)
+    def rows(self, generation: Generation, layer: int, n: int) -> np.ndarray:
+        state = self._generations.get(generation)
         logit = self.next_rows(self._far(state), layer, n).copy()  # [n, E]
         if state is not None:
-            near = self._near(state, request, layer, n)
+            near = self._near(state, generation, layer, n)
             logit[: len(near)] = near
         return self._scaled(logit, cap=False)  # `predict` caps what it returns; saves a pass
 
-    def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def outlook(self, generation: Generation, layer: int) -> tuple[np.ndarray, np.ndarray]:
         # One pass: `later` is the far pool of every layer; `estimate` replaces this token's
         # next layers within reach by the near pool, then applies hints.
-        state = self._requests.get(request)
+        state = self._generations.get(generation)
         later = self._scaled(self._far(state).copy())  # [L, E]
         now = later.copy()
         if state is not None:
-            near = self._near(state, request, layer, self.geometry.num_layers)  # [k, E]
+            near = self._near(state, generation, layer, self.geometry.num_layers)  # [k, E]
             if len(near):
                 now[layer + 1 : layer + 1 + len(near)] = self._scaled(near)
-        hints = self._hints.get(request) if self._hints else None
+        hints = self._hints.get(generation) if self._hints else None
         for target, experts in (hints or {}).items():
             self.hint_row(now[target], experts)
         return now, later
 
-    def estimate(self, request: Request, layer: int) -> np.ndarray:
-        return self.outlook(request, layer)[0]
+    def estimate(self, generation: Generation, layer: int) -> np.ndarray:
+        return self.outlook(generation, layer)[0]
 
-    def _far(self, state: _Request | None) -> np.ndarray:
+    def _far(self, state: _Generation | None) -> np.ndarray:
         """[L, E] the far pool's log rows (up to a constant per row), in layer order."""
         if state is not None:
             return state.far
         return self.params.w_frequency * np.log(self.params.prior * self.cross.marginal)
 
-    def _near(self, state: _Request, request: Request, layer: int, n: int) -> np.ndarray:
+    def _near(self, state: _Generation, generation: Generation, layer: int, n: int) -> np.ndarray:
         """[k, E] the near pool's log rows of this token's next k <= n layers with cross evidence."""
-        near = self.cross.near(request, layer, n)  # [k, E], a new array: worked in place
+        near = self.cross.near(generation, layer, n)  # [k, E], a new array: worked in place
         weight = self.params.w_cross
         if len(near) and weight:
             np.log(near, out=near)
@@ -245,12 +245,12 @@ class Combined(ProbabilityPredictor):
         pooled *= self.cross.widest / pooled.sum(axis=1, keepdims=True)
         return np.minimum(pooled, 1.0)
 
-    # --- requests and state ---------------------------------------------------------------
+    # --- generations and state ---------------------------------------------------------------
 
-    def forget(self, request: Request) -> None:
-        super().forget(request)
-        self._requests.pop(request, None)
-        self.cross.forget(request)
+    def forget(self, generation: Generation) -> None:
+        super().forget(generation)
+        self._generations.pop(generation, None)
+        self.cross.forget(generation)
 
     def state(self) -> dict[str, Any]:
         out = {

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from expertd.policies.predict.predictor import (
+    Generation,
     ProbabilityPredictor,
-    RecentRequests,
-    Request,
+    RecentGenerations,
     RowParams,
     check_state,
     pack_array,
@@ -59,7 +59,7 @@ class CrossLayerParams(RowParams):
 
 
 class Token:
-    """The current token of one request: the experts each of its layers chose so far."""
+    """The current token of one generation: the experts each of its layers chose so far."""
 
     __slots__ = ("chosen", "last")
 
@@ -79,7 +79,7 @@ class CrossLayer(ProbabilityPredictor):
     """Decayed transition tables from layer l's choice to layers l+1..l+reach; see the module."""
 
     Params = CrossLayerParams
-    MAX_REQUESTS = 1024
+    MAX_GENERATIONS = 1024
 
     def __init__(self, geometry, params=None) -> None:
         super().__init__(geometry, params)
@@ -92,10 +92,10 @@ class CrossLayer(ProbabilityPredictor):
         self.marginal = np.full((layers, experts), 1.0 / experts)
         self.widest = 1  # top-k, as observed
         self._none = np.zeros((0, experts))
-        self._tokens: RecentRequests[Token] = RecentRequests(self.MAX_REQUESTS)
+        self._tokens: RecentGenerations[Token] = RecentGenerations(self.MAX_GENERATIONS)
 
-    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        token = self._tokens.touch(request, Token)
+    def learn(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
+        token = self._tokens.touch(generation, Token)
         token.add(layer, experts)
         chosen = list(experts)
         self.widest = max(self.widest, len(chosen))
@@ -126,15 +126,15 @@ class CrossLayer(ProbabilityPredictor):
         for x in chosen:
             row[x] += gain
 
-    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
+    def rows(self, generation: Generation, layer: int, n: int) -> np.ndarray:
         out = self.next_rows(self.marginal, layer, n).copy()  # [n, E]
-        near = self.near(request, layer, n)
+        near = self.near(generation, layer, n)
         out[: len(near)] = near
         return out
 
-    def near(self, request: Request, layer: int, n: int) -> np.ndarray:
+    def near(self, generation: Generation, layer: int, n: int) -> np.ndarray:
         """[m, E] rows of the first ``m`` of the next ``n`` computations: this token's, within reach."""
-        token = self._tokens.get(request)
+        token = self._tokens.get(generation)
         if token is None or token.last != layer:
             return self._none
         n = min(n, self.params.reach, self.geometry.num_layers - 1 - layer)
@@ -155,9 +155,9 @@ class CrossLayer(ProbabilityPredictor):
         marginal = self.marginal[layer + 1 : layer + n + 1, None]  # [n, 1, E]
         return ((follow + weight * marginal) / (seen + weight)).mean(axis=1)
 
-    def forget(self, request: Request) -> None:
-        super().forget(request)
-        self._tokens.pop(request, None)
+    def forget(self, generation: Generation) -> None:
+        super().forget(generation)
+        self._tokens.pop(generation, None)
 
     def state(self) -> dict[str, Any]:
         # The tables as kept (counts scaled by the lazy decay, with the scale): exact on reload.

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from expertd.policies.predict.predictor import ProbabilityPredictor, Request, register_predictor
+from expertd.policies.predict.predictor import Generation, ProbabilityPredictor, register_predictor
 
 
 @register_predictor("hints")
 class Hints(ProbabilityPredictor):
     """The hinted experts with probability ``hint_prob``; nothing else."""
 
-    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
+    def learn(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
         pass
 
-    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
+    def rows(self, generation: Generation, layer: int, n: int) -> np.ndarray:
         return np.zeros((n, self.geometry.num_experts))

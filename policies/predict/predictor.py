@@ -8,8 +8,8 @@ reads `outlook` (every expert of every layer) through the manager's estimator ho
 (`EvictionPolicy.bind_estimator`); `state` and `load_state` carry learned statistics to
 a warm start. Pure: no I/O, no clock, no threads.
 
-A *request* is one generation (one prompt's tokens); ``request`` is any hashable id the
-caller keeps unique. Within a request, calls come in forward order: a token's layers
+A *generation* is one generation (one prompt's tokens); ``generation`` is any hashable id the
+caller keeps unique. Within a generation, calls come in forward order: a token's layers
 ascending, then the next token's. "The next computation of layer j after layer l" is
 the same token's if ``j > l``, else the next token's.
 
@@ -31,29 +31,29 @@ import numpy as np
 from expertd.policies.base import Geometry, NoParams, PolicyError, parse_params
 from expertd.policies.registry import Registry, parse_spec
 
-Request = Hashable
+Generation = Hashable
 S = TypeVar("S")
 
 
-class RecentRequests(OrderedDict[Request, S], Generic[S]):
-    """Per-request state of at most ``limit`` requests, the least recently used dropped first.
+class RecentGenerations(OrderedDict[Generation, S], Generic[S]):
+    """Per-generation state of at most ``limit`` generations, the least recently used dropped first.
 
-    Predictors keep state per request and never hear of most requests' end, so it is bounded.
+    Predictors keep state per generation and never hear of most generations' end, so it is bounded.
     """
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
 
-    def touch(self, request: Request, make: Callable[[], S]) -> S:
-        """``request``'s state (made by ``make`` if it has none), now the most recent."""
-        state = self.get(request)
+    def touch(self, generation: Generation, make: Callable[[], S]) -> S:
+        """``generation``'s state (made by ``make`` if it has none), now the most recent."""
+        state = self.get(generation)
         if state is None:
-            state = self[request] = make()
+            state = self[generation] = make()
             while len(self) > self.limit:
                 self.popitem(last=False)
         else:
-            self.move_to_end(request)
+            self.move_to_end(generation)
         return state
 
 
@@ -82,32 +82,36 @@ class Predictor(ABC):
         self.params = parse_params(self.Params, params, self.name)
 
     @abstractmethod
-    def observe(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        """``request``'s current token was routed to ``experts`` at ``layer`` (best first)."""
+    def observe(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
+        """``generation``'s current token was routed to ``experts`` at ``layer`` (best first)."""
 
-    def hint(self, request: Request, layer: int, experts: Sequence[int], scores: Sequence[float]) -> None:  # noqa: B027
+    def hint(  # noqa: B027
+        self, generation: Generation, layer: int, experts: Sequence[int], scores: Sequence[float]
+    ) -> None:
         """The client's own guess for ``layer``'s next computation (e.g. that layer's router now)."""
 
     @abstractmethod
-    def predict(self, request: Request, layer: int, horizon: int, min_prob: float = 0.0) -> list[Prediction]:
+    def predict(
+        self, generation: Generation, layer: int, horizon: int, min_prob: float = 0.0
+    ) -> list[Prediction]:
         """After ``layer`` was observed: likely experts of the next ``horizon`` layers, best first,
         each at least ``min_prob`` likely."""
 
-    def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def outlook(self, generation: Generation, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """``(now, later)``, [L, E] each: the probability that each expert is chosen at its
         layer's next computation (``now``), and at each computation after that (``later``:
-        what the request's history says, without the evidence that bears on the next
+        what the generation's history says, without the evidence that bears on the next
         computation only, such as the current token's cross-layer routing and hints).
 
         Default: ``now`` from `predict`, and ``later`` the same.
         """
         now = np.zeros((self.geometry.num_layers, self.geometry.num_experts), dtype=np.float64)
-        for p in self.predict(request, layer, self.geometry.num_layers):
+        for p in self.predict(generation, layer, self.geometry.num_layers):
             now[p.layer, p.expert] = max(now[p.layer, p.expert], p.prob)
         return now, now
 
-    def forget(self, request: Request) -> None:  # noqa: B027
-        """``request`` ended: drop what is kept per request (learned statistics stay)."""
+    def forget(self, generation: Generation) -> None:  # noqa: B027
+        """``generation`` ended: drop what is kept per generation (learned statistics stay)."""
 
     def state(self) -> dict[str, Any]:
         """Learned statistics, msgpack-able, for a warm start (`load_state`)."""
@@ -142,13 +146,13 @@ class ProbabilityPredictor(Predictor):
     """
 
     Params: ClassVar[type] = RowParams
-    #: Hinted requests whose hints are kept at most (least recent dropped).
+    #: Hinted generations whose hints are kept at most (least recent dropped).
     MAX_HINTED_REQUESTS: ClassVar[int] = 1024
 
     def __init__(self, geometry: Geometry, params: Mapping[str, Any] | Any | None = None) -> None:
         super().__init__(geometry, params)
-        # request -> layer -> hinted experts, for the layer's next computation.
-        self._hints: RecentRequests[dict[int, list[int]]] = RecentRequests(self.MAX_HINTED_REQUESTS)
+        # generation -> layer -> hinted experts, for the layer's next computation.
+        self._hints: RecentGenerations[dict[int, list[int]]] = RecentGenerations(self.MAX_HINTED_REQUESTS)
         num_layers = geometry.num_layers
         # _order[l]: the layers computed 1, 2, ..., L steps after layer l.
         self._order = [
@@ -156,11 +160,11 @@ class ProbabilityPredictor(Predictor):
         ]
 
     @abstractmethod
-    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
+    def learn(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
         """What `observe` learns from one routing decision."""
 
     @abstractmethod
-    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
+    def rows(self, generation: Generation, layer: int, n: int) -> np.ndarray:
         """[n, E] P(chosen) at each of the next ``n`` layer computations after ``layer``.
 
         Row ``i`` is layer ``(layer + 1 + i) % L``; hints are not applied. Writable, owned
@@ -174,25 +178,27 @@ class ProbabilityPredictor(Predictor):
             return array[first : first + n]  # a view: most calls, and the cheapest
         return array[self._order[layer][:n]]
 
-    def observe(self, request: Request, layer: int, experts: Sequence[int]) -> None:
+    def observe(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
         if self._hints:
-            hints = self._hints.get(request)
+            hints = self._hints.get(generation)
             if hints is not None:
                 hints.pop(layer, None)  # that computation happened: the hint is spent
                 if not hints:
-                    del self._hints[request]
-        self.learn(request, layer, experts)
+                    del self._hints[generation]
+        self.learn(generation, layer, experts)
 
-    def hint(self, request: Request, layer: int, experts: Sequence[int], scores: Sequence[float]) -> None:
+    def hint(
+        self, generation: Generation, layer: int, experts: Sequence[int], scores: Sequence[float]
+    ) -> None:
         num_experts = self.geometry.num_experts
         valid = [e for e in experts if 0 <= e < num_experts]
         if not 0 <= layer < self.geometry.num_layers or not valid:
             return
-        self._hints.touch(request, dict)[layer] = valid
+        self._hints.touch(generation, dict)[layer] = valid
 
-    def hinted(self, request: Request, layer: int, probs: np.ndarray) -> np.ndarray:
+    def hinted(self, generation: Generation, layer: int, probs: np.ndarray) -> np.ndarray:
         """``probs`` [n, E] (the next n computations after ``layer``) with hints applied, in place."""
-        hints = self._hints.get(request) if self._hints else None
+        hints = self._hints.get(generation) if self._hints else None
         if hints:
             num_layers = self.geometry.num_layers
             for target, experts in hints.items():
@@ -208,10 +214,12 @@ class ProbabilityPredictor(Predictor):
         row *= 1.0 - floor
         row[experts] = floor + (1.0 - floor) * hinted
 
-    def predict(self, request: Request, layer: int, horizon: int, min_prob: float = 0.0) -> list[Prediction]:
+    def predict(
+        self, generation: Generation, layer: int, horizon: int, min_prob: float = 0.0
+    ) -> list[Prediction]:
         """Each coming layer's ``width`` likeliest experts above 0 and at least ``min_prob``."""
         n = min(horizon, self.geometry.num_layers)
-        probs = self.hinted(request, layer, self.rows(request, layer, n))  # [n, E]
+        probs = self.hinted(generation, layer, self.rows(generation, layer, n))  # [n, E]
         width = self.params.width
         if min_prob > 0.0:
             if probs.max() < min_prob:
@@ -235,20 +243,21 @@ class ProbabilityPredictor(Predictor):
                 out.append(Prediction(int(order[row]), int(experts[i]), min(float(values[i]), 1.0), row + 1))
         return out
 
-    def outlook(self, request: Request, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        now = self.estimate(request, layer)
+    def outlook(self, generation: Generation, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        now = self.estimate(generation, layer)
         return now, now
 
-    def estimate(self, request: Request, layer: int) -> np.ndarray:
+    def estimate(self, generation: Generation, layer: int) -> np.ndarray:
         """``now`` of `outlook`: [L, E] P(chosen at the layer's next computation), hints applied."""
         num_layers = self.geometry.num_layers
-        probs = self.hinted(request, layer, self.rows(request, layer, num_layers))  # [L, E], by steps ahead
+        rows = self.rows(generation, layer, num_layers)
+        probs = self.hinted(generation, layer, rows)  # [L, E], by steps ahead
         out = np.empty_like(probs)
         out[self._order[layer]] = probs
         return np.clip(out, 0.0, 1.0, out=out)
 
-    def forget(self, request: Request) -> None:
-        self._hints.pop(request, None)
+    def forget(self, generation: Generation) -> None:
+        self._hints.pop(generation, None)
 
 
 # --- msgpack-able numpy arrays (warm-start state: never pickle) ------------------------------

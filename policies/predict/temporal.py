@@ -1,7 +1,7 @@
-"""Temporal predictor: a layer's next experts are the ones this request chose there lately.
+"""Temporal predictor: a layer's next experts are the ones this generation chose there lately.
 
-Routing is consistent across a request's tokens (the next token reuses about a third
-of a token's experts at the same layer on our traces). Per request and layer, a
+Routing is consistent across a generation's tokens (the next token reuses about a third
+of a token's experts at the same layer on our traces). Per generation and layer, a
 decayed count of how often each expert was chosen: ``c <- decay * c + chosen``, so an
 expert chosen at every computation converges to ``1 / (1 - decay)``; its probability
 of being chosen next time is estimated as ``c * (1 - decay)``.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from expertd.policies.predict.predictor import ProbabilityPredictor, Request, RowParams, register_predictor
+from expertd.policies.predict.predictor import Generation, ProbabilityPredictor, RowParams, register_predictor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,29 +31,29 @@ class TemporalParams(RowParams):
 
 @register_predictor("temporal")
 class Temporal(ProbabilityPredictor):
-    """Per request, per layer: decayed choice counts; predicts the largest."""
+    """Per generation, per layer: decayed choice counts; predicts the largest."""
 
     Params = TemporalParams
 
     def __init__(self, geometry, params=None) -> None:
         super().__init__(geometry, params)
-        self._counts: dict[Request, np.ndarray] = {}  # request -> [L, E] float64
+        self._counts: dict[Generation, np.ndarray] = {}  # generation -> [L, E] float64
 
-    def learn(self, request: Request, layer: int, experts: Sequence[int]) -> None:
-        counts = self._counts.get(request)
+    def learn(self, generation: Generation, layer: int, experts: Sequence[int]) -> None:
+        counts = self._counts.get(generation)
         if counts is None:
             shape = (self.geometry.num_layers, self.geometry.num_experts)
-            counts = self._counts[request] = np.zeros(shape)
+            counts = self._counts[generation] = np.zeros(shape)
         row = counts[layer]  # [E]
         row *= self.params.decay
         row[list(experts)] += 1.0
 
-    def rows(self, request: Request, layer: int, n: int) -> np.ndarray:
-        counts = self._counts.get(request)
+    def rows(self, generation: Generation, layer: int, n: int) -> np.ndarray:
+        counts = self._counts.get(generation)
         if counts is None:
             return np.zeros((n, self.geometry.num_experts))
         return np.minimum(self.next_rows(counts, layer, n) * (1.0 - self.params.decay), 1.0)  # [n, E]
 
-    def forget(self, request: Request) -> None:
-        super().forget(request)
-        self._counts.pop(request, None)
+    def forget(self, generation: Generation) -> None:
+        super().forget(generation)
+        self._counts.pop(generation, None)
