@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/faults.py [--messages 10000] [--client-kills 20] [--daemon-kills 5] [--clients 64]
     .venv/bin/python bench/faults.py --hostile-only [--hostile-attempts 5]     # as root
+    .venv/bin/python bench/faults.py --fast-only [--fast-clients 8] [--fast-seconds 60] [--fast-kills 8]
 
 Phases (tests/fault_campaign.py has the machinery; tests/test_faults.py the short form):
 fuzzing with random frames and hypothesis-generated messages, clients SIGKILLed while
@@ -10,7 +11,9 @@ a supervisor loop, store faults (flipped bytes, truncation underneath, injected 
 errors, the directory replaced underneath), overload (N clients against a device tier
 smaller than their demand), with the daemon's memory sampled throughout; then, as root, a
 hostile second local user (tests/hostile_user.py: socket hijacks, tenant claims, admin
-operations, a client starving the rest). Prints a table and, as its last line, one JSON object.
+operations, a client starving the rest); and the shared-memory hit path (tests/fast_campaign.py:
+clients with mixed hits and misses on a small tier, SIGKILLed and replaced, one daemon restart,
+every view checked against the store). Prints a table and, as its last line, one JSON object.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import fast_campaign  # noqa: E402
 import fault_campaign as fc  # noqa: E402
 from daemon_util import DaemonProcess  # noqa: E402
 
@@ -96,6 +100,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="overload phase length")
     parser.add_argument("--hostile-attempts", type=int, default=5, help="rounds of each hostile-user attempt")
     parser.add_argument("--hostile-only", action="store_true", help="only the hostile-local-user section")
+    parser.add_argument("--fast-clients", type=int, default=8, help="fast-path section: client processes")
+    parser.add_argument("--fast-seconds", type=float, default=60.0, help="fast-path section: run length")
+    parser.add_argument("--fast-kills", type=int, default=8, help="fast-path section: clients SIGKILLed")
+    parser.add_argument("--fast-only", action="store_true", help="only the shared-memory hit path section")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="exd-faults-", dir="/tmp"))
@@ -105,6 +113,12 @@ def main() -> int:
         report = {"bench": "faults", "hostile": hostile_section(store, work, args.hostile_attempts)}
         shutil.rmtree(work, ignore_errors=True)
         print_hostile(report["hostile"])
+        print(json.dumps(report))
+        return 0
+    if args.fast_only:
+        report = {"bench": "faults", "fast_path": fast_section(store, work, args)}
+        shutil.rmtree(work, ignore_errors=True)
+        print_fast(report["fast_path"])
         print(json.dumps(report))
         return 0
     (work / "expertd.toml").write_text('[auth]\nipc_admin = "token"\n')
@@ -130,6 +144,7 @@ def main() -> int:
         daemon.kill()
     report["store_faults"] = fc.store_faults(store, work)
     report["hostile"] = hostile_section(store, work, args.hostile_attempts)
+    report["fast_path"] = fast_section(store, work, args)
     slabs_mib = (24 + 6) * load_manifest(store).slot_bytes / 2**20  # the host and device slots
     report["memory"] = {
         "max_rss_mib": watch.max_rss_mib,
@@ -139,8 +154,34 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     print_table(report)
     print_hostile(report["hostile"])
+    print_fast(report["fast_path"])
     print(json.dumps(report))
     return 0
+
+
+def fast_section(store: Path, work: Path, args: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()[0]
+    result = fast_campaign.run(store, work, args.fast_clients, args.fast_seconds, args.fast_kills, seed=4)
+    result["loadavg_before"] = load_before
+    return result
+
+
+def print_fast(f: dict) -> None:
+    print(
+        f"shared-memory hit path: {f['clients']} clients x {f['seconds']:g} s, "
+        f"{f['clients_killed']} SIGKILLed, {f['daemon_restarts']} daemon restart "
+        f"(load average {f['loadavg_before']:.1f} before)"
+    )
+    rows = [
+        ("acquires (of them served from shared memory)", f"{f['acquires']} ({f['fast']})"),
+        ("views checked against the store / wrong bytes", f"{f['checked_views']} / {f['wrong_bytes']}"),
+        ("leaked leases / pin files / fast-path clients", f"{f['leaked_leases']} / {f['leaked_pin_files']} / "
+         f"{f['fast_path_clients_left']}"),
+        ("writes held back by a pin (last daemon)", f["deferred_writes"]),
+        ("daemon up at the end; internal errors", f"{f['daemon_alive']}; {f['internal_errors']}"),
+    ]  # fmt: skip
+    for label, value in rows:
+        print(f"  {label:<50} {value}")
 
 
 def hostile_section(store: Path, work: Path, attempts: int) -> dict:
@@ -173,9 +214,16 @@ def print_hostile(h: dict) -> None:
     print(f"  daemon still answering: {h['daemon_up']}; internal errors logged: {h['internal_errors']}")
 
 
+def _stray_files(left: dict) -> int:
+    """Shared-memory files beyond the two slabs, their two residency tables, and one pin file per
+    connected client."""
+    pins = sum(1 for name in left["shm_files"] if "-pins-" in name)
+    return len(left["shm_files"]) - pins - 4 + max(0, pins - left["clients"])
+
+
 def print_table(r: dict) -> None:
     leftovers = [r["after_client_kills"], r["after_overload"], r["after_daemon_kills"]]
-    leaks = sum(x["leases"] + x["pending"] + (len(x["shm_files"]) - 2) for x in leftovers)
+    leaks = sum(x["leases"] + x["pending"] + _stray_files(x) for x in leftovers)
     wrong = r["daemon_kills"]["wrong_bytes"] + r["store_faults"]["wrong_bytes"]
     rows = [
         ("messages fuzzed (random frames + hypothesis)", r["fuzz"]["sent"]),

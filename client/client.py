@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import zmq
 
-from expertd.client.lease import Lease, PendingAcquire
+from expertd.client.fastpath import REPORT_FLUSH_EVENTS, SUPPORTED, FastPath
+from expertd.client.lease import FastLease, Lease, PendingAcquire, ReadyAcquire
 from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S, Multiplexer
 from expertd.client.views import SlabViews
 from expertd.daemon.protocol import (
@@ -68,6 +69,7 @@ RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
 BUSY_WINDOW_S = 1.0  # after a release, the background thread ticks each linger this long
 PING_AFTER_IDLE = 0.5  # ping once idle for this share of the daemon's heartbeat_s
 BYE_LINGER_MS = 200  # how long the closed socket keeps trying to deliver bye
+REPORT_RETRY_S = 0.0005  # a report the daemon's full queue refused is tried again this soon
 
 
 class ExpertClient(Multiplexer):
@@ -87,12 +89,15 @@ class ExpertClient(Multiplexer):
         client_key: str | os.PathLike[str] | None = None,
         admin_token: str | None = None,
         daemon_user: str | None = None,
+        fast_path: bool = True,
     ) -> None:
         """``server_key``/``client_key``: certificate files (`expertd keys`) for a tcp:// daemon
         (default: $EXPERTD_SERVER_KEY, $EXPERTD_CLIENT_KEY); ``admin_token``: for admin
         operations over ipc:// when the daemon requires it; ``daemon_user``: who runs the daemon,
         if not root, this user or `expertd` (default: $EXPERTD_DAEMON_USER): an ipc:// socket in a
-        directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent."""
+        directory anyone else owns or may write is refused (`UntrustedSocket`) before anything is sent.
+        ``fast_path``: serve hits from shared memory without a round trip where the daemon offers
+        it (`expertd.client.fastpath`); False: every acquire asks the daemon."""
         if address is None:
             address = default_address()
         check_before_connect(address, daemon_user, connect_timeout_s)  # before a socket exists
@@ -117,6 +122,9 @@ class ExpertClient(Multiplexer):
         self._wake = threading.Event()  # wakes the background thread early
         self._wake_at = 0.0  # when the background thread wakes on its own
         self.admin_token = admin_token
+        self._fast_wanted = fast_path and SUPPORTED
+        self._fast: FastPath | None = None
+        self._report_lock = threading.Lock()  # taking a report and sending it are one step
         try:
             self._hello()
         except BaseException:
@@ -173,8 +181,16 @@ class ExpertClient(Multiplexer):
 
     def acquire_async(
         self, layer: int, experts: Iterable[int], tier: str | None = None, tokens: Iterable[int] | None = None
-    ) -> PendingAcquire:
-        """Send an acquire now; the returned `PendingAcquire` waits for its lease."""
+    ) -> PendingAcquire | ReadyAcquire:
+        """Send an acquire now; the returned `PendingAcquire` waits for its lease (a hit served
+        from shared memory comes back as a `ReadyAcquire`; tier "auto" always asks the daemon,
+        which places each expert)."""
+        experts = [int(e) for e in experts]
+        fast = self._fast
+        if fast is not None and not self._stale and (tier or self.default_tier) != AUTO_TIER:
+            lease = self._fast_acquire(fast, layer, experts, tier or self.default_tier)
+            if lease is not None:
+                return ReadyAcquire(lease)
         if self._stale:
             self._rehello(self._session)
         session = self._session
@@ -185,7 +201,7 @@ class ExpertClient(Multiplexer):
                 f"no tier {AUTO_TIER!r} (acquire 'device' or 'host')"
             )
         counts = None if tokens is None else [int(t) for t in tokens]
-        request_id, request = self._send_acquire(int(layer), [int(e) for e in experts], tier, tokens=counts)
+        request_id, request = self._send_acquire(int(layer), experts, tier, tokens=counts)
         return PendingAcquire(self, request, request_id, session)
 
     @property
@@ -196,6 +212,9 @@ class ExpertClient(Multiplexer):
 
     def release(self, lease: Lease) -> None:
         """Release ``lease`` now and wait for the daemon to confirm (no-op if already sent)."""
+        if isinstance(lease, FastLease):
+            lease.release()  # unpinned at once; the daemon needs no answer
+            return
         with self._cond:
             queued = lease.lease_id in self._releases
             if queued:
@@ -261,6 +280,17 @@ class ExpertClient(Multiplexer):
         self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
+        fast, self._fast = self._fast, None
+        if fast is not None:
+            report = fast.take_report()
+            if report is not None and self._sock_lock.acquire(timeout=1.0):
+                try:  # before bye: the daemon's counters see these hits
+                    self._sock.send(encode_request(next(self._ids), report), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                finally:
+                    self._sock_lock.release()
+            fast.close()
         if self._sock_lock.acquire(timeout=1.0):
             try:
                 self._sock.send(encode_request(next(self._ids), Bye()), zmq.NOBLOCK)
@@ -307,13 +337,22 @@ class ExpertClient(Multiplexer):
                 f"({hello.model!r}, {hello.num_layers} layers x {hello.num_experts} experts); "
                 f"this client was serving {self.hello.model!r}"
             )
+        fast = None
+        if self._fast_wanted and hello.protocol >= 3 and any("fast" in h for h in hello.tiers.values()):
+            try:
+                fast = FastPath(hello.tiers, hello.num_layers, hello.num_experts)
+            except (OSError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+                log.info("expertd at %s: no shared-memory hits (%s)", self.address, exc)
         with self._cond:
+            old, self._fast = self._fast, fast  # pins and reports of the old session are void
             self.info, self.hello, self.layout, self._slabs = ok, hello, hello.tensors, slabs
             self._ping_after_s = PING_AFTER_IDLE * hello.heartbeat_s
             self._session += 1
             self._stale = False
             self._releases.clear()  # leases of the old session are void
             self._abandoned.clear()
+        if old is not None:
+            old.close()
 
     def _rehello(self, seen_session: int) -> None:
         """Say hello again unless another thread already did since ``seen_session``."""
@@ -321,6 +360,91 @@ class ExpertClient(Multiplexer):
             if self._session == seen_session:
                 log.info("expertd at %s does not know this client (restarted?): hello again", self.address)
                 self._hello()
+
+    def _send(self, request: Request, *, reply: bool) -> int:
+        """Every message goes after the hits served before it: the daemon sees them in order."""
+        fast = self._fast
+        if fast is None:
+            return super()._send(request, reply=reply)
+        with self._report_lock:  # a report taken by another thread goes out before this message
+            if fast.events:
+                self._send_report(fast)
+            return super()._send(request, reply=reply)
+
+    def _flush_report(self, fast: FastPath) -> None:
+        with self._report_lock:
+            self._send_report(fast)
+
+    def _send_report(self, fast: FastPath) -> None:
+        """Send the hits so far, waiting while the daemon has more than a few of this client's
+        reports still to apply, or its queue is full: a report is never dropped (the daemon must
+        see every access), so clients serving hits faster than the daemon can account for them
+        are slowed to its pace here, and its view never lags by more than a few reports."""
+        report = fast.take_report()
+        if report is None:
+            return
+        frame = encode_request(next(self._ids), report)
+        deadline = time.monotonic() + self.timeout_s
+        while fast.behind(report.seq) and time.monotonic() < deadline and not self.closed:
+            time.sleep(REPORT_RETRY_S)  # the daemon has not applied the last few yet: its pace
+        while not self.closed:
+            with self._cond:
+                self._want += 1  # a thread polling for replies gives the socket way
+            got = self._sock_lock.acquire(timeout=POLL_SLICE_S)
+            with self._cond:
+                self._want -= 1
+            if got:
+                try:
+                    self._sock.send(frame, zmq.NOBLOCK)
+                    self._last_send = time.monotonic()
+                    return
+                except zmq.Again:
+                    pass  # the daemon is behind: its queue is full
+                finally:
+                    self._sock_lock.release()
+                    self._wake_sleepers()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(REPORT_RETRY_S)
+        fast.requeue(report)
+        raise DaemonUnavailable(f"expertd at {self.address} took no report within {self.timeout_s:g} s")
+
+    def _fast_acquire(
+        self, fast: FastPath, layer: int, experts: Iterable[int], tier: str
+    ) -> FastLease | None:
+        """An acquire served from shared memory, or None: it takes the socket.
+
+        Never while an acquire of this client is in flight: the daemon could give that one a
+        slot pinned here after it was sent (its report would come too late to stop it), and
+        this client might then wait for a write that its own pin holds back.
+        """
+        experts = [int(e) for e in experts]
+        session = self._session
+        with self._report_lock:  # no message goes out between the check and the pin's event
+            if self._waiting or self._abandoned:
+                return None
+            pinned = fast.pin(int(layer), experts, tier, self.generation)
+        if pinned is None:
+            if fast.void:
+                self._stale = True  # the daemon that made the table is gone: hello before the next call
+            return None
+        fast_id, slots = pinned
+        lease = FastLease(
+            self, fast_id, int(layer), tuple(experts), tier, slots, len(slots), session, self._slabs[tier]
+        )
+        if len(fast.events) >= REPORT_FLUSH_EVENTS:
+            self._flush_report(fast)
+        return lease
+
+    def _fast_release(self, lease: FastLease) -> None:
+        fast = self._fast
+        if fast is None or lease.session != self._session:
+            return  # its session ended: the daemon dropped its pin row already
+        fast.unpin(lease.lease_id, lease.tier, lease.slots)
+        if len(fast.events) >= REPORT_FLUSH_EVENTS:
+            self._flush_report(fast)
+        elif len(fast.events) == 1 and fast.since + self.release_linger_s < self._wake_at:
+            self._wake.set()  # the background thread sends it after the linger
 
     def _call(self, request: Request) -> ReplyBody:
         """Send and wait for the typed reply; after ``no_session``, hello again and retry once."""
@@ -458,6 +582,12 @@ class ExpertClient(Multiplexer):
                 next_flush = now + self.release_linger_s  # busy: tick, so releases need no wake-up
             else:
                 next_flush = float("inf")
+        fast = self._fast
+        if fast is not None and fast.events:
+            if now - fast.since >= self.release_linger_s:
+                self._flush_report(fast)
+            else:
+                next_flush = min(next_flush, fast.since + self.release_linger_s)
         ping_every = PING_AFTER_IDLE * self.heartbeat_s
         ping = now - self._last_send >= ping_every
         if (flush or ping) and self._sock_lock.acquire(blocking=False):

@@ -149,3 +149,27 @@ class PendingAcquire:
     def __del__(self) -> None:
         if self._outcome is None and not self._client.closed:  # never collected: release it
             self._client._abandon(self._request_id)
+
+
+class FastLease(Lease):
+    """A lease served from shared memory (`expertd.client.fastpath`): releasing it unpins the
+    slots in this client's own pin row at once; the daemon hears of it in the next report."""
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.finish_gpu_work()
+            self._client._fast_release(self)
+
+
+class ReadyAcquire:
+    """An acquire that needed no round trip: `result` is its lease at once."""
+
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Lease:
+        return self._lease

@@ -76,6 +76,10 @@ class DaemonProcess:
     def shm_files(self) -> list[Path]:
         return sorted(Path("/dev/shm").glob(f"expertd-{self.pid}-*"))
 
+    def slab_files(self) -> list[Path]:
+        """The tiers' slabs (not the residency tables nor clients' pin files of the fast path)."""
+        return [p for p in self.shm_files() if "-table-" not in p.name and "-pins-" not in p.name]
+
 
 def ping(address: str, timeout_ms: int = 1000) -> bool:
     """Does a daemon answer at ``address``? (the probe the daemon itself uses at start)"""

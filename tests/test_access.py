@@ -23,9 +23,9 @@ def test_the_socket_group_may_map_the_shared_memory_slabs_read_only(short_dir):
         "--device-size", "8 slots",  # OLMoE's top-8: the least a tier may hold
     )  # fmt: skip
     try:
-        slabs = daemon.shm_files()
+        slabs = daemon.slab_files()
         assert len(slabs) == 2  # host and the cpu device tier
-        for path in slabs:
+        for path in daemon.shm_files():  # the residency tables too
             info = os.stat(path)
             assert stat.S_IMODE(info.st_mode) == 0o640 and info.st_gid == os.getgid(), path
     finally:
@@ -37,7 +37,8 @@ def test_without_a_socket_group_the_slabs_stay_owner_only(short_dir):
     pack_synthetic(store, "olmoe-1b-7b", scale=32, layers=1)
     daemon = DaemonProcess(store, short_dir, "--host-size", "8 slots")
     try:
-        (path,) = daemon.shm_files()
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        (path,) = daemon.slab_files()
+        for path in daemon.shm_files():
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     finally:
         daemon.kill()

@@ -379,6 +379,43 @@ def test_the_daemons_hits_are_what_replay_predicted(tmp_path_factory, short_dir,
     assert live["device"]["hits"] == predicted.hits and live["device"]["accesses"] == predicted.accesses
 
 
+@pytest.mark.parametrize("policy", ["lru", "layer-distance"])
+def test_replay_agrees_with_a_daemon_serving_hits_from_shared_memory(tmp_path_factory, short_dir, policy):
+    """As above through `ExpertClient` with the fast path on: hits it served itself, reported
+    afterwards, leave the daemon's counters exactly where replay puts them. (500 of the 768
+    experts fit: whole layers hit, and evictions still happen.)"""
+    from expertd import traces
+    from expertd.client import ExpertClient
+    from expertd.traces.format import read_trace
+    from expertd.traces.replay import forward_ids, replay_timed
+    from expertd.traces.timing import TimingModel
+
+    trace = read_trace(traces.shipped())
+    trace = trace.select(forward_ids(trace) < 40)
+    store = tmp_path_factory.mktemp("granite") / "store"
+    manifest = pack_synthetic(store, "granite-3.0-1b-a400m", scale=16)
+    daemon = DaemonProcess(
+        store, short_dir, "--host-size", "300 slots", "--device", "cpu", "--device-size", "500 slots",
+        "--device-policy", policy, "--load-threads", "1", "--predictor", "none",
+    )  # fmt: skip
+    try:
+        with ExpertClient(daemon.address) as client:
+            assert client._fast is not None, "the daemon offers shared-memory hits over ipc://"
+            for layer, experts in zip(trace.layer.tolist(), trace.experts.tolist(), strict=True):
+                client.acquire(layer, experts, "device").release()
+            fast_hits = client._fast.hits
+            live = client.stats()
+    finally:
+        daemon.kill()
+    timing = TimingModel(
+        expert_bytes=manifest.raw_bytes, h2d_gbps=10.0, nvme_gbps=1.0, layer_s=0.0, host_slots=300
+    )
+    predicted = replay_timed(trace, policy, 500, timing)
+    assert fast_hits > 100, fast_hits and live["fast_path"]["report_gaps"] == 0
+    device = live["tiers"]["device"]
+    assert device["hits"] == predicted.hits and device["accesses"] == predicted.accesses
+
+
 def test_the_trace_demo_runs_end_to_end():
     out = subprocess.run(
         [*EXPERTD, "demo", "--trace", "granite-3.0-1b-a400m", "--max-tokens", "12", "--scale", "16"],

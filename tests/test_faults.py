@@ -33,7 +33,9 @@ def daemon(store, short_dir):
 def assert_clean(daemon: DaemonProcess, clients: int = 1) -> dict:
     left = fc.leftovers(daemon)
     assert left["leases"] == 0 and left["pending"] == 0 and left["clients"] <= clients, left
-    assert left["shm_files"] == [f"expertd-{daemon.pid}-device", f"expertd-{daemon.pid}-host"], left
+    slabs = [f"expertd-{daemon.pid}-{name}" for name in ("device", "host", "table-device", "table-host")]
+    pins = [name for name in left["shm_files"] if name.startswith(f"expertd-{daemon.pid}-pins-")]
+    assert sorted(set(left["shm_files"]) - set(pins)) == slabs and len(pins) <= clients, left
     assert left["internal_errors"] == 0, daemon.log()
     return left
 

@@ -160,6 +160,28 @@ class CacheCore:
         commands = manager.hint(client, layer, experts, now, generation=generation, scores=scores)
         return self._run(self.partitions.out(partition, commands), now)
 
+    def reported_hit(
+        self,
+        client: ClientId,
+        layer: int,
+        experts: Sequence[int],
+        tier: str,
+        slots: Sequence[int],
+        now: float,
+        generation: Hashable = None,
+    ) -> tuple[int | None, Iterator[Command]]:
+        """A hit the client served itself from shared memory, reported afterwards: counted as the
+        acquire it was (`expertd.daemon.core.reported`). The lease id (None: nothing pinned) and
+        the prediction work it put off."""
+        self.acquires["count"] += 1
+        partition, manager = self._manager(client)
+        lease_id, hits, commands = manager.reported_hit(client, layer, experts, tier, slots, now, generation)
+        counters = self.tenant_counters(self._tenant_of.get(client, UNKNOWN_TENANT))
+        counters.acquires += 1
+        counters.accesses += len(experts)
+        counters.hits += hits
+        return lease_id, self._run(self.partitions.out(partition, commands), now)
+
     def end_generation(self, client: ClientId, generation: Hashable) -> None:
         self._manager(client)[1].end_generation(client, generation)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from expertd.daemon.core.events import (
@@ -48,6 +48,7 @@ from expertd.daemon.core.manager_stats import manager_stats
 from expertd.daemon.core.manager_transfers import TransferScheduling
 from expertd.daemon.core.placement import AutoPlan, plan_auto
 from expertd.daemon.core.prefetch import Prefetcher
+from expertd.daemon.core.reported import reported_hit
 from expertd.daemon.core.slots import SlotTable
 from expertd.daemon.core.transfers import Transfers
 from expertd.daemon.protocol.errors import ErrorCode
@@ -91,6 +92,10 @@ class CacheManager(TransferScheduling):
         self.layer_accesses = {name: [0] * layers for name in self.tiers}
         self.layer_hits = {name: [0] * layers for name in self.tiers}
         self.prefetch_cancelled = 0
+        self.reported_stale = 0  # fast-path hits reported after their slot was reassigned
+        # The shell's word on whether a slot is held where the core cannot see (a client's
+        # shared-memory pin not reported yet): a prefetch never evicts such a slot. None: no such pins.
+        self.held_outside: Callable[[str, int], bool] | None = None
         self.placed = {DEVICE: 0, HOST: 0, "background": 0}  # auto acquires' experts, by placement
         self.prefetcher = Prefetcher(config.prefetch, geometry) if config.prefetch.predictor else None
         if self.prefetcher is not None:
@@ -99,6 +104,8 @@ class CacheManager(TransferScheduling):
                     table.policy.bind_estimator(self.prefetcher.waits)
 
     # --- events ---------------------------------------------------------------------------
+
+    reported_hit = reported_hit  # a hit served from shared memory, accounted afterwards
 
     def acquire(
         self,
@@ -547,7 +554,8 @@ class CacheManager(TransferScheduling):
         state = self._clients.get(lease.client)
         if state is not None:
             state.leases.discard(lease_id)
-            state.pins[lease.tier] -= len(lease.slots)
+            if lease.counted:
+                state.pins[lease.tier] -= len(lease.slots)
             if lease.host_slots:
                 state.pins[HOST] -= len(lease.host_slots)
 

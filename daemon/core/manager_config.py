@@ -73,6 +73,7 @@ class LeaseRecord:
     tier: str
     slots: list[int]
     host_slots: list[int] = dataclasses.field(default_factory=list)  # an auto lease's host-placed slots
+    counted: bool = True  # counts against the client's pin cap (a reported fast-path hit does not)
 
 
 @dataclasses.dataclass

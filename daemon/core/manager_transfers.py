@@ -7,6 +7,7 @@ manager's tiers, transfer queues and waiters, and never starts anything itself: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from expertd.daemon.core.events import (
@@ -37,6 +38,7 @@ class TransferScheduling:
     transfers: Transfers
     prefetcher: Prefetcher | None
     prefetch_cancelled: int
+    held_outside: Callable[[str, int], bool] | None  # see `CacheManager.__init__`
     _wants_device: dict[int, tuple[Priority, int]]
     _waiters: dict[tuple[str, int], list[Pending]]
     t: int
@@ -128,6 +130,8 @@ class TransferScheduling:
         if transfer.prefetch and self.prefetcher is not None:  # predicted or hinted
             may_evict, key = self.prefetcher.may_evict(), transfer.key
             guard = lambda victim: may_evict(victim, key)  # noqa: E731 - never evict a key used sooner
+        if transfer.prefetch and self.held_outside is not None:
+            guard = _spare_held(guard, self.held_outside, tier)
         protected = self.prefetcher.protected if self.prefetcher is not None else ()
         dst_slot = tier.reserve(transfer.key, transfer.t, guard, protected)
         if dst_slot is None:
@@ -168,3 +172,14 @@ class TransferScheduling:
         elif tier == DEVICE and self._wants_device.get(key, (None,))[0] == Priority.PREDICTED:
             del self._wants_device[key]
             self._cancel_prefetch(HOST, key)
+
+
+def _spare_held(
+    guard: Callable[[int], bool] | None, held: Callable[[str, int], bool], tier: SlotTable
+) -> Callable[[int], bool]:
+    """``guard``, and never a victim whose slot ``held`` says a client holds outside the core."""
+
+    def check(victim: int) -> bool:
+        return (guard is None or guard(victim)) and not held(tier.name, tier.slot_of[victim])
+
+    return check

@@ -38,6 +38,7 @@ class Op(StrEnum):
     END = "end"
     SHUTDOWN = "shutdown"
     LOAD_STATE = "load_state"
+    REPORT = "report"
 
 
 # --- request shapes --------------------------------------------------------------------------
@@ -138,12 +139,28 @@ class LoadState:
     path: str
 
 
-Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | End | Shutdown | LoadState
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Hits a client served itself from shared memory, and their releases, in order. No reply.
+
+    ``events``: ``[fast_id, layer, tier, experts, slots, generation]`` for a hit (generation
+    None: none), ``[fast_id]`` for the release of an earlier hit. ``seq`` numbers a session's
+    reports from 1, so the daemon can tell one went missing.
+    """
+
+    op: ClassVar[Op] = Op.REPORT
+    seq: int
+    events: list[list[Any]]
+
+
+Request = Hello | Acquire | Release | Hint | Stats | Ping | Bye | End | Shutdown | LoadState | Report
 REQUEST_TYPES: dict[str, type] = {
-    cls.op.value: cls for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, End, Shutdown, LoadState)
+    cls.op.value: cls
+    for cls in (Hello, Acquire, Release, Hint, Stats, Ping, Bye, End, Shutdown, LoadState, Report)
 }
 #: Ops the daemon does not answer (fire and forget).
-NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT, Op.END})
+NO_REPLY = frozenset({Op.PING, Op.BYE, Op.HINT, Op.END, Op.REPORT})
+MAX_REPORT_EVENTS = 256  # a client sends its report before it holds more
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -299,6 +316,27 @@ def _optional(check):
     return optional
 
 
+def _events(op: str, name: str, value: object) -> list[list[Any]]:
+    if type(value) is not list or len(value) > MAX_REPORT_EVENTS:
+        raise ProtocolError(f"{op}: {name} must be a list of at most {MAX_REPORT_EVENTS} events")
+    ids = _index_list(MAX_EXPERTS_PER_MESSAGE)
+    for i, event in enumerate(value):
+        where = f"{name}[{i}]"
+        if type(event) is not list or len(event) not in (1, 6):
+            raise ProtocolError(
+                f"{op}: {where} must be [id] or [id, layer, tier, experts, slots, generation]"
+            )
+        _lease(op, where, event[0])
+        if len(event) == 6:
+            _index(op, f"{where} layer", event[1])
+            _name(op, f"{where} tier", event[2])
+            experts, slots = ids(op, f"{where} experts", event[3]), ids(op, f"{where} slots", event[4])
+            if len(experts) != len(slots) or not experts:
+                raise ProtocolError(f"{op}: {where} needs as many slots as experts, at least one")
+            _optional(_lease)(op, f"{where} generation", event[5])
+    return value
+
+
 _ENVELOPE = frozenset({"op", "id"})
 _CHECKS = {
     ("hello", "version"): _index,
@@ -320,6 +358,8 @@ _CHECKS = {
     ("hint", "scores"): _scores,
     ("ping", "reply"): _flag,
     ("load_state", "path"): _path,
+    ("report", "seq"): _lease,
+    ("report", "events"): _events,
 }
 
 

@@ -9,10 +9,13 @@ import msgpack
 from expertd.daemon.protocol.errors import ProtocolError
 
 #: 2: typed replies (stats under ``stats``, pong/done shapes), ``generation`` instead of ``request``.
-#: 3: ``tier="auto"`` acquires (with ``tokens``) answered with per-expert ``places``.
+#: 3: ``tier="auto"`` acquires (with ``tokens``) answered with per-expert ``places``; ``report``
+#:    (hits served from shared memory) and the tiers' ``fast`` handles in the hello reply.
 PROTOCOL_VERSION = 3
-#: What a daemon of this version still serves: a version-2 client never asks for tier "auto".
+#: What a daemon of this version still serves: a version-2 client never asks for tier "auto"
+#: and gets no shared-memory hits.
 SUPPORTED_VERSIONS = (2, 3)
+OLDEST_CLIENT_PROTOCOL = SUPPORTED_VERSIONS[0]
 AUTO_TIER = "auto"  # an acquire that lets the daemon place each expert (device or host)
 MAX_TOKENS_PER_EXPERT = 2**20  # tokens one acquire may route to one expert (a long prefill)
 MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this

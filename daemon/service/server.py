@@ -31,8 +31,10 @@ from expertd.daemon.service.engine import (
     ENGINE_PREFIX,
     decode_completion,
 )
+from expertd.daemon.service.fast_hits import apply_report
 from expertd.daemon.service.local_trust import Peer, Refused, ipc_identity, process_gone, process_start
 from expertd.daemon.service.placement import auto_arguments, auto_refusal, hello_host_compute, reply_places
+from expertd.daemon.service.residency import Residency
 from expertd.daemon.service.sessions import (
     DAEMON_VERSION,
     Session,
@@ -47,6 +49,7 @@ log = logging.getLogger("expertd")
 
 STATUS_EVERY_S = 5.0
 PEER_CHECK_S = 0.5  # how often ipc:// clients' processes are checked for having exited
+DEFERRED_POLL_S = 0.001  # how often a write held back by a shared-memory pin looks again
 
 
 class Server:
@@ -67,6 +70,7 @@ class Server:
         self.admin_token: str | None = None
         self.messages = {"received": 0, "rejected": 0}
         self.metrics: Any = None  # the Prometheus endpoint, with [metrics] port
+        self.residency: Residency | None = None  # shared-memory hits (`service.residency`), if on
 
     # --- startup ----------------------------------------------------------------------------
 
@@ -100,6 +104,9 @@ class Server:
         self.router, self.curve = parts.listener.router, parts.listener.curve
         self._router_fd = self.router.getsockopt(zmq.FD)
         self.admin_token = parts.listener.admin_token
+        self.residency = parts.residency
+        if self.residency is not None:  # only with every tenant shared: the shared pool is the one manager
+            self.core.partitions.shared.held_outside = self.residency.held
 
     # The core's parts, as stats and tests read them.
     @property
@@ -139,6 +146,8 @@ class Server:
         try:
             while not self._stopping:
                 wait_s = core.wait_s(self.clock(), TICK_S)
+                if wait_s is not None and self.residency is not None and self.residency.deferred:
+                    wait_s = min(wait_s, DEFERRED_POLL_S)  # a held-back write waits for a client's unpin
                 if wait_s is None:  # a held-back reply is due: it leaves on time, before any new work
                     self._send_held()
                     continue
@@ -165,6 +174,9 @@ class Server:
                                 proto.ErrorCode.INTERNAL,
                                 f"internal error: {exc!r:.200}",
                             )
+                if self.residency is not None and self.residency.deferred:
+                    for command in self.residency.ready(now):
+                        self.engine.submit(command)
                 if now - last_tick >= TICK_S:
                     self._expire(now)
                     last_tick = now
@@ -216,6 +228,8 @@ class Server:
 
     def _completion(self, frame: bytes) -> None:
         transfer_id, ok, error = decode_completion(frame)
+        if self.residency is not None:
+            self.residency.done(transfer_id, ok)  # its slot may be pinned from shared memory now
         if not ok:
             log.error("transfer %d failed: %s", transfer_id, error)
         self._execute(self.core.transfer_done(transfer_id, ok, error, self.clock()))
@@ -300,6 +314,8 @@ class Server:
                     log.info("shutdown requested by %s (pid %d)", session.name, session.pid)
                     self._send_ok(identity, request_id, proto.Done())
                     self._stopping = True
+            case proto.Report():
+                apply_report(self, identity, request, now)
             case proto.LoadState():
                 if self._admin(identity, request_id, session, "load_state"):
                     self._load_state_now(identity, request_id, Path(request.path))
@@ -364,7 +380,14 @@ class Server:
             "client %s (tenant %s, %s, uid %d, pid %d) connected",
             hello.client, tenant, role, session.uid, session.pid,
         )  # fmt: skip
-        self._send_ok(identity, request_id, self.hello_reply(identity, hello.version))
+        fast = {}
+        if (
+            self.residency is not None
+            and hello.version >= 3
+            and self.core.isolation(tenant).isolation == "shared"
+        ):
+            fast = self.residency.add_client(identity, session.uid, self.core.max_pinned(identity))
+        self._send_ok(identity, request_id, self.hello_reply(identity, hello.version, fast))
 
     def _credentials(self, identity: bytes, hello: proto.Hello, peer: Peer | None) -> tuple[str, str]:
         """The tenant and role of a new session: its key's over tcp://, its OS user's over ipc://."""
@@ -383,7 +406,7 @@ class Server:
         return ipc_identity(peer, hello.tenant, self.config.tenants, self.config.auth_ipc_admin, token_ok)
 
     def hello_reply(
-        self, identity: bytes | None = None, version: int = proto.PROTOCOL_VERSION
+        self, identity: bytes | None = None, version: int = proto.PROTOCOL_VERSION, fast: Any = None
     ) -> proto.HelloReply:
         manifest = self.manifest
         tiers = {HOST: self.host.handle()}
@@ -394,6 +417,8 @@ class Server:
                 tiers[tier]["max_pinned"] = (
                     cap  # what this client may pin at once ([clients] max_pinned_share)
                 )
+        for tier, handle in (fast or {}).items():
+            tiers[tier]["fast"] = handle  # its pin row and the tier's residency table
         return proto.HelloReply(
             protocol=version,  # the client's, which this daemon speaks too
             daemon=DAEMON_VERSION,
@@ -424,6 +449,11 @@ class Server:
                         session.name, session.pid,
                     )  # fmt: skip
                     self._forget(identity)
+        if self.residency is not None:
+            self.residency.tick()
+            for identity in self.residency.misbehaving:
+                self._forget(identity)  # its pin row broke the rules: as a silent client's leases
+            self.residency.misbehaving.clear()
         self._execute(self.core.tick(now))
         for identity in [i for i in self.sessions if not self.core.knows(i)]:
             session = self.sessions.pop(identity)
@@ -433,6 +463,8 @@ class Server:
         session = self.sessions.pop(identity, None)
         if session is not None:
             log.info("client %s (pid %d) left", session.name, session.pid)
+        if self.residency is not None:
+            self.residency.drop_client(identity)  # before the core frees the slots its row pinned
         self._execute(self.core.client_gone(identity, self.clock()))
 
     # --- commands -----------------------------------------------------------------------------
@@ -442,7 +474,8 @@ class Server:
         is done as the next is asked for, so a hit's reply leaves before its prediction work)."""
         for command in commands:
             if isinstance(command, StartTransfer):
-                self.engine.submit(command)
+                if self.residency is None or self.residency.start(command, self.clock()):
+                    self.engine.submit(command)
             elif isinstance(command, Reply):
                 self._send_lease(command)
             elif isinstance(command, ErrorReply):

@@ -48,6 +48,8 @@ def daemon_stats(server: Server) -> dict[str, Any]:
     if server.host_compute is not None:
         stats["host_compute"] = server.host_compute.to_json()
     stats["messages"] = dict(server.messages)
+    if server.residency is not None:
+        stats["fast_path"] = server.residency.stats()
     stats["sessions"] = session_rows(server)
     stats["isolation"] = server.core.isolation_stats()
     stats["tenants"] = server.core.tenant_stats()

@@ -18,6 +18,7 @@ import zmq
 
 from expertd.daemon.core import defaults
 from expertd.daemon.core.cache_core import CacheCore
+from expertd.daemon.core.events import DEVICE, HOST
 from expertd.daemon.core.manager import ManagerConfig
 from expertd.daemon.core.partitions import PartitionError, Partitions
 from expertd.daemon.core.prefetch import PrefetchConfig
@@ -26,6 +27,7 @@ from expertd.daemon.service.config import ServeConfig
 from expertd.daemon.service.engine import TransferEngine, cpu_copier, cuda_copier
 from expertd.daemon.service.faults import read_errors_from_env
 from expertd.daemon.service.listener import Listener, StartupError, listen, share_slabs
+from expertd.daemon.service.residency import Residency, void_stale_tables
 from expertd.daemon.service.slabs import CpuDeviceSlab, CudaDeviceSlab, HostSlab, SlabError, clean_stale
 from expertd.daemon.store.manifest import StoreManifest
 from expertd.daemon.store.reader import StoreReader
@@ -51,6 +53,7 @@ class Parts:
     engine: TransferEngine | None = None
     metrics: Any = None  # the Prometheus endpoint, with [metrics] port
     host_compute: HostCompute | None = None  # what tier="auto" placement weighs ([placement])
+    residency: Residency | None = None  # shared-memory hits: ipc:// and shared tenants only
 
 
 def prefetch_settings(cfg: ServeConfig, hybrid: bool = False) -> PrefetchConfig:
@@ -93,6 +96,13 @@ def tier_slots(key: str, size: Any, manifest: Any, top_k: int) -> int:
     return asked
 
 
+def fast_path_allowed(cfg: ServeConfig) -> bool:
+    """Shared-memory hits need a local client (ipc://) and no tenant that isolates its timing or
+    its slots: a hit nobody sees would reopen the side channel `partitioned` and `private` close
+    (docs/security.md)."""
+    return cfg.address.startswith("ipc://") and all(t.isolation == "shared" for t in cfg.tenants.values())
+
+
 def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = time.monotonic) -> None:
     """Open the store, allocate the slabs, build the manager, bind the sockets, start the workers.
 
@@ -100,6 +110,7 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
     the caller can undo a start that failed half-way.
     """
     closers = parts.closers
+    void_stale_tables()  # a dead daemon's clients stop pinning from its tables
     removed = clean_stale()
     if removed:
         log.warning("removed %d stale shared-memory file(s) of dead daemons", len(removed))
@@ -126,8 +137,14 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
                 host.pin_for_cuda()
             closers.append(device)
         parts.device = device
+        if fast_path_allowed(cfg):
+            sizes = {HOST: host.num_slots, **({DEVICE: device.num_slots} if device else {})}
+            num_keys = manifest.num_layers * manifest.num_experts
+            parts.residency = Residency(sizes, num_keys, cfg.clients_lease_timeout_s)
+            closers.append(parts.residency)
         if cfg.auth_socket_group:
-            share_slabs(cfg.auth_socket_group, (host, device))
+            tables = parts.residency.tables.values() if parts.residency else ()
+            share_slabs(cfg.auth_socket_group, (host, device, *(t.shm for t in tables)))
     except SlabError as exc:
         raise StartupError(str(exc)) from None
     from expertd.policies.registry import parse_spec, policy_class
