@@ -196,16 +196,22 @@ def grouped_mm_on_slots(
         _, by_slot = torch.sort(slots_g, stable=True)  # whole groups move; rows inside keep their order
         perm_c, slots_g = perm_h[rows][by_slot], slots_g[by_slot]
         selected = hidden_h[perm_c // top_k]  # [n, D]
-        histc_input = slots_g.float() if here.type in ("cpu", "mps") else slots_g.int()
-        per_slot = torch.histc(histc_input, bins=slab.num_slots, min=0, max=slab.num_slots - 1)
+        # Only the slots this lease holds are groups: the kernel's cost grows with the number of
+        # groups, empty ones too (about 1 us each on a CPU), and a tier has many more slots than
+        # one layer routes to. Each group is computed on its own, so the span leaves every bit as
+        # it was. The span comes from the lease (no device sync).
+        lo = min(slot_of.values())
+        span = max(slot_of.values()) - lo + 1
+        rel = slots_g - lo
+        histc_input = rel.float() if here.type in ("cpu", "mps") else rel.int()
+        per_slot = torch.histc(histc_input, bins=span, min=0, max=span - 1)
         offsets = torch.cumsum(per_slot, dim=0, dtype=torch.int32)
         bias = _bias(inner, slab, "gate_up_proj", slots_g)  # GPT-OSS: [n, 2F], by row
-        proj = _grouped_linear(selected, slab["gate_up_proj"], offsets, bias=bias, is_transposed=transposed)
+        gate_up, down = slab["gate_up_proj"][lo : lo + span], slab["down_proj"][lo : lo + span]
+        proj = _grouped_linear(selected, gate_up, offsets, bias=bias, is_transposed=transposed)
         proj = inner._apply_gate(proj)  # [n, F]
         bias = _bias(inner, slab, "down_proj", slots_g)
-        proj = _grouped_linear(
-            proj, slab["down_proj"], offsets, bias=bias, is_transposed=transposed
-        )  # [n, D]
+        proj = _grouped_linear(proj, down, offsets, bias=bias, is_transposed=transposed)  # [n, D]
         weighted = proj * weights_h[perm_c].unsqueeze(-1)  # [n, D]
         if weighted_all is None:
             weighted_all = hidden.new_empty((tokens * top_k, hidden_dim), dtype=weighted.dtype)  # [T*k, D]
