@@ -28,9 +28,10 @@ from typing import Any
 import torch
 import zmq
 
-from expertd.client.fastpath import REPORT_FLUSH_EVENTS, SUPPORTED, FastPath
+from expertd.client.fast_session import FastSession
+from expertd.client.fastpath import SUPPORTED, FastPath
 from expertd.client.lease import FastLease, Lease, PendingAcquire, ReadyAcquire
-from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S, Multiplexer
+from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S
 from expertd.client.views import SlabViews
 from expertd.daemon.protocol import (
     AUTO_TIER,
@@ -69,10 +70,9 @@ RELEASE_FLUSH_COUNT = 32  # ...or until this many wait
 BUSY_WINDOW_S = 1.0  # after a release, the background thread ticks each linger this long
 PING_AFTER_IDLE = 0.5  # ping once idle for this share of the daemon's heartbeat_s
 BYE_LINGER_MS = 200  # how long the closed socket keeps trying to deliver bye
-REPORT_RETRY_S = 0.0005  # a report the daemon's full queue refused is tried again this soon
 
 
-class ExpertClient(Multiplexer):
+class ExpertClient(FastSession):
     """A connection to expertd: acquire experts, release, hint, stats. Thread-safe."""
 
     def __init__(
@@ -360,91 +360,6 @@ class ExpertClient(Multiplexer):
             if self._session == seen_session:
                 log.info("expertd at %s does not know this client (restarted?): hello again", self.address)
                 self._hello()
-
-    def _send(self, request: Request, *, reply: bool) -> int:
-        """Every message goes after the hits served before it: the daemon sees them in order."""
-        fast = self._fast
-        if fast is None:
-            return super()._send(request, reply=reply)
-        with self._report_lock:  # a report taken by another thread goes out before this message
-            if fast.events:
-                self._send_report(fast)
-            return super()._send(request, reply=reply)
-
-    def _flush_report(self, fast: FastPath) -> None:
-        with self._report_lock:
-            self._send_report(fast)
-
-    def _send_report(self, fast: FastPath) -> None:
-        """Send the hits so far, waiting while the daemon has more than a few of this client's
-        reports still to apply, or its queue is full: a report is never dropped (the daemon must
-        see every access), so clients serving hits faster than the daemon can account for them
-        are slowed to its pace here, and its view never lags by more than a few reports."""
-        report = fast.take_report()
-        if report is None:
-            return
-        frame = encode_request(next(self._ids), report)
-        deadline = time.monotonic() + self.timeout_s
-        while fast.behind(report.seq) and time.monotonic() < deadline and not self.closed:
-            time.sleep(REPORT_RETRY_S)  # the daemon has not applied the last few yet: its pace
-        while not self.closed:
-            with self._cond:
-                self._want += 1  # a thread polling for replies gives the socket way
-            got = self._sock_lock.acquire(timeout=POLL_SLICE_S)
-            with self._cond:
-                self._want -= 1
-            if got:
-                try:
-                    self._sock.send(frame, zmq.NOBLOCK)
-                    self._last_send = time.monotonic()
-                    return
-                except zmq.Again:
-                    pass  # the daemon is behind: its queue is full
-                finally:
-                    self._sock_lock.release()
-                    self._wake_sleepers()
-            if time.monotonic() > deadline:
-                break
-            time.sleep(REPORT_RETRY_S)
-        fast.requeue(report)
-        raise DaemonUnavailable(f"expertd at {self.address} took no report within {self.timeout_s:g} s")
-
-    def _fast_acquire(
-        self, fast: FastPath, layer: int, experts: Iterable[int], tier: str
-    ) -> FastLease | None:
-        """An acquire served from shared memory, or None: it takes the socket.
-
-        Never while an acquire of this client is in flight: the daemon could give that one a
-        slot pinned here after it was sent (its report would come too late to stop it), and
-        this client might then wait for a write that its own pin holds back.
-        """
-        experts = [int(e) for e in experts]
-        session = self._session
-        with self._report_lock:  # no message goes out between the check and the pin's event
-            if self._waiting or self._abandoned:
-                return None
-            pinned = fast.pin(int(layer), experts, tier, self.generation)
-        if pinned is None:
-            if fast.void:
-                self._stale = True  # the daemon that made the table is gone: hello before the next call
-            return None
-        fast_id, slots = pinned
-        lease = FastLease(
-            self, fast_id, int(layer), tuple(experts), tier, slots, len(slots), session, self._slabs[tier]
-        )
-        if len(fast.events) >= REPORT_FLUSH_EVENTS:
-            self._flush_report(fast)
-        return lease
-
-    def _fast_release(self, lease: FastLease) -> None:
-        fast = self._fast
-        if fast is None or lease.session != self._session:
-            return  # its session ended: the daemon dropped its pin row already
-        fast.unpin(lease.lease_id, lease.tier, lease.slots)
-        if len(fast.events) >= REPORT_FLUSH_EVENTS:
-            self._flush_report(fast)
-        elif len(fast.events) == 1 and fast.since + self.release_linger_s < self._wake_at:
-            self._wake.set()  # the background thread sends it after the linger
 
     def _call(self, request: Request) -> ReplyBody:
         """Send and wait for the typed reply; after ``no_session``, hello again and retry once."""
