@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from manager_util import settle
 
-from expertd.daemon.core.events import AUTO, DEVICE, H2D, HOST, Predict, Priority, Reply, StartTransfer
+from expertd.daemon.core.events import AUTO, DEVICE, H2D, HOST, Priority, StartTransfer
 from expertd.daemon.core.manager import CacheManager, ManagerConfig
 from expertd.daemon.core.placement import COPY, HOST_AND_COPY, ON_HOST, Miss, PlacementConfig, place
 from expertd.daemon.core.prefetch import PrefetchConfig
@@ -75,21 +76,6 @@ def make(device=4, placement=DESKTOP, predictor=None, **prefetch) -> CacheManage
     return manager
 
 
-def run(manager: CacheManager, commands) -> tuple[list[Reply], list[StartTransfer]]:
-    """Finish every transfer in order; the replies and the transfers that ran."""
-    replies, started, queue = [], [], list(commands)
-    while queue:
-        command = queue.pop(0)
-        if isinstance(command, StartTransfer):
-            started.append(command)
-            queue.extend(manager.transfer_done(command.transfer_id, True))
-        elif isinstance(command, Reply):
-            replies.append(command)
-        elif isinstance(command, Predict):
-            queue.extend(manager.predict(command))
-    return replies, started
-
-
 def test_an_auto_miss_is_answered_at_once_from_host_slots_and_they_stay_pinned_until_release():
     manager = make()
     out = manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0)
@@ -105,9 +91,9 @@ def test_an_auto_miss_is_answered_at_once_from_host_slots_and_they_stay_pinned_u
 
 def test_an_auto_acquire_mixes_device_hits_and_host_misses_in_the_order_asked():
     manager = make()
-    (warm,), _ = run(manager, manager.acquire("a", 1, 0, [3], DEVICE, 0.0))
+    (warm,), _ = settle(manager, manager.acquire("a", 1, 0, [3], DEVICE, 0.0))
     out = manager.acquire("a", 2, 0, [5, 3], AUTO, 0.0, [warm.lease_id])
-    (reply,), started = run(manager, out)
+    (reply,), started = settle(manager, out)
     assert not started
     assert reply.placements == (HOST, DEVICE) and reply.hits == 1
     assert reply.slots[1] == manager.tiers[DEVICE].slot_of[GEOMETRY.key(0, 3)]
@@ -119,7 +105,7 @@ def test_an_auto_prefill_batch_waits_for_its_copy_and_is_computed_on_the_device(
     out = manager.acquire("a", 1, 0, [3], AUTO, 0.0, tokens=512)
     (start,) = [c for c in out if isinstance(c, StartTransfer)]
     assert start.link == H2D and start.priority == Priority.DEMAND
-    (reply,), _ = run(manager, out)
+    (reply,), _ = settle(manager, out)
     assert reply.placements == (DEVICE,) and reply.slots == (start.dst_slot,)
 
 
@@ -131,7 +117,7 @@ def test_an_auto_miss_expected_back_soon_is_copied_in_the_background():
         for layer, experts in enumerate(routing):
             release = [lease] if lease else []
             out = manager.acquire("a", 10 * step + layer, layer, experts, AUTO, 0.0, release, 1)
-            (reply,), started = run(manager, out)
+            (reply,), started = settle(manager, out)
             lease = reply.lease_id
             background += [s for s in started if s.priority == Priority.PREDICTED]
     assert background, "no expert expected back soon was copied to the device"
@@ -141,14 +127,14 @@ def test_an_auto_miss_expected_back_soon_is_copied_in_the_background():
 
 def test_auto_without_a_measured_host_places_everything_on_the_device():
     manager = make(placement=PlacementConfig())
-    (reply,), started = run(manager, manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0))
+    (reply,), started = settle(manager, manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0))
     assert reply.placements == (DEVICE, DEVICE) and len(started) == 2
 
 
 def test_auto_without_a_device_tier_places_everything_on_the_host():
     config = ManagerConfig(GEOMETRY, host_slots=8, expert_bytes=EXPERT_BYTES, placement=DESKTOP)
     manager = CacheManager(config)
-    (reply,), _ = run(manager, manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0))
+    (reply,), _ = settle(manager, manager.acquire("a", 1, 0, [3, 5], AUTO, 0.0))
     assert reply.placements == (HOST, HOST)
 
 

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from manager_util import settle
 
 from expertd.daemon.core import defaults
 from expertd.daemon.core.events import DEVICE, H2D, HOST, Predict, Priority, Reply, StartTransfer
@@ -25,21 +26,6 @@ def make(device=6, predictor="temporal", **prefetch) -> CacheManager:
     manager = CacheManager(config)
     manager.preload(HOST, range(GEOMETRY.num_keys))
     return manager
-
-
-def settle(manager: CacheManager, commands) -> tuple[list[Reply], list[StartTransfer]]:
-    """Finish every transfer, in order; the replies and every transfer that ran."""
-    replies, started, queue = [], [], list(commands)
-    while queue:
-        command = queue.pop(0)
-        if isinstance(command, StartTransfer):
-            started.append(command)
-            queue.extend(manager.transfer_done(command.transfer_id, True))
-        elif isinstance(command, Reply):
-            replies.append(command)
-        elif isinstance(command, Predict):  # a hit's prediction work, after its reply
-            queue.extend(manager.predict(command))
-    return replies, started
 
 
 def token(manager, client, routing, request=1, start_id=0, lease=None):
