@@ -34,7 +34,9 @@ from expertd.client.lease import FastLease, Lease, PendingAcquire, ReadyAcquire
 from expertd.client.transport import _MISSING, POLL_SLICE_S, SPIN_S
 from expertd.client.views import SlabViews
 from expertd.daemon.protocol import (
+    AUTO_PROTOCOL,
     AUTO_TIER,
+    FAST_PROTOCOL,
     MAX_RELEASES_PER_ACQUIRE,
     PROTOCOL_VERSION,
     Acquire,
@@ -185,30 +187,29 @@ class ExpertClient(FastSession):
         """Send an acquire now; the returned `PendingAcquire` waits for its lease (a hit served
         from shared memory comes back as a `ReadyAcquire`; tier "auto" always asks the daemon,
         which places each expert)."""
-        experts = [int(e) for e in experts]
+        layer, experts, tier = int(layer), [int(e) for e in experts], tier or self.default_tier
         fast = self._fast
-        if fast is not None and not self._stale and (tier or self.default_tier) != AUTO_TIER:
-            lease = self._fast_acquire(fast, layer, experts, tier or self.default_tier)
+        if fast is not None and not self._stale and tier != AUTO_TIER:
+            lease = self._fast_acquire(fast, layer, experts, tier)
             if lease is not None:
                 return ReadyAcquire(lease)
         if self._stale:
             self._rehello(self._session)
         session = self._session
-        tier = tier or self.default_tier
-        if tier == AUTO_TIER and self._hello_reply().protocol < 3:
+        if tier == AUTO_TIER and self._hello_reply().protocol < AUTO_PROTOCOL:
             raise ProtocolError(
                 f"expertd at {self.address} speaks protocol {self._hello_reply().protocol}: "
                 f"no tier {AUTO_TIER!r} (acquire 'device' or 'host')"
             )
         counts = None if tokens is None else [int(t) for t in tokens]
-        request_id, request = self._send_acquire(int(layer), experts, tier, tokens=counts)
+        request_id, request = self._send_acquire(layer, experts, tier, tokens=counts)
         return PendingAcquire(self, request, request_id, session)
 
     @property
     def auto(self) -> bool:
         """Does the daemon place experts (``tier="auto"``)? Protocol 3 and a device tier."""
         hello = self._hello_reply()
-        return hello.protocol >= 3 and "device" in hello.tiers
+        return hello.protocol >= AUTO_PROTOCOL and "device" in hello.tiers
 
     def release(self, lease: Lease) -> None:
         """Release ``lease`` now and wait for the daemon to confirm (no-op if already sent)."""
@@ -338,7 +339,11 @@ class ExpertClient(FastSession):
                 f"this client was serving {self.hello.model!r}"
             )
         fast = None
-        if self._fast_wanted and hello.protocol >= 3 and any("fast" in h for h in hello.tiers.values()):
+        if (
+            self._fast_wanted
+            and hello.protocol >= FAST_PROTOCOL
+            and any("fast" in h for h in hello.tiers.values())
+        ):
             try:
                 fast = FastPath(hello.tiers, hello.num_layers, hello.num_experts)
             except (OSError, ProtocolError, KeyError, TypeError, ValueError) as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
 
 import zmq
 
@@ -85,28 +84,25 @@ class FastSession(Multiplexer):
         fast.requeue(report)
         raise DaemonUnavailable(f"expertd at {self.address} took no report within {self.timeout_s:g} s")
 
-    def _fast_acquire(
-        self, fast: FastPath, layer: int, experts: Iterable[int], tier: str
-    ) -> FastLease | None:
+    def _fast_acquire(self, fast: FastPath, layer: int, experts: list[int], tier: str) -> FastLease | None:
         """An acquire served from shared memory, or None: it takes the socket.
 
         Never while an acquire of this client is in flight: the daemon could give that one a
         slot pinned here after it was sent (its report would come too late to stop it), and
         this client might then wait for a write that its own pin holds back.
         """
-        experts = [int(e) for e in experts]
         session = self._session
         with self._report_lock:  # no message goes out between the check and the pin's event
             if self._waiting or self._abandoned:
                 return None
-            pinned = fast.pin(int(layer), experts, tier, self.generation)
+            pinned = fast.pin(layer, experts, tier, self.generation)
         if pinned is None:
             if fast.void:
                 self._stale = True  # the daemon that made the table is gone: hello before the next call
             return None
         fast_id, slots = pinned
         lease = FastLease(
-            self, fast_id, int(layer), tuple(experts), tier, slots, len(slots), session, self._slabs[tier]
+            self, fast_id, layer, tuple(experts), tier, slots, len(slots), session, self._slabs[tier]
         )
         if len(fast.events) >= REPORT_FLUSH_EVENTS:
             self._flush_report(fast)

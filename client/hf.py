@@ -79,7 +79,7 @@ from expertd.client.hf_layers import (
     transformers_version,
 )
 from expertd.client.hf_layout import model_layout, slot_layout
-from expertd.daemon.protocol import AUTO_TIER, MAX_EXPERTS_PER_MESSAGE
+from expertd.daemon.protocol import AUTO_PROTOCOL, AUTO_TIER, MAX_EXPERTS_PER_MESSAGE
 from expertd.daemon.protocol.families import ExpertLayout
 
 DEVICE, HOST = "device", "host"  # the tiers an auto lease places experts in
@@ -469,7 +469,7 @@ def offload(
         ) from None
     slots = slot_layout(client, layers, layout)
     tier = tier or client.default_tier
-    if tier == AUTO_TIER and client.hello is not None and client.hello.protocol < 3:
+    if tier == AUTO_TIER and client.hello is not None and client.hello.protocol < AUTO_PROTOCOL:
         raise ModelLayoutError(
             f"the daemon speaks protocol {client.hello.protocol}: no tier 'auto' "
             "(offload with 'device' or 'host')"

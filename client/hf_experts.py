@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from expertd.client.host_compute import on
+
 
 @dataclasses.dataclass(frozen=True)
 class SlotWeight:
@@ -189,7 +191,7 @@ def grouped_mm_on_slots(
         if slab is None:  # an auto lease placed none of its experts here
             continue
         here = slab.device
-        ids_g, perm_h, hidden_h, weights_h = _on(here, expert_ids_g, perm, hidden, sample_weights)
+        ids_g, perm_h, hidden_h, weights_h = on(here, expert_ids_g, perm, hidden, sample_weights)
         slot_map = remap(int(inner.num_experts), list(slot_of), list(slot_of.values()), here, slab.num_slots)
         rows = slot_map[ids_g] < slab.num_slots if chunks > 1 else slice(None)
         slots_g = slot_map[ids_g[rows]]
@@ -244,7 +246,7 @@ def batched_mm_on_slots(
         if slab is None:  # an auto lease placed none of its experts here
             continue
         here = slab.device
-        ids_h, selected_h, weights_h = _on(here, expert_ids, selected_all, sample_weights)
+        ids_h, selected_h, weights_h = on(here, expert_ids, selected_all, sample_weights)
         slot_map = remap(int(inner.num_experts), list(slot_of), list(slot_of.values()), here, slab.num_slots)
         slots = slot_map[ids_h]  # [T*k]
         rows = slots < slab.num_slots  # this chunk's pairs
@@ -282,13 +284,8 @@ def dense_on_slots(inner: Any, routed_in: Tensor, routed: list[list[int]], get: 
         here = slab.device
         slots = torch.tensor([slot_of[e] for e in ids], dtype=torch.long, device=here)
         index = torch.tensor(ids, dtype=torch.long, device=hidden.device)
-        (mine,) = _on(here, hidden[index])
+        (mine,) = on(here, hidden[index])
         gate_up = torch.bmm(mine, slab["gate_up_proj"][slots])  # [n, T, 2F]
         gate, up = gate_up.chunk(2, dim=-1)  # [n, T, F]
         out[index] = torch.bmm(up * inner.act_fn(gate), slab["down_proj"][slots]).to(out.device)  # [n, T, D]
     return out.view(-1, hidden_dim)  # [E*T, D]
-
-
-def _on(device: torch.device, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """The tensors on ``device`` (the activations a host-placed chunk computes on the CPU)."""
-    return tuple(t if t.device == device else t.to(device) for t in tensors)

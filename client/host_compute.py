@@ -75,6 +75,6 @@ class HostCompute:
         self.close()
 
 
-def on_cpu(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """The tensors on the CPU (a no-op for CPU tensors): activations are small."""
-    return tuple(t if t.device.type == "cpu" else t.to("cpu") for t in tensors)
+def on(device: torch.device, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors on ``device`` (a no-op for those already there): activations are small."""
+    return tuple(t if t.device == device else t.to(device) for t in tensors)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertd.client.client import ExpertClient
-from expertd.client.host_compute import HOST, HostCompute, on_cpu
+from expertd.client.host_compute import HOST, HostCompute, on
 from expertd.daemon.protocol import AUTO_TIER, MAX_EXPERTS_PER_MESSAGE
 
 
@@ -130,7 +130,7 @@ def add_experts(
             out.index_add_(0, token, contribution)  # [T, D]
         return
     assert host is not None, "host-placed experts need a HostCompute"
-    x_cpu, weights_cpu, experts_cpu = on_cpu(x, weights, experts)
+    x_cpu, weights_cpu, experts_cpu = on(torch.device("cpu"), x, weights, experts)
     futures = {  # the CPU starts on these while the device gets its own
         e: host.submit(_contribution, x_cpu, weights_cpu, experts_cpu, e, expert_weights(e), names)
         for e in hosted
@@ -283,12 +283,13 @@ class MoEBlock(nn.Module):
         weights, experts = route(self.gate(flat), cfg.top_k, cfg.norm_topk_prob)  # [T, k], [T, k]
         if self.next_router is not None:
             self.hint_next_layer(flat)
-        needed = torch.unique(experts).tolist()  # ascending
         limit = getattr(self.source, "max_per_acquire", None)  # sources written before it: no limit
-        counts = None
-        if getattr(self.source, "wants_tokens", False):
-            routed = torch.bincount(experts.flatten().cpu(), minlength=cfg.num_experts)  # [E]
-            counts = routed.tolist()
+        counts: list[int] | None = None
+        if getattr(self.source, "wants_tokens", False):  # tokens per expert; one copy to the host
+            counts = torch.bincount(experts.flatten().cpu(), minlength=cfg.num_experts).tolist()  # [E]
+            needed = [e for e, n in enumerate(counts) if n]  # ascending
+        else:
+            needed = torch.unique(experts).tolist()  # ascending
         step = len(needed) if limit is None or len(needed) <= limit else max(1, limit // 2)
         # More experts than one acquire may hold (a prefill on a small tier): lease them in
         # chunks of half that, as `expertd.client.hf` does, instead of being refused.

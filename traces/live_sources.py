@@ -96,15 +96,12 @@ class PreadLruSource:
         self.path = Path(store_dir) / self.manifest.data_file
         self.reader = StoreReader(store_dir)  # O_DIRECT where allowed, checksums verified
         self.slots = slots
-        self._free: list[np.ndarray] = []  # allocated on first use: memory grows as a real cache's
-        self._allocated = 0
+        self._allocated = 0  # buffers are allocated on first use: memory grows as a real cache's
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.tensor_names = tuple(t.name for t in self.manifest.tensors)
         self.hits = self.misses = 0
 
     def _slot(self, keep: set[tuple[int, int]]) -> np.ndarray:
-        if self._free:
-            return self._free.pop()
         if self._allocated < self.slots:
             self._allocated += 1
             return alloc_aligned(self.manifest.slot_bytes)

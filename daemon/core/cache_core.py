@@ -140,11 +140,16 @@ class CacheCore:
         return self._run(self.partitions.out(partition, commands), now)
 
     def release(
-        self, client: ClientId, leases: Iterable[int], now: float
+        self, client: ClientId, leases: Iterable[int], now: float, *, settle: bool = True
     ) -> tuple[list[int], Iterator[Command]]:
-        """Release ``leases``: the ids ``client`` did not hold, and what the freed slots let start."""
+        """Release ``leases``: the ids ``client`` did not hold, and what the freed slots let start
+        (``settle=False``: nothing yet; the caller calls `settle` once after several releases)."""
         unknown = self._manager(client)[1].release_many(client, leases, now)
-        return unknown, self._run(self.partitions.settle(), now)
+        return unknown, self.settle(now) if settle else iter(())
+
+    def settle(self, now: float) -> Iterator[Command]:
+        """After releases: admit waiting acquires, start what can start."""
+        return self._run(self.partitions.settle(), now)
 
     def hint(
         self,

@@ -62,7 +62,9 @@ from expertd.daemon.protocol.requests import (
 )
 from expertd.daemon.protocol.tensors import DTYPE_BYTES, TensorSpec, parse_layout
 from expertd.daemon.protocol.wire import (
+    AUTO_PROTOCOL,
     AUTO_TIER,
+    FAST_PROTOCOL,
     MAX_EXPERTS_PER_MESSAGE,
     MAX_INDEX,
     MAX_MESSAGE_BYTES,
@@ -72,12 +74,13 @@ from expertd.daemon.protocol.wire import (
     MAX_REPLY_BYTES,
     MAX_REQUEST_ID,
     MAX_TOKENS_PER_EXPERT,
-    OLDEST_CLIENT_PROTOCOL,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
 )
 
 __all__ = [
+    "AUTO_PROTOCOL",
+    "FAST_PROTOCOL",
     "AUTO_TIER",
     "DTYPE_BYTES",
     "MAX_EXPERTS_PER_MESSAGE",
@@ -90,7 +93,6 @@ __all__ = [
     "MAX_REQUEST_ID",
     "MAX_TOKENS_PER_EXPERT",
     "NO_REPLY",
-    "OLDEST_CLIENT_PROTOCOL",
     "PROTOCOL_VERSION",
     "REPLY_TYPES",
     "REQUEST_TYPES",

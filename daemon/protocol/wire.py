@@ -15,7 +15,8 @@ PROTOCOL_VERSION = 3
 #: What a daemon of this version still serves: a version-2 client never asks for tier "auto"
 #: and gets no shared-memory hits.
 SUPPORTED_VERSIONS = (2, 3)
-OLDEST_CLIENT_PROTOCOL = SUPPORTED_VERSIONS[0]
+AUTO_PROTOCOL = 3  # the first version with tier "auto" (and its per-expert places)
+FAST_PROTOCOL = 3  # the first version with shared-memory hits (reports, the tiers' fast handles)
 AUTO_TIER = "auto"  # an acquire that lets the daemon place each expert (device or host)
 MAX_TOKENS_PER_EXPERT = 2**20  # tokens one acquire may route to one expert (a long prefill)
 MAX_MESSAGE_BYTES = 64 * 1024  # no valid request comes near this

@@ -32,6 +32,7 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
     caps = residency.caps[identity]
     core = server.core
     assert core is not None
+    released = False
     for event in report.events:
         fast_id = event[0]
         if len(event) == 1:
@@ -40,7 +41,8 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
                 lease_id, tier, count = held
                 pinned[tier] -= count
                 if lease_id is not None:
-                    server._execute(core.release(identity, [lease_id], now)[1])
+                    core.release(identity, [lease_id], now, settle=False)
+                    released = True
             continue
         _, layer, tier, experts, slots, generation = event
         if tier not in residency.tables or fast_id in leases or pinned[tier] + len(slots) > caps.get(tier, 0):
@@ -52,3 +54,5 @@ def apply_report(server: Server, identity: Any, report: Report, now: float) -> N
         if lease_id is None:
             residency.counters["stale_hits"] += 1
         server._execute(commands)
+    if released:  # once per report: what the freed slots let start
+        server._execute(core.settle(now))

@@ -10,18 +10,16 @@ from expertd.daemon.core.events import AUTO, Reply
 from expertd.daemon.service.calibration import HostCompute
 from expertd.daemon.service.sessions import Session
 
-AUTO_PROTOCOL = 3  # the first protocol version with tier "auto"
-
 
 def auto_refusal(request: proto.Acquire, session: Session, tenant: Any) -> tuple[str, str] | None:
     """The error an auto acquire gets from this session, or None (every other acquire: None);
     ``tenant``: the session's tenant's isolation (its ``isolation`` mode)."""
     if request.tier != proto.AUTO_TIER:
         return None
-    if session.protocol < AUTO_PROTOCOL:
+    if session.protocol < proto.AUTO_PROTOCOL:
         return (
             proto.ErrorCode.BAD_REQUEST,
-            f"tier {proto.AUTO_TIER!r} needs protocol {AUTO_PROTOCOL}; this session said hello "
+            f"tier {proto.AUTO_TIER!r} needs protocol {proto.AUTO_PROTOCOL}; this session said hello "
             f"with {session.protocol}",
         )
     if tenant.isolation == "private":
@@ -50,7 +48,7 @@ def reply_places(reply: Reply) -> tuple[str, ...] | None:
 
 def hello_host_compute(host: HostCompute | None, version: int) -> dict[str, Any] | None:
     """What a protocol-3 client learns at hello: the host figure, and the threads it may use."""
-    if host is None or version < AUTO_PROTOCOL:
+    if host is None or version < proto.AUTO_PROTOCOL:
         return None
     return {
         "gbps": host.gbps,

@@ -383,7 +383,7 @@ class Server:
         fast = {}
         if (
             self.residency is not None
-            and hello.version >= 3
+            and hello.version >= proto.FAST_PROTOCOL
             and self.core.isolation(tenant).isolation == "shared"
         ):
             fast = self.residency.add_client(identity, session.uid, self.core.max_pinned(identity))

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
+from expertd.daemon import protocol as proto
 from expertd.daemon.core.cache_core import TenantCounters
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ class Session:
     requests: int = 0
     uid: int = -1  # ipc://: the peer's user as the kernel says (-1: tcp://, unknown)
     started: int | None = None  # ipc://: the peer process's start time, to tell it died
-    protocol: int = 3  # the version the client said hello with (2: no tier "auto")
+    protocol: int = proto.PROTOCOL_VERSION  # the version the client said hello with (2: no tier "auto")
 
 
 def daemon_stats(server: Server) -> dict[str, Any]:
