@@ -76,12 +76,12 @@ def simulated_hints(trace, ahead: int | None, accuracy: float, seed: int = 0) ->
 def run_one(job: dict) -> dict:
     from expertd.daemon.core.defaults import prefetch_config
     from expertd.traces.replay import geometry_of, parse_capacity, replay_hits, replay_timed
-    from expertd.traces.timing import build_timing
+    from expertd.traces.timing import build_timing, copy_only
 
     trace = select_part(load(job["trace"]), job["trace"], "held-out")
     meta = trace.meta
     slots, _ = parse_capacity(job["capacity"], geometry_of(trace).num_keys)
-    timing = build_timing(model=meta.model, num_layers=meta.num_layers, profile=job["profile"])
+    timing = copy_only(build_timing(model=meta.model, num_layers=meta.num_layers, profile=job["profile"]))
     bound = replay_hits(trace, "belady", slots)
     prefetch = prefetch_config()
     hints = None
@@ -92,7 +92,7 @@ def run_one(job: dict) -> dict:
         hints = table.__getitem__
     row = replay_timed(
         trace, "predictive", slots, timing, prefetch=prefetch, bound_loads=bound.accesses - bound.hits,
-        hints=hints,
+        hints=hints, round_trips=False,
     )  # fmt: skip
     p = row.prefetch or {}
     return {

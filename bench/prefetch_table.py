@@ -79,7 +79,7 @@ def run_one(job: dict) -> dict:
     from expertd.daemon.core.prefetch import PrefetchConfig
     from expertd.policies.base import PolicyError
     from expertd.traces.replay import geometry_of, parse_capacity, replay_hits, replay_timed
-    from expertd.traces.timing import build_timing
+    from expertd.traces.timing import build_timing, copy_only
 
     trace = select_part(load(job["trace"]), job["name"], job["part"])
     meta = trace.meta
@@ -88,6 +88,7 @@ def run_one(job: dict) -> dict:
         model=meta.model, num_layers=meta.num_layers, profile=job["profile"],
         expert_mb=job.get("expert_mb"), layer_ms=job.get("layer_ms"),
     )  # fmt: skip
+    timing = copy_only(timing)
     bound = replay_hits(trace, "belady", slots)
     config, policy, prefetch = job["config"], job["config"], None
     if config == "default":
@@ -97,7 +98,13 @@ def run_one(job: dict) -> dict:
     started = time.process_time()
     try:
         row = replay_timed(
-            trace, policy, slots, timing, prefetch=prefetch, bound_loads=bound.accesses - bound.hits
+            trace,
+            policy,
+            slots,
+            timing,
+            prefetch=prefetch,
+            bound_loads=bound.accesses - bound.hits,
+            round_trips=False,
         )
     except PolicyError as exc:  # lru-per-layer below one slot per layer
         return {**job, "slots": slots, "error": str(exc)}

@@ -288,3 +288,10 @@ def build_timing(
 def _first(*values: float | None) -> float:
     """The first of ``values`` that is not None."""
     return next(v for v in values if v is not None)
+
+
+def copy_only(timing: TimingModel) -> TimingModel:
+    """``timing`` without host compute: every miss is copied, rows are measured against the
+    copy-only bound (the regime docs/prefetch.md's tables study; pair it with ``round_trips=False``
+    for an in-process client, as they were measured)."""
+    return dataclasses.replace(timing, host_gbps=None)
