@@ -124,6 +124,8 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
     slot_bytes = manifest.slot_bytes
     top_k = _top_k(manifest)
     host_slots = tier_slots("host_size", cfg.tiers_host_size, manifest, top_k)
+    # before the tiers: its weights are freed before the slabs take the memory budget
+    parts.host_compute = host_compute = calibrate(cfg, manifest, device=cfg.tiers_device)
     try:
         host = parts.host = HostSlab("host", host_slots, slot_bytes)
         closers.append(host)
@@ -160,7 +162,6 @@ def start_parts(cfg: ServeConfig, parts: Parts, clock: Callable[[], float] = tim
                 key,
                 spec,
             )
-    parts.host_compute = host_compute = calibrate(cfg, manifest, device=cfg.tiers_device)
     try:
         prefetch = prefetch_settings(cfg, hybrid=host_compute.gbps > 0 and device is not None)
     except ValueError as exc:
